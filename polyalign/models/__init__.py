@@ -1,6 +1,12 @@
 """Model loading (hub, folder, GGUF, built-ins), chat rendering, LoRA and checkpoints."""
 
-from polyalign.models.adapters import LoraSettings, attach_lora, load_with_adapter, merge_adapter, save_checkpoint
+from polyalign.models.adapters import (
+    LoraSettings,
+    attach_lora,
+    load_with_adapter,
+    merge_adapter,
+    save_checkpoint,
+)
 from polyalign.models.chat import prompt_ids, render_prompt
 from polyalign.models.loading import load_model, load_tokenizer, resolve_spec, weights_fingerprint
 

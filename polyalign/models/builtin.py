@@ -218,7 +218,7 @@ def build_tiny_model(tokenizer=None, seed: int = 0):
     tokenizer = tokenizer or build_tiny_tokenizer()
     cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                      tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, initializer_range=0.2,
                       pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     gen = torch.random.fork_rng()
     with gen:

@@ -1,0 +1,212 @@
+"""``polyalign`` command line: parse, build config, call library code. No logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from polyalign.errors import PolyalignError
+
+app = typer.Typer(help="Make a model that is safe in English safe in every language.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Inspect, convert, translate and build multilingual data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+Languages = Annotated[str | None, typer.Option(help="Comma-separated ISO 639-1 codes, e.g. 'th,sw,jv'.")]
+
+
+@data_app.command("inspect")
+def data_inspect(path: Annotated[str, typer.Argument(help="Data file or folder (XSafety, MultiJail, MLC PKU, ...).")],
+                 fmt: Annotated[str | None, typer.Option("--format", help="Loader name; default: detected.")] = None):
+    """Print a languages x count table (and categories) for any supported source."""
+    from rich.table import Table
+
+    from polyalign.data import detect_format, load_source
+    from polyalign.data.languages import get_language
+
+    fmt = fmt or detect_format(path)
+    records = load_source(path, fmt)
+    counts: dict[str, int] = {}
+    for r in records:
+        for lang in r.texts:
+            counts[lang] = counts.get(lang, 0) + 1
+    table = Table(title=f"{path}  ({fmt}: {len(records)} prompts)")
+    for col in ("language", "name", "script", "tier", "prompts"):
+        table.add_column(col, justify="right" if col == "prompts" else "left")
+    for lang, n in counts.items():
+        info = get_language(lang)
+        table.add_row(lang, info.name, info.script, info.tier, str(n))
+    console.print(table)
+    cats: dict[str, int] = {}
+    for r in records:
+        if r.category:
+            cats[r.category] = cats.get(r.category, 0) + 1
+    if cats:
+        console.print("categories: " + ", ".join(f"{c} ({n})" for c, n in cats.items()))
+
+
+@data_app.command("convert")
+def data_convert(path: Annotated[str, typer.Argument(help="Source file or folder.")],
+                 out: Annotated[Path, typer.Option(help="Canonical JSONL to write.")],
+                 fmt: Annotated[str | None, typer.Option("--format", help="Loader name; default: detected.")] = None,
+                 languages: Languages = None,
+                 split: Annotated[str | None, typer.Option(help="Keep only train, dev or test (by prompt id).")] = None,
+                 seed: int = 0):
+    """Write canonical parallel JSONL ({id, category, texts: {lang: text}, meta})."""
+    from polyalign.data import (
+        load_source,
+        parse_language_list,
+        select_languages,
+        split_records,
+        write_records,
+    )
+
+    records = select_languages(load_source(path, fmt), parse_language_list(languages))
+    if split:
+        if split not in ("train", "dev", "test"):
+            raise PolyalignError(f"--split must be train, dev or test, got {split!r}")
+        records = split_records(records, seed=seed)[split]
+    n = write_records(out, records)
+    console.print(f"wrote {n} records to {out}")
+
+
+@data_app.command("make-responses")
+def data_make_responses(
+    path: Annotated[str, typer.Argument(help="Parallel prompt source with English texts.")],
+    out: Annotated[Path, typer.Option(help="JSONL to write (MLC SFT format: instruction, output, prompt_<lang>).")],
+    model: Annotated[str, typer.Option(help="Model spec that writes the English responses.")] = "builtin:qwen2.5-coder-0.5b-instruct",
+    fmt: Annotated[str | None, typer.Option("--format")] = None,
+    languages: Languages = None,
+    limit: Annotated[int | None, typer.Option(help="Use the first N prompts.")] = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+):
+    """Generate English responses with the model itself (its English safety is already good), turning
+    a parallel prompt set into SFT+MLC data with no external API. Resumable."""
+    from polyalign.train.make_responses import make_responses
+
+    n = make_responses(path, out, model, fmt=fmt, languages=languages, limit=limit,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+    console.print(f"{out}: {n} rows")
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(ctx: typer.Context,
+          recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/msd_onpolicy.yaml.")],
+          model: Annotated[str | None, typer.Option(help="Override the recipe's model spec.")] = None,
+          output_dir: Annotated[Path | None, typer.Option(help="Override the recipe's output folder.")] = None,
+          resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the output folder.")] = False):
+    """Run a training recipe. Extra ``key=value`` arguments override recipe keys (dots for nesting)."""
+    from polyalign.train.recipes import load_recipe, run_recipe
+
+    overrides = list(ctx.args)
+    if model:
+        overrides.append(f"model={model}")
+    if output_dir:
+        overrides.append(f"output_dir={output_dir}")
+    cfg = load_recipe(recipe, overrides)
+    out = run_recipe(cfg, resume=resume)
+    console.print(f"[green]done[/green]: {out}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option(help="Model spec: builtin:NAME, folder, .gguf or hub id.")],
+    task: Annotated[str, typer.Option(help="Task name (see `polyalign eval --list-tasks`).")] = "builtin-harmful",
+    out: Annotated[Path, typer.Option(help="Run folder: results.json, generations.jsonl, report.md, plot.")] = Path("runs/eval"),
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder trained by polyalign.")] = None,
+    data: Annotated[str | None, typer.Option(help="Point the task at a local file or folder.")] = None,
+    judge: Annotated[str, typer.Option(help="lexicon | llm:SPEC | guard:SPEC.")] = "lexicon",
+    languages: Languages = None,
+    limit: Annotated[int | None, typer.Option(help="At most N prompts per language.")] = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    backend: Annotated[str, typer.Option(help="hf | vllm")] = "hf",
+):
+    """Generate (resumable cache), judge, and write results.json, report.md and a per-language plot."""
+    from polyalign.eval.runner import EvalConfig, run_eval
+
+    cfg = EvalConfig(model=model, adapter=str(adapter) if adapter else None, task=task, data=data, judge=judge,
+                     languages=languages, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     backend=backend, out=str(out))
+    results = run_eval(cfg)
+    from polyalign.eval.report import print_results
+
+    print_results(results, console)
+
+
+@app.command("tasks")
+def list_tasks():
+    """List evaluation tasks and judges."""
+    from polyalign.eval.judges import JUDGES
+    from polyalign.eval.tasks import TASKS
+
+    console.print("tasks: " + ", ".join(TASKS.names()))
+    console.print("judges: " + ", ".join(JUDGES.names()))
+
+
+@app.command("report")
+def report(run_a: Annotated[Path, typer.Argument(help="Evaluation run folder (before).")],
+           run_b: Annotated[Path | None, typer.Argument(help="Second run (after) to compare with.")] = None,
+           out: Annotated[Path | None, typer.Option(help="Write the comparison (report.md + PNG) here.")] = None):
+    """Show one run, or compare two side by side with deltas."""
+    from polyalign.eval.report import compare_runs, load_results, print_results
+
+    if run_b is None:
+        print_results(load_results(run_a), console)
+    else:
+        compare_runs(run_a, run_b, out or run_b.parent / f"compare_{run_a.name}_vs_{run_b.name}", console)
+
+
+@app.command("probe")
+def probe(model: Annotated[str, typer.Option(help="Model spec.")],
+          adapter: Annotated[Path | None, typer.Option(help="Adapter folder to compare with the base model.")] = None,
+          data: Annotated[str, typer.Option(help="Parallel source.")] = "builtin:harmful",
+          languages: Languages = None, limit: int = 32, layer: int | None = None):
+    """Cross-language representation similarity (what MLC optimises) for a model, before vs after."""
+    from polyalign.eval.probe import run_probe
+
+    run_probe(model, str(adapter) if adapter else None, data, languages, limit, layer, console)
+
+
+@app.command("demo")
+def demo(quick: Annotated[bool, typer.Option(help="Smaller run (~5 min on 2 CPU cores).")] = False,
+         model: Annotated[str, typer.Option(help="Model spec.")] = "builtin:qwen2.5-coder-0.5b-instruct",
+         out: Annotated[Path, typer.Option(help="Demo folder.")] = Path("runs/demo")):
+    """Baseline eval -> MSD on-policy with LoRA -> eval -> report.md + PNG, on the built-in benchmark."""
+    from polyalign.demo import run_demo
+
+    run_demo(model=model, out=out, quick=quick, console=console)
+
+
+@app.command("export")
+def export(adapter: Annotated[Path, typer.Argument(help="Adapter folder trained by polyalign.")],
+           out: Annotated[Path, typer.Option(help="Merged safetensors model folder to write.")],
+           model: Annotated[str | None, typer.Option(help="Base model spec; default: from the checkpoint.")] = None):
+    """Merge a LoRA adapter into its base model and save a safetensors folder with a model card."""
+    from polyalign.export import export_merged
+
+    console.print(f"wrote {export_merged(adapter, out, model)}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except PolyalignError as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; finished work is saved and a rerun continues from it")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: batched cached generation, judges, tasks, metrics and reports."""

@@ -1,0 +1,204 @@
+"""``polyalign eval``: load task -> generate (cached) -> judge -> metrics -> results.json + report."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from polyalign.data.languages import parse_language_list
+from polyalign.data.records import ParallelRecord, atomic_write_text
+from polyalign.errors import PolyalignError
+from polyalign.eval import metrics
+from polyalign.eval.generation import (
+    GenerationCache,
+    GenerationSettings,
+    GenRequest,
+    HFGenerator,
+    generate_cached,
+)
+from polyalign.eval.judges import JudgeItem, build_judge
+from polyalign.eval.langid import in_language
+from polyalign.eval.tasks import get_task
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run. ``out`` holds results.json, generations.jsonl (the cache), judged.jsonl,
+    report.md and plot.png; rerunning with the same ``out`` reuses every cached generation."""
+
+    model: str
+    task: str = "builtin-harmful"
+    out: str = "runs/eval"
+    adapter: str | None = None
+    data: str | None = None
+    judge: str = "lexicon"
+    languages: str | list[str] | None = None
+    limit: int | None = None             # prompts per language
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    backend: str = "hf"                  # hf | vllm
+    system: str | None = None
+    seed: int = 0
+
+
+def select_requests(records: list[ParallelRecord], languages: list[str] | None, limit: int | None) -> list[GenRequest]:
+    """Per language, the first ``limit`` records that have it (records keep their file order)."""
+    langs = languages or list(dict.fromkeys(lang for r in records for lang in r.texts))
+    out = []
+    for lang in langs:
+        have = [r for r in records if lang in r.texts][: limit or None]
+        out += [GenRequest(r.id, lang, r.texts[lang]) for r in have]
+    if not out:
+        raise PolyalignError(f"no prompts for languages {langs}")
+    return out
+
+
+def provenance(cfg: EvalConfig | None = None) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from polyalign import __version__
+
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        git = None
+    return {"polyalign": __version__, "git": git, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "config": asdict(cfg) if cfg else None}
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[rate]}"), transient=False)
+
+
+def run_eval(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Run one evaluation; ``model``/``tokenizer`` may be passed in to reuse loaded weights."""
+    task = get_task(cfg.task)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    languages = parse_language_list(cfg.languages)
+    records = task.load(cfg.data)
+
+    if model is None:
+        from polyalign.models import load_tokenizer, load_with_adapter
+
+        tokenizer = load_tokenizer(cfg.model)
+        model = None if cfg.backend == "vllm" else load_with_adapter(cfg.model, cfg.adapter)
+    if task.kind == "mmlu":
+        return _run_mmlu(cfg, task, records, model, tokenizer, out)
+
+    from polyalign.models.loading import weights_fingerprint
+
+    requests = select_requests(records, languages, cfg.limit)
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, system=cfg.system)
+    if cfg.backend == "vllm":
+        from polyalign.eval.generation import VLLMGenerator
+
+        generator: Any = VLLMGenerator(cfg.model, cfg.adapter)
+        fingerprint = f"vllm:{cfg.model}:{cfg.adapter}"
+    elif cfg.backend == "hf":
+        generator = HFGenerator(model, tokenizer, cfg.batch_size)
+        fingerprint = weights_fingerprint(model)
+    else:
+        raise PolyalignError(f"unknown backend {cfg.backend!r}; use hf or vllm")
+    cache = GenerationCache(out / "generations.jsonl")
+    with _progress() as prog:
+        bar = prog.add_task(f"generate {cfg.task}", total=None, rate="")
+
+        def tick(done: int, total: int, rate: float) -> None:
+            prog.update(bar, completed=done, total=total, rate=f"{rate:.1f} words/s")
+        rows, generated, cached = generate_cached(generator, requests, settings, cache, fingerprint, tick)
+
+    by_req = [(r, rows[k]) for r, k in zip(requests, rows)]
+    judge = build_judge(cfg.judge, out / "verdicts.jsonl")
+    verdicts = judge.judge([JudgeItem(r.text, row["response"], r.lang) for r, row in by_req])
+    record_meta = {r.id: r for r in records}
+    judged = []
+    for (req, row), v in zip(by_req, verdicts):
+        item = {"prompt_id": req.prompt_id, "lang": req.lang, "prompt": req.text, "response": row["response"],
+                **v.to_json(), "in_language": in_language(row["response"], req.lang) if row["response"] else False}
+        if task.kind == "mgsm":
+            from polyalign.eval.scoring import mgsm_correct
+
+            item["correct"] = mgsm_correct(row["response"], str(record_meta[req.prompt_id].meta["answer"]))
+        judged.append(item)
+    atomic_write_text(out / "judged.jsonl", "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judged))
+
+    results = {"schema_version": SCHEMA_VERSION, "model": cfg.model, "adapter": cfg.adapter, "task": cfg.task,
+               "task_kind": task.kind, "task_version": task.version, "judge": getattr(judge, "name", cfg.judge),
+               "judge_version": judge.version, "fingerprint": fingerprint, "generated": generated,
+               "cached": cached, "settings": asdict(settings),
+               **aggregate(judged, task.kind), "provenance": provenance(cfg)}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False))
+    from polyalign.eval.report import write_report
+
+    write_report(results, out)
+    return results
+
+
+def aggregate(judged: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """Per-language metrics and the summary, from judged rows."""
+    per: dict[str, dict[str, Any]] = {}
+    langs = list(dict.fromkeys(j["lang"] for j in judged))
+    for lang in langs:
+        rows = [j for j in judged if j["lang"] == lang]
+        stats: dict[str, Any] = metrics.safety_stats([j["label"] for j in rows]) if kind == "safety" else {"n": len(rows)}
+        stats["refusal"] = metrics.share([j["refused"] for j in rows])
+        stats["refusal_ci"] = list(metrics.bootstrap_ci([j["refused"] for j in rows]))
+        stats["invalid"] = metrics.share([j["label"] == "invalid" for j in rows])
+        stats["fidelity"] = metrics.share([j["in_language"] for j in rows])
+        if kind == "mgsm":
+            stats["accuracy"] = metrics.share([j["correct"] for j in rows])
+        per[lang] = stats
+    summary: dict[str, Any] = {"mean_fidelity": metrics.summarize(per, "fidelity")["mean_fidelity"]}
+    if kind == "safety":
+        summary.update(metrics.summarize(per, "asr"))
+        summary["pag"] = metrics.pag({lang: {j["prompt_id"]: j["label"] for j in judged if j["lang"] == lang}
+                                      for lang in langs})
+        summary["mean_invalid"] = metrics.summarize(per, "invalid")["mean_invalid"]
+    else:
+        s = metrics.summarize(per, "refusal")
+        summary["over_refusal"] = s["mean_refusal"]
+        summary["variance"] = s["variance"]
+        if kind == "mgsm":
+            summary["mean_accuracy"] = metrics.summarize(per, "accuracy")["mean_accuracy"]
+    return {"languages": per, "summary": summary}
+
+
+def _run_mmlu(cfg: EvalConfig, task: Any, records: list[ParallelRecord], model: Any, tokenizer: Any,
+              out: Path) -> dict[str, Any]:
+    """5-shot log-likelihood accuracy; the dev split of each subject supplies the shots."""
+    from polyalign.data.loaders import load_mmlu
+    from polyalign.eval.scoring import mmlu_choice, mmlu_prompt
+
+    data = cfg.data or task.default_data
+    shots: dict[str, list[tuple[str, list[str], str]]] = {}
+    for r in load_mmlu(data, split="dev"):
+        shots.setdefault(r.category, []).append((r.texts["en"], r.meta["choices"], r.meta["answer"]))
+    chosen = records[: cfg.limit] if cfg.limit else records
+    correct = []
+    for r in chosen:
+        prompt = mmlu_prompt(r.texts["en"], r.meta["choices"], shots.get(r.category, [])[:5], r.category)
+        correct.append(mmlu_choice(model, tokenizer, prompt) == r.meta["answer"])
+    lo, hi = metrics.bootstrap_ci(correct)
+    results = {"schema_version": SCHEMA_VERSION, "model": cfg.model, "adapter": cfg.adapter, "task": cfg.task,
+               "task_kind": "mmlu", "task_version": task.version, "judge": None, "generated": 0, "cached": 0,
+               "languages": {"en": {"n": len(correct), "accuracy": metrics.share(correct), "accuracy_ci": [lo, hi]}},
+               "summary": {"mean_accuracy": metrics.share(correct)}, "provenance": provenance(cfg)}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    from polyalign.eval.report import write_report
+
+    write_report(results, out)
+    return results
