@@ -1,0 +1,67 @@
+"""Tensor plumbing shared by the trainers: right-aligned (left-padded) batches.
+
+Left padding puts every sequence's last token at the same index, so the response window of
+student and teacher (same response tokens, different prompts) is the last R positions of both
+batches, and ``logits_to_keep=R + 1`` computes the LM head only there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids, attention_mask, position_ids), each [B, T]; positions count real tokens only,
+    so a padded row computes exactly what the unpadded sequence would."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, T - len(s):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids, mask, pos
+
+
+def response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+    """prompt + response, left-padded, plus ``response_mask`` [B, R] over the last R positions
+    (R = longest response), True where row b has a response token."""
+    ids, mask, pos = left_pad([p + r for p, r in zip(prompts, responses)], pad_id)
+    R = max(1, max(len(r) for r in responses))
+    resp_mask = torch.zeros((len(responses), R), dtype=torch.bool)
+    for i, r in enumerate(responses):
+        if r:
+            resp_mask[i, R - len(r):] = True
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "response_mask": resp_mask}
+
+
+def response_logits(model, batch: dict[str, Tensor]) -> Tensor:
+    """Logits predicting each response token: [B, R, V] (the position before each token)."""
+    R = batch["response_mask"].shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=R + 1, use_cache=False)
+    return out.logits[:, :-1]
+
+
+def trim_generation(new_tokens: Tensor, eos_ids: set[int], pad_id: int) -> list[list[int]]:
+    """Generated ids [B, N] -> per row, the tokens up to and including the first EOS."""
+    out = []
+    for row in new_tokens.tolist():
+        keep = []
+        for t in row:
+            keep.append(t)
+            if t in eos_ids:
+                break
+        while keep and keep[-1] == pad_id and pad_id not in eos_ids:
+            keep.pop()
+        out.append(keep)
+    return out
+
+
+def last_token_hidden(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """[B, T, H] -> [B, H] at the last non-padding token (works for left or right padding)."""
+    T = attention_mask.shape[1]
+    idx = T - 1 - attention_mask.flip(-1).long().argmax(-1)   # index of the last 1 in each row
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]

@@ -1,0 +1,48 @@
+"""MLCConfig: the multilingual-consistency loss's own settings (Bu et al., ICLR 2026)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from polyalign.data.languages import normalize_code
+
+
+@dataclass
+class MLCConfig:
+    """Settings of the MLC auxiliary loss and the alignment loss it is added to.
+
+    Alignment:
+        paradigm: ``sft`` | ``dpo`` | ``simpo`` | ``orpo`` (DPO: sigmoid loss, beta 0.1).
+        beta: DPO/SimPO/ORPO beta (0.1); simpo_gamma: SimPO margin (0.5).
+    MLC (METHODS.md section 1):
+        weight: lambda in L = L_align + lambda * L_MLC (official 0.8).
+        every: add the MLC term on every ``every``-th optimizer step (official 2).
+        tau: temperature of the singular-value cross-entropy (0.2).
+        layer: hidden-state index k (None = num_hidden_layers, the final post-norm state).
+        projection: ``linear`` (Linear(H, dim), Xavier, zero bias) | ``none``.
+        dim: projection size (512).
+        languages: prompt languages used for the consistency term (English included).
+    """
+
+    paradigm: str = "dpo"
+    beta: float = 0.1
+    simpo_gamma: float = 0.5
+    weight: float = 0.8
+    every: int = 2
+    tau: float = 0.2
+    layer: int | None = None
+    projection: str = "linear"
+    dim: int = 512
+    languages: list[str] = field(default_factory=lambda: ["en", "zh", "ar", "ru", "ja", "bn", "sw", "ur", "ps", "ku"])
+    max_length: int = 512
+
+    def __post_init__(self) -> None:
+        if self.paradigm not in ("sft", "dpo", "simpo", "orpo"):
+            raise ValueError(f"paradigm must be sft, dpo, simpo or orpo, got {self.paradigm!r}")
+        if self.every < 1 or self.tau <= 0 or self.weight < 0:
+            raise ValueError(f"need every >= 1, tau > 0, weight >= 0 (got {self.every}, {self.tau}, {self.weight})")
+        if self.projection not in ("linear", "none"):
+            raise ValueError(f"projection must be linear or none, got {self.projection!r}")
+        self.languages = [normalize_code(c) for c in self.languages]
+        if len(self.languages) < 2:
+            raise ValueError("MLC needs at least two languages")

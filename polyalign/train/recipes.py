@@ -1,0 +1,200 @@
+"""Recipes: YAML -> typed config -> model, data, trainer -> train -> checkpoint.
+
+A recipe has ``method`` (msd | mlc), ``model``, ``output_dir``, ``data``, the method's section,
+``lora`` (omit or null for full fine-tuning) and ``training`` (any ``TrainingArguments`` field).
+``key=value`` overrides use dots for nesting (``msd.mode=off_policy``); a bare key that is not a
+top-level field is looked up in ``training`` (``max_steps=30``). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from polyalign.errors import PolyalignError
+from polyalign.models.adapters import LoraSettings
+from polyalign.train.msd_config import MSDConfig
+
+
+@dataclass
+class DataSettings:
+    """Where prompts come from. ``builtin:harmful`` / ``builtin:benign`` are the package's own
+    benchmark (train split); any other value is a path the data layer reads."""
+
+    source: str = "builtin:harmful"
+    format: str | None = None
+    split: str = "train"             # hash split by prompt id (never leaks into dev/test)
+    limit: int | None = None         # first N prompts after splitting
+    benign_source: str | None = None  # benign prompts mixed in so the model keeps answering them
+    benign_limit: int | None = None
+
+
+@dataclass
+class Recipe:
+    method: str
+    model: str
+    output_dir: str
+    seed: int = 0
+    dtype: str | None = None
+    data: DataSettings = field(default_factory=DataSettings)
+    msd: dict[str, Any] | None = None
+    mlc: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {}) if isinstance(d.get(k, {}), dict) else d[k]
+    d[keys[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    top = {f.name for f in dataclasses.fields(Recipe)}
+    for item in overrides:
+        if "=" not in item:
+            raise PolyalignError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        if key.split(".")[0] not in top:
+            key = f"training.{key}"
+        _set(raw, key, yaml.safe_load(value))
+    return raw
+
+
+def _strict(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+    values = values or {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise PolyalignError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise PolyalignError(f"{where}: {e}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise PolyalignError(f"{path}: recipe not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PolyalignError(f"{path}: invalid YAML ({e})") from None
+    raw = apply_overrides(raw, overrides or [])
+    recipe = _strict(Recipe, raw, str(path))
+    recipe.data = _strict(DataSettings, raw.get("data"), f"{path}: data")
+    validate_recipe(recipe, str(path))
+    return recipe
+
+
+def validate_recipe(r: Recipe, where: str) -> None:
+    """Bind every section to its config class without loading a model (CI checks all recipes)."""
+    from transformers import TrainingArguments
+
+    if r.method not in ("msd", "mlc"):
+        raise PolyalignError(f"{where}: method must be msd or mlc, got {r.method!r}")
+    if r.method == "msd":
+        _strict(MSDConfig, r.msd, f"{where}: msd")
+    else:
+        from polyalign.train.mlc_config import MLCConfig
+
+        _strict(MLCConfig, r.mlc, f"{where}: mlc")
+    if r.lora is not None:
+        _strict(LoraSettings, r.lora, f"{where}: lora")
+    allowed = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(r.training) - allowed)
+    if unknown:
+        raise PolyalignError(f"{where}: training: unknown TrainingArguments field(s) {', '.join(unknown)}")
+
+
+def load_prompts(source: str, fmt: str | None, split: str, limit: int | None):
+    from polyalign.data import load_source, split_records
+
+    if source.startswith("builtin:"):
+        from polyalign.eval.tasks import builtin_benchmark
+
+        category = source.split(":", 1)[1]
+        if category not in ("harmful", "benign", "all"):
+            raise PolyalignError(f"unknown built-in prompt set {source!r}; use builtin:harmful|benign|all")
+        records = builtin_benchmark(None if category == "all" else category, split="train")
+    else:
+        records = load_source(source, fmt)
+        if split != "all":
+            records = split_records(records)[split]
+    return records[:limit] if limit else records
+
+
+def training_arguments(r: Recipe, resume_dir: str | None = None):
+    """TrainingArguments with polyalign's defaults for a recipe (the recipe's values win)."""
+    import torch
+    from transformers import TrainingArguments
+
+    defaults: dict[str, Any] = {"output_dir": r.output_dir, "report_to": "none", "logging_steps": 1,
+                                "save_strategy": "steps", "save_steps": 10, "save_total_limit": 2,
+                                "seed": r.seed, "data_seed": r.seed, "per_device_train_batch_size": 4,
+                                "learning_rate": 2e-5, "max_steps": 10, "lr_scheduler_type": "constant",
+                                "use_cpu": not torch.cuda.is_available(), "bf16": torch.cuda.is_available(),
+                                "dataloader_num_workers": 0, "disable_tqdm": False}
+    return TrainingArguments(**{**defaults, **r.training})
+
+
+def build_model(r: Recipe):
+    from polyalign.models import attach_lora, load_model, load_tokenizer
+
+    tok = load_tokenizer(r.model)
+    model = load_model(r.model, dtype=r.dtype)
+    model.train()
+    if r.lora is not None:
+        model = attach_lora(model, LoraSettings(**r.lora))
+    return model, tok
+
+
+def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: Any = None) -> Path:
+    """Train and save ``output_dir/final`` (adapter or model, heads, tokenizer, recipe)."""
+    from transformers import set_seed
+
+    from polyalign.models.adapters import save_checkpoint
+
+    set_seed(r.seed)
+    if model is None:
+        model, tokenizer = build_model(r)
+    args = training_arguments(r)
+    records = load_prompts(r.data.source, r.data.format, r.data.split, r.data.limit)
+    if r.data.benign_source:
+        records = records + load_prompts(r.data.benign_source, None, r.data.split, r.data.benign_limit)
+    heads: dict[str, Any] = {}
+    if r.method == "msd":
+        from polyalign.train.msd_trainer import MSDTrainer, build_msd_examples
+
+        cfg = MSDConfig(**(r.msd or {}))
+        examples = build_msd_examples(records, cfg)
+        if not examples:
+            raise PolyalignError(f"no (student, {cfg.teacher_language}) prompt pairs in {r.data.source} for "
+                                 f"student languages {cfg.student_languages}")
+        trainer = MSDTrainer(model, args, cfg, examples, tokenizer)
+    else:
+        from polyalign.train.mlc_trainer import build_mlc_trainer
+
+        trainer = build_mlc_trainer(r, model, tokenizer, records, args)
+        heads = {"mlc_head": trainer.mlc_head}
+    last = _last_checkpoint(r.output_dir) if resume else None
+    if resume and last is None:
+        raise PolyalignError(f"--resume: no checkpoint-* folder in {r.output_dir}")
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    final = Path(r.output_dir) / "final"
+    save_checkpoint(trainer.accelerator.unwrap_model(trainer.model), final, tokenizer, heads=heads,
+                    info={"recipe": dataclasses.asdict(r)})
+    (final / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return final
+
+
+def _last_checkpoint(output_dir: str) -> Path | None:
+    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return ckpts[-1] if ckpts else None
