@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -95,6 +96,36 @@ def data_make_responses(
     n = make_responses(path, out, model, fmt=fmt, languages=languages, limit=limit,
                        max_new_tokens=max_new_tokens, batch_size=batch_size)
     console.print(f"{out}: {n} rows")
+
+
+@data_app.command("translate")
+def data_translate(
+    path: Annotated[str, typer.Argument(help="English prompt set in any format the data layer reads.")],
+    to: Annotated[str, typer.Option("--to", help="Target languages, e.g. th,sw,jv.")],
+    translator: Annotated[str, typer.Option(help="openai:MODEL@BASE_URL | seq2seq:SPEC (NLLB/M2M) | chat:SPEC.")],
+    out: Annotated[Path, typer.Option(help="Canonical parallel JSONL to write (resumable).")],
+    back_translator: Annotated[str | None, typer.Option(help="Translator for round-trip similarity.")] = None,
+    fmt: Annotated[str | None, typer.Option("--format")] = None,
+    limit: Annotated[int | None, typer.Option(help="First N prompts.")] = None,
+):
+    """Translate English prompts into other languages; flags refusals, empty, untranslated and
+    wrong-language outputs; prints a per-language quality report."""
+    from rich.table import Table
+
+    from polyalign.data import load_source
+    from polyalign.data.translate import build_translator, translate_records
+
+    records = load_source(path, fmt)[: limit or None]
+    report = translate_records(records, to, build_translator(translator), out,
+                               build_translator(back_translator) if back_translator else None)
+    table = Table(title=f"translation quality -> {out}")
+    for col in ("language", "n", "flagged", "flags", "length ratio", "round-trip chrF"):
+        table.add_column(col)
+    for lang, s in report.languages.items():
+        table.add_row(lang, str(s["n"]), f"{100 * s['flagged']:.1f}%", json.dumps(s["flags"]),
+                      "-" if s["length_ratio"] is None else f"{s['length_ratio']:.2f}",
+                      "-" if s["roundtrip_chrf"] is None else f"{s['roundtrip_chrf']:.3f}")
+    console.print(table)
 
 
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from polyalign.data.records import atomic_write_text
+from polyalign.train.msd_config import SELECTIVE_TEMPLATE
 
 
 @dataclass
@@ -31,14 +32,15 @@ class DemoPlan:
     batch_size: int = 4
     lora_r: int = 16
     gen_tokens: int = 48
+    teacher_template: str = SELECTIVE_TEMPLATE   # the paper's template collapses a 0.5B model (docs/msd.md)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 FULL = DemoPlan(eval_languages=["en", "zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"],
-                train_languages=["zh", "th", "ar", "sw"], eval_limit=12, max_new_tokens=40, steps=24,
-                learning_rate=1e-4)
+                train_languages=["zh", "th", "ar", "sw"], eval_limit=8, max_new_tokens=24, steps=16,
+                learning_rate=5e-5, gen_tokens=32)
 QUICK = DemoPlan(eval_languages=["en", "zh", "th", "sw"], train_languages=["zh", "th", "sw"], eval_limit=6,
-                 max_new_tokens=32, steps=8, learning_rate=2e-4, gen_tokens=32)
+                 max_new_tokens=24, steps=8, learning_rate=2e-4, gen_tokens=24)
 
 
 def demo_recipe(model: str, out: Path, plan: DemoPlan):
@@ -47,7 +49,8 @@ def demo_recipe(model: str, out: Path, plan: DemoPlan):
     return Recipe(method="msd", model=model, output_dir=str(out / "msd"),
                   data=DataSettings(source="builtin:harmful", benign_source="builtin:benign"),
                   msd={"mode": "on_policy", "divergence": "reverse_kl", "dpsw": True,
-                       "student_languages": plan.train_languages, "max_new_tokens": plan.gen_tokens},
+                       "student_languages": plan.train_languages, "max_new_tokens": plan.gen_tokens,
+                       "teacher_template": plan.teacher_template},
                   lora={"r": plan.lora_r, "alpha": 2 * plan.lora_r},
                   training={"max_steps": plan.steps, "learning_rate": plan.learning_rate,
                             "per_device_train_batch_size": plan.batch_size, "save_steps": max(1, plan.steps // 3),

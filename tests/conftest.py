@@ -1,5 +1,9 @@
+import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -27,3 +31,38 @@ def _isolated_cache(request, tmp_path, monkeypatch):
     # Each test gets its own empty cache; real-model tests reuse the user's (the model is built once).
     if request.node.get_closest_marker("real_model") is None:
         monkeypatch.setenv("POLYALIGN_CACHE", str(tmp_path / "cache"))
+
+
+class _Stub(BaseHTTPRequestHandler):
+    """OpenAI-compatible stub on loopback: ``script`` says what each successive call returns,
+    as (status, content); content that starts with 'RAW:' is sent as the raw response body."""
+
+    script: list = []
+    seen_auth: list = []
+    requests: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["messages"][0]["role"] == "system"
+        _Stub.seen_auth.append(self.headers.get("Authorization"))
+        _Stub.requests.append(body)
+        status, content = _Stub.script.pop(0) if _Stub.script else (200, "safe")
+        self.send_response(status)
+        self.end_headers()
+        if status == 200:
+            payload = content[4:] if content.startswith("RAW:") else json.dumps(
+                {"choices": [{"message": {"content": content}}]})
+            self.wfile.write(payload.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub_server():
+    _Stub.script, _Stub.seen_auth, _Stub.requests = [], [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}/v1", handler=_Stub)
+    server.shutdown()

@@ -9,7 +9,14 @@ from polyalign.losses import mlc_loss
 from polyalign.models.adapters import load_heads
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.mlc_trainer import prompt_representations
-from polyalign.train.recipes import DataSettings, Recipe, build_model, load_prompts, run_recipe, training_arguments
+from polyalign.train.recipes import (
+    DataSettings,
+    Recipe,
+    build_model,
+    load_prompts,
+    run_recipe,
+    training_arguments,
+)
 
 SOURCES = {"dpo": "mlc_pku/pku_saferlhf_multilingual_dpo.jsonl", "sft": "mlc_pku/pku_saferlhf_multilingual_sft.json"}
 

@@ -114,12 +114,19 @@ def run_eval(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[
     else:
         raise PolyalignError(f"unknown backend {cfg.backend!r}; use hf or vllm")
     cache = GenerationCache(out / "generations.jsonl")
+    merged = cfg.backend == "hf" and hasattr(model, "merge_adapter") and not getattr(model, "merged", False)
+    if merged:  # fold LoRA into the weights for generation (unmerged LoRA adds two matmuls per layer)
+        model.merge_adapter()
     with _progress() as prog:
         bar = prog.add_task(f"generate {cfg.task}", total=None, rate="")
 
         def tick(done: int, total: int, rate: float) -> None:
             prog.update(bar, completed=done, total=total, rate=f"{rate:.1f} words/s")
-        rows, generated, cached = generate_cached(generator, requests, settings, cache, fingerprint, tick)
+        try:
+            rows, generated, cached = generate_cached(generator, requests, settings, cache, fingerprint, tick)
+        finally:
+            if merged:
+                model.unmerge_adapter()
 
     by_req = [(r, rows[k]) for r, k in zip(requests, rows)]
     judge = build_judge(cfg.judge, out / "verdicts.jsonl")

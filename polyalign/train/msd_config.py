@@ -19,6 +19,12 @@ TEACHER_TEMPLATE = (
     "Please output your final response directly:"
 )
 
+# Our choice for small models: the paper's template names safety, and a 0.5B teacher shown it
+# refuses benign queries too (in English), so distillation can only teach refusing everything.
+# Without the instruction the teacher's own English judgement decides: on the built-in train
+# split, Qwen2.5-Coder-0.5B refused 0/8 benign and 5/8 harmful th/zh queries (docs/msd.md).
+SELECTIVE_TEMPLATE = "{target_query}\n\n(In English: {english_query})"
+
 
 @dataclass
 class MSDConfig:

@@ -1,0 +1,227 @@
+"""polyalign benchmarks: each figure is a ratio against a baseline measured side by side in this run.
+
+    python benchmarks/run.py --quick            # ~minutes on 2 CPU cores (0.5B model, small batch)
+    python benchmarks/run.py                    # full: builtin:qwen2.5-coder-0.5b-instruct, batch 4
+    python benchmarks/run.py --model builtin:tiny-random --steps 1   # smoke (what the tests run)
+
+Prints one line per figure: ``ratio NAME VALUE`` (plus the raw numbers behind it).
+
+Baselines:
+* MSD step vs TRL: the same work -- LoRA student forward+backward on prompt+response, teacher
+  forward on its own context, reverse KL over the response tokens -- done the way TRL 1.16's stable
+  ``DistillationTrainer`` does it: a separate teacher model and TRL's own fused
+  ``_chunked_divergence_loss`` (beta=1.0 = reverse KL) over hidden states. Ours: the teacher is the
+  same network with the adapter disabled, and polyalign's chunked divergence over the response
+  logits only. Responses are fixed (generation is excluded from both) so only the step differs.
+  Each side runs in its own process so peak memory is its own.
+* MLC: TRL's DPOTrainer.training_step with the MLC term vs without it, same batch.
+* Generation: polyalign's batched HF engine vs one prompt at a time, same prompts, greedy.
+* FLOP/s: the MSD step's model FLOPs (2 N per token forward, 4 N backward through frozen weights)
+  over its time, divided by a plain fp32 matmul's FLOP/s measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
+
+
+def fixed_batch(tok, batch: int, resp_len: int, seed: int = 0):
+    """Student/teacher prompts from the built-in benchmark and fixed random responses."""
+    from polyalign.eval.tasks import builtin_benchmark
+    from polyalign.models.chat import prompt_ids
+    from polyalign.train.msd_config import TEACHER_TEMPLATE
+
+    recs = builtin_benchmark("harmful", "train")[:batch]
+    g = torch.Generator().manual_seed(seed)
+    student = [prompt_ids(tok, r.texts["th"]) for r in recs]
+    teacher = [prompt_ids(tok, TEACHER_TEMPLATE.format(target_query=r.texts["th"], english_query=r.texts["en"]))
+               for r in recs]
+    responses = [torch.randint(100, min(len(tok), 20000), (resp_len,), generator=g).tolist() for _ in recs]
+    return student, teacher, responses
+
+
+def worker_msd(kind: str, model_spec: str, batch: int, resp_len: int, steps: int) -> dict:
+    """One side of the MSD comparison, in its own process."""
+    from polyalign.models import LoraSettings, attach_lora, load_model, load_tokenizer
+    from polyalign.train.batching import response_batch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    tok = load_tokenizer(model_spec)
+    student_p, teacher_p, responses = fixed_batch(tok, batch, resp_len)
+    policy = attach_lora(load_model(model_spec, dtype=dtype, device=device), LoraSettings(r=16, alpha=32))
+    policy.train()
+    s = {k: v.to(device) for k, v in response_batch(student_p, responses, tok.pad_token_id).items()}
+    t = {k: v.to(device) for k, v in response_batch(teacher_p, responses, tok.pad_token_id).items()}
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
+    if kind == "trl":
+        teacher = load_model(model_spec, dtype=dtype, device=device)   # TRL needs a separate teacher model
+        teacher.requires_grad_(False)
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    def step() -> None:
+        from polyalign.losses.msd import msd_loss
+        from polyalign.train.batching import response_logits
+
+        if kind == "ours":
+            student_logits = response_logits(policy, s)
+            with torch.no_grad(), policy.disable_adapter():
+                teacher_logits = response_logits(policy, t)
+            loss = msd_loss(student_logits, teacher_logits, s["response_mask"], dpsw=False)
+        else:
+            R = s["response_mask"].shape[1]
+            hs = policy(input_ids=s["input_ids"], attention_mask=s["attention_mask"], position_ids=s["position_ids"],
+                        output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, -R - 1:-1]
+            with torch.no_grad():
+                ht = teacher(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
+                             position_ids=t["position_ids"], output_hidden_states=True,
+                             logits_to_keep=1).hidden_states[-1][:, -R - 1:-1]
+            w_s = policy.get_output_embeddings().weight
+            loss = _chunked_divergence_loss(hs, ht, w_s, teacher.get_output_embeddings().weight,
+                                            s["response_mask"].long(), beta=1.0)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    n_tokens = int(s["attention_mask"].sum() + t["attention_mask"].sum())
+    n_params = sum(p.numel() for n, p in policy.named_parameters() if "lora_" not in n)
+    # forward 2N per token (student + teacher), backward through frozen weights ~2N per student token
+    flops = 2 * n_params * n_tokens + 2 * n_params * int(s["attention_mask"].sum())
+    sec = statistics.median(times)
+    return {"seconds": sec, "tokens_per_second": n_tokens / sec, "peak_mb": peak_memory_mb(), "flops": flops}
+
+
+def run_worker(kind: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--batch", str(args.batch),
+           "--resp-len", str(args.resp_len), "--steps", str(args.steps)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"worker {kind} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def matmul_flops(n: int = 1024, reps: int = 5) -> float:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def bench_mlc(model_spec: str, shared: Path, steps: int) -> dict:
+    """DPO+MLC vs plain DPO: TRL's training_step on the same batch, MLC term on every step."""
+    from polyalign.train.mlc_trainer import build_mlc_trainer
+    from polyalign.train.recipes import DataSettings, Recipe, build_model, load_prompts, training_arguments
+
+    out = {}
+    for name, weight in (("plain", 0.0), ("mlc", 0.8)):
+        r = Recipe(method="mlc", model=model_spec, output_dir=f"/tmp/polyalign-bench-{name}",
+                   data=DataSettings(source=str(shared / "mlc_pku/pku_saferlhf_multilingual_dpo.jsonl"), split="all",
+                                     limit=2),
+                   mlc={"paradigm": "dpo", "weight": weight, "every": 1, "max_length": 256,
+                        "languages": ["en", "zh", "ar", "sw"]},
+                   lora={"r": 16, "alpha": 32}, training={"per_device_train_batch_size": 2, "max_steps": steps})
+        torch.manual_seed(0)
+        model, tok = build_model(r)
+        trainer = build_mlc_trainer(r, model, tok, load_prompts(r.data.source, None, "all", 2), training_arguments(r))
+        trainer.create_optimizer_and_scheduler(num_training_steps=steps + 1)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+        trainer.model.train()
+        times = []
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            trainer.training_step(trainer.model, dict(batch))
+            if i:
+                times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
+def bench_generation(model_spec: str, n_prompts: int, max_new_tokens: int) -> dict:
+    from polyalign.eval.generation import GenerationSettings, HFGenerator
+    from polyalign.eval.tasks import builtin_benchmark
+    from polyalign.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(model_spec), load_model(model_spec)
+    texts = [r.texts["en"] for r in builtin_benchmark("benign", "eval")][:n_prompts]
+    s = GenerationSettings(max_new_tokens=max_new_tokens)
+    res = {}
+    for name, bs in (("sequential", 1), ("batched", n_prompts)):
+        gen = HFGenerator(model, tok, batch_size=bs)
+        t0 = time.perf_counter()
+        outs = [o for i in range(0, len(texts), bs) for o in gen.generate(texts[i:i + bs], s)]
+        sec = time.perf_counter() - t0
+        res[name] = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs) / sec
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--resp-len", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--worker", default=None)
+    args = p.parse_args()
+    args.batch = args.batch or (2 if args.quick else 4)
+    args.resp_len = args.resp_len or (32 if args.quick else 64)
+    args.steps = args.steps or (2 if args.quick else 4)
+    if args.worker:
+        print(json.dumps(worker_msd(args.worker, args.model, args.batch, args.resp_len, args.steps)))
+        return
+    device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
+    print(f"# model {args.model}, batch {args.batch}, response {args.resp_len} tokens, {args.steps} timed steps, {device}")
+    ours, trl = run_worker("ours", args), run_worker("trl", args)
+    print(f"# msd step: ours {ours['tokens_per_second']:.1f} tok/s, peak {ours['peak_mb']:.0f} MB; "
+          f"TRL-style {trl['tokens_per_second']:.1f} tok/s, peak {trl['peak_mb']:.0f} MB")
+    print(f"ratio msd_step_throughput_vs_trl {ours['tokens_per_second'] / trl['tokens_per_second']:.3f}")
+    print(f"ratio msd_peak_memory_vs_trl {ours['peak_mb'] / trl['peak_mb']:.3f}")
+    mm = matmul_flops()
+    achieved = ours["flops"] / ours["seconds"]
+    print(f"# msd step {achieved / 1e9:.1f} GFLOP/s; matmul {mm / 1e9:.1f} GFLOP/s")
+    print(f"ratio train_flops_vs_matmul_peak {achieved / mm:.3f}")
+    mlc = bench_mlc(args.model, Path(args.shared), args.steps)
+    print(f"# dpo step: plain {mlc['plain']:.2f} s, with MLC {mlc['mlc']:.2f} s")
+    print(f"ratio mlc_step_time_vs_plain_dpo {mlc['mlc'] / mlc['plain']:.3f}")
+    gen = bench_generation(args.model, 8 if args.quick else 16, 32 if args.quick else 64)
+    print(f"# generation: sequential {gen['sequential']:.1f} tok/s, batched {gen['batched']:.1f} tok/s")
+    print(f"ratio batched_vs_sequential_generation {gen['batched'] / gen['sequential']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

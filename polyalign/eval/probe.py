@@ -1,0 +1,57 @@
+"""Cross-language representation similarity: what MLC optimises, measured on any checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from polyalign.data.languages import parse_language_list
+from polyalign.losses.mlc import mean_pairwise_cosine, mlc_loss, top_singular_share
+from polyalign.models.chat import prompt_ids
+from polyalign.train.batching import last_token_hidden, left_pad
+
+
+@torch.no_grad()
+def representations(model: Any, tokenizer: Any, prompts: list[list[str]], layer: int | None = None,
+                    batch_size: int = 8) -> torch.Tensor:
+    """[N, L, H] hidden states (layer k, last prompt token) for N prompts in L languages each."""
+    L = len(prompts[0])
+    flat = [prompt_ids(tokenizer, t) for row in prompts for t in row]
+    out = []
+    for i in range(0, len(flat), batch_size):
+        ids, mask, pos = left_pad(flat[i:i + batch_size], tokenizer.pad_token_id)
+        dev = next(model.parameters()).device
+        o = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                  output_hidden_states=True, logits_to_keep=1)
+        hidden = o.hidden_states[-1 if layer is None else layer]
+        out.append(last_token_hidden(hidden, mask.to(dev)).float().cpu())
+    return torch.cat(out).view(len(prompts), L, -1)
+
+
+def similarity(reps: torch.Tensor) -> dict[str, float]:
+    return {"pairwise_cosine": float(mean_pairwise_cosine(reps)), "top_singular_share": float(top_singular_share(reps)),
+            "mlc_loss_no_head": float(mlc_loss(reps))}
+
+
+def run_probe(model_spec: str, adapter: str | None, data: str, languages: str | None, limit: int,
+              layer: int | None, console: Any) -> dict[str, dict[str, float]]:
+    from rich.table import Table
+
+    from polyalign.models import load_model, load_tokenizer, load_with_adapter
+    from polyalign.train.recipes import load_prompts
+
+    langs = parse_language_list(languages) or ["en", "zh", "th", "ar", "sw"]
+    records = [r for r in load_prompts(data, None, "all", None) if all(lang in r.texts for lang in langs)][:limit]
+    prompts = [[r.texts[lang] for lang in langs] for r in records]
+    tok = load_tokenizer(model_spec)
+    rows = {"base": similarity(representations(load_model(model_spec), tok, prompts, layer))}
+    if adapter:
+        rows["adapter"] = similarity(representations(load_with_adapter(model_spec, adapter), tok, prompts, layer))
+    table = Table(title=f"cross-language similarity, {len(prompts)} prompts x {len(langs)} languages")
+    for col in ("model", "pairwise cosine", "top singular share", "MLC loss (no head)"):
+        table.add_column(col)
+    for name, s in rows.items():
+        table.add_row(name, f"{s['pairwise_cosine']:.4f}", f"{s['top_singular_share']:.4f}", f"{s['mlc_loss_no_head']:.4f}")
+    console.print(table)
+    return rows
