@@ -57,7 +57,7 @@ def fixed_batch(tok, batch: int, resp_len: int, seed: int = 0):
     return student, teacher, responses
 
 
-def worker_msd(kind: str, model_spec: str, batch: int, resp_len: int, steps: int) -> dict:
+def worker_msd(kind: str, model_spec: str, batch: int, resp_len: int, steps: int, profile: bool = False) -> dict:
     """One side of the MSD comparison, in its own process."""
     from polyalign.models import LoraSettings, attach_lora, load_model, load_tokenizer
     from polyalign.train.batching import response_batch
@@ -102,6 +102,15 @@ def worker_msd(kind: str, model_spec: str, batch: int, resp_len: int, steps: int
     step()  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprofile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with tprofile(activities=acts) as prof:
+            step()
+        sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=15), file=sys.stderr)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -197,12 +206,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--worker", default=None)
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our MSD step and exit")
     args = p.parse_args()
     args.batch = args.batch or (2 if args.quick else 4)
     args.resp_len = args.resp_len or (32 if args.quick else 64)
     args.steps = args.steps or (2 if args.quick else 4)
-    if args.worker:
-        print(json.dumps(worker_msd(args.worker, args.model, args.batch, args.resp_len, args.steps)))
+    if args.worker or args.profile:
+        print(json.dumps(worker_msd(args.worker or "ours", args.model, args.batch, args.resp_len, args.steps,
+                                    profile=args.profile)))
         return
     device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
     print(f"# model {args.model}, batch {args.batch}, response {args.resp_len} tokens, {args.steps} timed steps, {device}")

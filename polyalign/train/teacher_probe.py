@@ -1,0 +1,57 @@
+"""Is the MSD teacher selective? Greedy teacher answers for benign and harmful train prompts.
+
+    python -m polyalign.train.teacher_probe [--model SPEC] [--languages th,zh] [--n 4]
+
+MSD can only be as selective as its teacher: if the teacher refuses benign queries, distillation
+teaches refusing everything (docs/msd.md). Run this before training a new model or template.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from polyalign.data.languages import get_language, parse_language_list
+from polyalign.eval.generation import GenerationSettings, HFGenerator
+from polyalign.eval.judges import refusal_phrase
+from polyalign.eval.langid import in_language
+from polyalign.eval.tasks import builtin_benchmark
+from polyalign.train.msd_config import SELECTIVE_TEMPLATE, TEACHER_TEMPLATE
+
+TEMPLATES = {"paper": TEACHER_TEMPLATE, "selective": SELECTIVE_TEMPLATE, "english-only": "{english_query}",
+             "selective+lang": SELECTIVE_TEMPLATE + "\n\nAnswer in {target_language}."}
+
+
+def probe(model_spec: str, languages: list[str], n: int, max_new_tokens: int = 24) -> dict[str, dict[str, int]]:
+    from polyalign.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(model_spec), load_model(model_spec)
+    gen = HFGenerator(model, tok, batch_size=16)
+    recs = {c: builtin_benchmark(c, "train")[:n] for c in ("benign", "harmful")}
+    out = {}
+    for name, tpl in TEMPLATES.items():
+        items = [(c, lang, tpl.format(target_query=r.texts[lang], english_query=r.texts["en"],
+                                      target_language=get_language(lang).name))
+                 for c, rs in recs.items() for r in rs for lang in languages]
+        answers = gen.generate([p for *_, p in items], GenerationSettings(max_new_tokens=max_new_tokens))
+        row = {"n_per_category": n * len(languages)}
+        for c in ("benign", "harmful"):
+            row[f"{c}_refused"] = sum(bool(refusal_phrase(a, lang)) for (cc, lang, _), a in zip(items, answers) if cc == c)
+        row["in_language"] = sum(in_language(a, lang) for (_, lang, _), a in zip(items, answers))
+        out[name] = row
+        print(f"{name:15s} benign refused {row['benign_refused']}/{row['n_per_category']}, harmful refused "
+              f"{row['harmful_refused']}/{row['n_per_category']}, answers in the query's language "
+              f"{row['in_language']}/{2 * row['n_per_category']}")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--languages", default="th,zh")
+    p.add_argument("--n", type=int, default=4)
+    a = p.parse_args()
+    probe(a.model, parse_language_list(a.languages), a.n)
+
+
+if __name__ == "__main__":
+    main()
