@@ -33,6 +33,7 @@ class DemoPlan:
     lora_r: int = 16
     gen_tokens: int = 48
     teacher_template: str = SELECTIVE_TEMPLATE   # the paper's template collapses a 0.5B model (docs/msd.md)
+    benign_retain: bool = True                   # keep benign behaviour and language (docs/msd.md)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -50,7 +51,7 @@ def demo_recipe(model: str, out: Path, plan: DemoPlan):
                   data=DataSettings(source="builtin:harmful", benign_source="builtin:benign"),
                   msd={"mode": "on_policy", "divergence": "reverse_kl", "dpsw": True,
                        "student_languages": plan.train_languages, "max_new_tokens": plan.gen_tokens,
-                       "teacher_template": plan.teacher_template},
+                       "teacher_template": plan.teacher_template, "benign_retain": plan.benign_retain},
                   lora={"r": plan.lora_r, "alpha": 2 * plan.lora_r},
                   training={"max_steps": plan.steps, "learning_rate": plan.learning_rate,
                             "per_device_train_batch_size": plan.batch_size, "save_steps": max(1, plan.steps // 3),

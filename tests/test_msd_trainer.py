@@ -134,3 +134,15 @@ def test_resume_reproduces_the_next_loss(tmp_path):
     resumed = run_recipe(recipe(4), resume=True)
     again = [h["loss"] for h in json.loads((resumed / "log_history.json").read_text()) if "loss" in h]
     assert again[-2:] == pytest.approx(losses[-2:], rel=1e-5)
+
+
+def test_benign_retain_uses_the_student_context_for_the_teacher(tmp_path):
+    trainer, model, tok = make_trainer(tmp_path, benign_retain=True)
+    recs = load_prompts("builtin:all", None, "train", None)
+    ex = build_msd_examples([r for r in recs if r.category == "benign"][:1] + [r for r in recs if r.category == "harmful"][:1],
+                            trainer.msd)
+    assert [e["retain"] for e in ex] == [True, True, False, False]
+    student, teacher = trainer._prompts(ex)
+    assert teacher[0] == student[0] and teacher[2] != student[2]
+    off = MSDConfig(student_languages=["th", "sw"])
+    assert not any(e["retain"] for e in build_msd_examples(recs[:3], off))

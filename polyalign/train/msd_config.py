@@ -45,6 +45,10 @@ class MSDConfig:
         teacher_language: the language the teacher reads (en).
         student_languages: the target languages trained (paper: zh ar bn).
         max_prompt_tokens: longer prompts are cut from the left (keeps the end of the chat turn).
+        benign_retain: prompts whose record category is ``benign`` are distilled from the frozen
+            model in the student's own context (no English hint), which holds their behaviour and
+            language where they were instead of moving them towards the teacher (our choice, off by
+            default; docs/msd.md explains why a 0.5B model needs it).
     """
 
     mode: str = "on_policy"
@@ -59,6 +63,7 @@ class MSDConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     max_prompt_tokens: int = 512
+    benign_retain: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("on_policy", "off_policy"):

@@ -33,7 +33,8 @@ def build_msd_examples(records: list[ParallelRecord], cfg: MSDConfig) -> list[di
         for lang in cfg.student_languages:
             if lang in r.texts:
                 out.append({"prompt_id": r.id, "lang": lang, "query": r.texts[lang],
-                            "english": r.texts[cfg.teacher_language]})
+                            "english": r.texts[cfg.teacher_language],
+                            "retain": cfg.benign_retain and r.category == "benign"})
     return out
 
 
@@ -74,12 +75,14 @@ class MSDTrainer(Trainer):
 
     # ---------------------------------------------------------------- contexts
     def _prompts(self, examples: list[dict[str, str]]) -> tuple[list[list[int]], list[list[int]]]:
-        """Student: the target query alone; teacher: the template with target + English query."""
+        """Student: the target query alone; teacher: the template with target + English query
+        (or, for ``retain`` examples, the student's own context: the frozen model keeps them as they were)."""
         tok, cut = self.processing_class, self.msd.max_prompt_tokens
         student = [prompt_ids(tok, e["query"])[-cut:] for e in examples]
-        teacher = [prompt_ids(tok, self.msd.teacher_template.format(target_query=e["query"],
+        teacher = [s if e.get("retain") else
+                   prompt_ids(tok, self.msd.teacher_template.format(target_query=e["query"],
                                                                     english_query=e["english"]))[-cut:]
-                   for e in examples]
+                   for s, e in zip(student, examples)]
         return student, teacher
 
     @contextlib.contextmanager

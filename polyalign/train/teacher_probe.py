@@ -18,7 +18,8 @@ from polyalign.eval.tasks import builtin_benchmark
 from polyalign.train.msd_config import SELECTIVE_TEMPLATE, TEACHER_TEMPLATE
 
 TEMPLATES = {"paper": TEACHER_TEMPLATE, "selective": SELECTIVE_TEMPLATE, "english-only": "{english_query}",
-             "selective+lang": SELECTIVE_TEMPLATE + "\n\nAnswer in {target_language}."}
+             "selective+lang": SELECTIVE_TEMPLATE + "\n\nAnswer in {target_language}.",
+             "hint-first": "(English meaning: {english_query})\n\n{target_query}"}
 
 
 def probe(model_spec: str, languages: list[str], n: int, max_new_tokens: int = 24) -> dict[str, dict[str, int]]:
