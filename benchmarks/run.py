@@ -167,6 +167,7 @@ def bench_mlc(model_spec: str, shared: Path, steps: int) -> dict:
         model, tok = build_model(r)
         trainer = build_mlc_trainer(r, model, tok, load_prompts(r.data.source, None, "all", 2), training_arguments(r))
         trainer.create_optimizer_and_scheduler(num_training_steps=steps + 1)
+        trainer.current_gradient_accumulation_steps = 1   # set by the train loop; we call training_step directly
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
         trainer.model.train()
         times = []

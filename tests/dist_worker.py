@@ -1,7 +1,7 @@
 """Run a few training steps of a method and dump the logged losses (used by test_distributed.py).
 
     python tests/dist_worker.py METHOD PER_DEVICE_BATCH OUT_JSON SHARED_DIR
-    accelerate launch --cpu --num_processes 2 tests/dist_worker.py ...
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_worker.py ...   # CPU: 2 gloo processes
 """
 
 import json
@@ -14,9 +14,9 @@ common = {"model": "builtin:tiny-random", "output_dir": out + ".run", "lora": {"
           "training": {"max_steps": 2, "learning_rate": 1e-2, "per_device_train_batch_size": per_device,
                        "save_steps": 100, "disable_tqdm": True}}
 if method == "msd":
-    # temperature ~0: sampling is deterministic, so every process draws what one process would
+    # temperature 0 = greedy: every process draws what one process would
     r = Recipe(method="msd", data=DataSettings(source="builtin:harmful", limit=4),
-               msd={"student_languages": ["th"], "max_new_tokens": 6, "temperature": 1e-4, "mode": "off_policy"},
+               msd={"student_languages": ["th"], "max_new_tokens": 6, "temperature": 0, "mode": "off_policy"},
                **common)
 else:
     r = Recipe(method="mlc", data=DataSettings(source=f"{shared}/mlc_pku/pku_saferlhf_multilingual_dpo.jsonl",

@@ -67,14 +67,17 @@ class MLCHead(nn.Module):
     """Projection r = W h + b (Linear(H, 512), Xavier-uniform weight, zero bias), trained with the
     policy and saved with the checkpoint; ``projection="none"`` uses h directly."""
 
-    def __init__(self, hidden_size: int, dim: int = 512, projection: str = "linear"):
+    def __init__(self, hidden_size: int, dim: int = 512, projection: str = "linear", seed: int | None = None):
         super().__init__()
         if projection not in ("linear", "none"):
             raise ValueError(f"projection must be 'linear' or 'none', got {projection!r}")
         self.projection = projection
         if projection == "linear":
             self.proj = nn.Linear(hidden_size, dim)
-            nn.init.xavier_uniform_(self.proj.weight)
+            # A seeded generator makes the head identical however much global RNG set-up consumed
+            # (one process vs accelerate launch, fresh run vs resume).
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            nn.init.xavier_uniform_(self.proj.weight, generator=gen)
             nn.init.zeros_(self.proj.bias)
 
     def forward(self, h: Tensor) -> Tensor:

@@ -60,7 +60,7 @@ class MLCMixin:
 
     def setup_mlc(self, mlc_config: MLCConfig, hidden_size: int) -> None:
         self.mlc = mlc_config
-        self.mlc_head = MLCHead(hidden_size, mlc_config.dim, mlc_config.projection).to(self.args.device)
+        self.mlc_head = MLCHead(hidden_size, mlc_config.dim, mlc_config.projection, seed=self.args.seed).to(self.args.device)
         # The head is a submodule of the policy, so the optimizer, DDP/DeepSpeed and device moves
         # all see it without special cases. PEFT leaves modules added after wrapping trainable.
         self.model.mlc_head = self.mlc_head
@@ -80,12 +80,19 @@ class MLCMixin:
         loss = result[0] if return_outputs else result
         # Official schedule: the MLC term on every `every`-th optimizer step (step 0 included).
         if model.training and self.mlc.weight > 0 and self.state.global_step % self.mlc.every == 0:
-            reps = prompt_representations(model, self.mlc_head, mlc_inputs, self.mlc.layer)
+            # The unwrapped module: a second forward through the DDP wrapper before one backward is
+            # not allowed; gradients still reach every parameter and DDP reduces them once.
+            reps = prompt_representations(self.accelerator.unwrap_model(model), self.mlc_head, mlc_inputs,
+                                          self.mlc.layer)
             l_mlc = mlc_loss(reps, self.mlc.tau)
             loss = loss + self.mlc.weight * l_mlc
             self._mlc_metrics["mlc/loss"].append(float(l_mlc.detach()))
             self._mlc_metrics["mlc/top_singular_share"].append(float(top_singular_share(reps.detach())))
             self._mlc_metrics["mlc/pairwise_cosine"].append(float(mean_pairwise_cosine(reps.detach())))
+        elif model.training and self.accelerator.num_processes > 1:
+            # DDP reduces every parameter every step: on steps without the MLC term the head joins
+            # with an exactly-zero gradient (single-process runs skip this, as the official code does).
+            loss = loss + 0.0 * sum(p.sum() for p in self.mlc_head.parameters())
         return (loss, result[1]) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -166,8 +173,8 @@ def build_mlc_trainer(recipe: Any, model: Any, tokenizer: Any, records: list[Par
     MLCDPOTrainer, MLCSFTTrainer = _trl_classes()
     base = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     base["remove_unused_columns"] = False
-    if cfg.every > 1 and base.get("ddp_find_unused_parameters") is None:
-        base["ddp_find_unused_parameters"] = True   # the head is unused on steps without the MLC term
+    if base.get("ddp_find_unused_parameters") is None:
+        base["ddp_find_unused_parameters"] = False  # every parameter gets a gradient each step (see compute_loss)
     if cfg.paradigm == "dpo":
         targs = DPOConfig(**base, beta=cfg.beta, loss_type=["sigmoid"], max_length=cfg.max_length)
         trainer = MLCDPOTrainer(model=model, args=targs, train_dataset=Dataset.from_list(rows),

@@ -34,7 +34,7 @@ class MSDConfig:
         mode: ``on_policy`` (the student samples y from p_S(.|x_tgt); paper default) or
             ``off_policy`` (the frozen teacher samples y from p_T(.|x_tgt, x*, C)).
         temperature, top_p, max_new_tokens: sampling of y; not reported in the paper
-            (our choice: 1.0, 1.0, 256).
+            (our choice: 1.0, 1.0, 256). ``temperature: 0`` decodes greedily (deterministic runs).
     Loss:
         divergence: ``reverse_kl`` KL(p_S||p_T) (paper default) | ``forward_kl`` | ``jsd``.
         jsd_beta: mixture weight of JSD (0.5).
@@ -74,8 +74,8 @@ class MSDConfig:
             raise ValueError(f"jsd_beta must be in (0, 1), got {self.jsd_beta}")
         if self.top_k < 1 or self.max_new_tokens < 1:
             raise ValueError(f"top_k ({self.top_k}) and max_new_tokens ({self.max_new_tokens}) must be >= 1")
-        if not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         for key in ("{target_query}", "{english_query}"):
             if key not in self.teacher_template:
                 raise ValueError(f"teacher_template must contain {key}")

@@ -100,8 +100,10 @@ class MSDTrainer(Trainer):
         tok = self.processing_class
         ids, mask, _ = left_pad(prompts, tok.pad_token_id)
         device = self.accelerator.device
-        kwargs = {"max_new_tokens": self.msd.max_new_tokens, "do_sample": True, "temperature": self.msd.temperature,
-                  "top_p": self.msd.top_p, "top_k": None, "pad_token_id": tok.pad_token_id, "use_cache": True,
+        greedy = self.msd.temperature == 0
+        kwargs = {"max_new_tokens": self.msd.max_new_tokens, "do_sample": not greedy,
+                  "temperature": None if greedy else self.msd.temperature, "top_p": None if greedy else self.msd.top_p,
+                  "top_k": None, "pad_token_id": tok.pad_token_id, "use_cache": True,
                   "eos_token_id": sorted(self.eos_ids)}
         ctx = self.teacher_context(model) if from_teacher else contextlib.nullcontext(model)
         with ctx as gen_model:
