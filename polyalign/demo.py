@@ -40,8 +40,8 @@ class DemoPlan:
 FULL = DemoPlan(eval_languages=["en", "zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"],
                 train_languages=["zh", "th", "ar", "sw"], eval_limit=8, max_new_tokens=24, steps=16,
                 learning_rate=5e-5, gen_tokens=32)
-QUICK = DemoPlan(eval_languages=["en", "zh", "th", "sw"], train_languages=["zh", "th", "sw"], eval_limit=6,
-                 max_new_tokens=24, steps=8, learning_rate=2e-4, gen_tokens=24)
+QUICK = DemoPlan(eval_languages=["en", "zh", "th", "sw"], train_languages=["zh", "th", "sw"], eval_limit=4,
+                 max_new_tokens=24, steps=6, learning_rate=5e-5, gen_tokens=24)
 
 
 def demo_recipe(model: str, out: Path, plan: DemoPlan):
