@@ -90,7 +90,7 @@ def run_demo(model: str = "builtin:qwen2.5-coder-0.5b-instruct", out: str | Path
         return time.perf_counter()
 
     def done(name: str, t0: float) -> None:
-        timings[name] = round(time.perf_counter() - t0, 1) + timings.get(name, 0.0) * 0
+        timings[name] = round(time.perf_counter() - t0, 1)
         atomic_write_text(out / "timings.json", json.dumps(timings, indent=1))
         console.print(f"[green]{name}[/green] done in {timings[name]:.0f} s")
 

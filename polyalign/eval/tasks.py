@@ -6,7 +6,6 @@ its prompts or scoring change. ``--data`` points any task at a local file or fol
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -77,5 +76,3 @@ def builtin_benchmark(category: str | None = None, split: str | None = None) -> 
 def get_task(name: str) -> Task:
     return TASKS.get(name)
 
-
-LoaderFn = Callable[[str | None], list[ParallelRecord]]
