@@ -155,25 +155,19 @@ def write_demo_report(out: Path, before: dict, after: dict, plan: DemoPlan, timi
     table = Table(title="polyalign demo: before -> after MSD (built-in eval split)")
     for col in ("lang", "ASR", "invalid", "over-refusal (benign)", "benign answers in language"):
         table.add_column(col, justify="left" if col == "lang" else "right")
-    md = ["# polyalign demo", "", f"Model `{before['builtin-harmful']['model']}`, MSD on-policy + LoRA, "
-          f"{plan.steps} steps, trained languages: {', '.join(plan.train_languages)} (others unseen).", "",
-          "| lang | ASR before | ASR after | invalid before | invalid after | over-refusal before | "
-          "over-refusal after | benign in-language before | after |", "|---" * 9 + "|"]
     for r in rows:
         mark = "" if r["lang"] in trained or r["lang"] == "en" else " (unseen)"
         table.add_row(r["lang"] + mark, f"{pct(r['asr_before'])} -> {pct(r['asr_after'])}",
                       f"{pct(r['invalid_before'])} -> {pct(r['invalid_after'])}",
                       f"{pct(r['over_refusal_before'])} -> {pct(r['over_refusal_after'])}",
                       f"{pct(r['fidelity_before'])} -> {pct(r['fidelity_after'])}")
-        md.append(f"| {r['lang']}{mark} | {pct(r['asr_before'])} | {pct(r['asr_after'])} | {pct(r['invalid_before'])} | "
-                  f"{pct(r['invalid_after'])} | {pct(r['over_refusal_before'])} | {pct(r['over_refusal_after'])} | "
-                  f"{pct(r['fidelity_before'])} | {pct(r['fidelity_after'])} |")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "lang"}
-    md += ["", f"Mean ASR {pct(mean['asr_before'])} -> {pct(mean['asr_after'])}; mean over-refusal "
-           f"{pct(mean['over_refusal_before'])} -> {pct(mean['over_refusal_after'])}.", "",
-           "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "", "![demo](demo.png)", ""]
+    summary = {"rows": rows, "mean": mean, "timings": timings}
+    md = ["# polyalign demo", "", f"Model `{before['builtin-harmful']['model']}`, MSD on-policy + LoRA, "
+          f"{plan.steps} steps, trained languages: {', '.join(plan.train_languages)} (others unseen).", "",
+          demo_markdown(summary), "", "![demo](demo.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
-    atomic_write_text(out / "summary.json", json.dumps({"rows": rows, "mean": mean, "timings": timings}, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
 
     langs = [r["lang"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(langs) + 3), 3.6))
@@ -192,4 +186,20 @@ def write_demo_report(out: Path, before: dict, after: dict, plan: DemoPlan, timi
     plt.close(fig)
     console.print(table)
     console.print(f"report: {out / 'report.md'}  plot: {out / 'demo.png'}")
-    return {"rows": rows, "mean": mean, "timings": timings}
+    return summary
+
+
+def demo_markdown(summary: dict[str, Any]) -> str:
+    """The before -> after table of a demo summary (``summary.json``) as Markdown."""
+    def pct(x: float) -> str:
+        return f"{100 * x:.0f}%"
+
+    def cells(r: dict[str, float]) -> str:
+        return " | ".join(f"{pct(r[f'{k}_before'])} → {pct(r[f'{k}_after'])}" for k in
+                          ("harmful_refusal", "asr", "invalid", "over_refusal", "fidelity"))
+    lines = ["| lang | harmful refused | ASR | invalid | benign refused (over-refusal) | benign answers in language |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['lang']} | {cells(r)} |" for r in summary["rows"]]
+    lines += [f"| **mean** | {cells(summary['mean'])} |", "",
+              "stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings"].items())]
+    return "\n".join(lines)

@@ -135,21 +135,32 @@ def dpsw_weights(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, t
     return normalize_weights(dpsw_raw_weights(student_logits, teacher_logits, top_k), mask.bool())
 
 
-def msd_per_sequence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, kind: str = "reverse_kl",
-                     beta: float = 0.5, dpsw: bool = True, top_k: int = 32) -> tuple[Tensor, Tensor]:
+def reduce_sequences(d: Tensor, w: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """(per-sequence loss [B], valid-row mask [B]): (1/L_y) sum_t w~_t D_t; 0 for rows with no position."""
     mask = mask.bool()
-    d = token_divergence(student_logits, teacher_logits, kind, beta)          # [B, T]
-    w = dpsw_weights(student_logits, teacher_logits, mask, top_k) if dpsw else mask.to(d.dtype)
     n = mask.sum(-1)
     per_seq = (w.to(d.dtype) * torch.where(mask, d, torch.zeros_like(d))).sum(-1) / n.clamp_min(1)
     return per_seq, n > 0
+
+
+def mean_over_valid(per_seq: Tensor, valid: Tensor, student_logits: Tensor) -> Tensor:
+    """Mean over sequences with at least one response position; 0 (graph kept) when there is none."""
+    if not valid.any():
+        return (student_logits.sum() * 0).to(per_seq.dtype)   # keeps the graph, contributes nothing
+    return per_seq[valid].mean()
+
+
+def msd_per_sequence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, kind: str = "reverse_kl",
+                     beta: float = 0.5, dpsw: bool = True, top_k: int = 32) -> tuple[Tensor, Tensor]:
+    """(per-sequence loss [B], valid-row mask [B]), see :func:`reduce_sequences`."""
+    mask = mask.bool()
+    d = token_divergence(student_logits, teacher_logits, kind, beta)          # [B, T]
+    w = dpsw_weights(student_logits, teacher_logits, mask, top_k) if dpsw else mask.to(d.dtype)
+    return reduce_sequences(d, w, mask)
 
 
 def msd_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, kind: str = "reverse_kl",
              beta: float = 0.5, dpsw: bool = True, top_k: int = 32) -> Tensor:
     """Mean over sequences with at least one response position; gradient reaches the student only."""
     per_seq, valid = msd_per_sequence(student_logits, teacher_logits, mask, kind, beta, dpsw, top_k)
-    if not valid.any():
-        return (student_logits.sum() * 0).to(per_seq.dtype)   # keeps the graph, contributes nothing
-    return per_seq[valid].mean()
+    return mean_over_valid(per_seq, valid, student_logits)

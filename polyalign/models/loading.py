@@ -55,9 +55,8 @@ def resolve_spec(spec: str) -> ResolvedSpec:
 def clear_quantization_flags(model: Any) -> Any:
     """A GGUF-loaded model is dequantised to fp32 but still flagged quantized, which makes Trainer
     refuse to train it and save_pretrained write a quantization config: clear the flags."""
-    for attr in ("hf_quantizer",):
-        if hasattr(model, attr):
-            setattr(model, attr, None)
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
     if hasattr(model, "is_quantized"):
         try:
             model.is_quantized = False

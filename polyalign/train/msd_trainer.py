@@ -17,7 +17,13 @@ import torch
 from transformers import Trainer
 
 from polyalign.data.records import ParallelRecord
-from polyalign.losses.msd import dpsw_raw_weights, msd_loss, token_divergence
+from polyalign.losses.msd import (
+    dpsw_raw_weights,
+    mean_over_valid,
+    normalize_weights,
+    reduce_sequences,
+    token_divergence,
+)
 from polyalign.models.adapters import is_peft
 from polyalign.models.chat import prompt_ids
 from polyalign.train.batching import left_pad, response_batch, response_logits, trim_generation
@@ -131,15 +137,18 @@ class MSDTrainer(Trainer):
         student_logits = response_logits(model, s_batch)                        # [B, R, V]
         with torch.no_grad(), self.teacher_context(model) as teacher:
             teacher_logits = response_logits(teacher, t_batch)                   # [B, R, V]
-        loss = msd_loss(student_logits, teacher_logits, mask, kind=self.msd.divergence, beta=self.msd.jsd_beta,
-                        dpsw=self.msd.dpsw, top_k=self.msd.top_k)
-        self._record(examples, student_logits.detach(), teacher_logits, mask, time.perf_counter() - start)
+        # msd_loss, spelled out so the per-token divergence and raw DPSW weights (two passes over the
+        # vocabulary) are computed once and reused for the logs.
+        d = token_divergence(student_logits, teacher_logits, self.msd.divergence, self.msd.jsd_beta)   # [B, R]
+        raw = dpsw_raw_weights(student_logits, teacher_logits, self.msd.top_k)                         # [B, R]
+        w = normalize_weights(raw, mask) if self.msd.dpsw else mask.to(d.dtype)
+        per_seq, valid = reduce_sequences(d, w, mask)
+        loss = mean_over_valid(per_seq, valid, student_logits)
+        self._record(examples, d.detach(), raw, mask, time.perf_counter() - start)
         return (loss, {"student_logits": student_logits}) if return_outputs else loss
 
     @torch.no_grad()
-    def _record(self, examples, student_logits, teacher_logits, mask, seconds: float) -> None:
-        d = token_divergence(student_logits, teacher_logits, self.msd.divergence, self.msd.jsd_beta)   # [B, R]
-        raw = dpsw_raw_weights(student_logits, teacher_logits, self.msd.top_k)
+    def _record(self, examples, d, raw, mask, seconds: float) -> None:
         n = mask.sum(-1)
         m = self._metrics
         m["dpsw_raw_weight"].append(float(raw[mask].mean()) if mask.any() else 0.0)
