@@ -38,7 +38,9 @@ def data_inspect(path: Annotated[str, typer.Argument(help="Data file or folder (
     for r in records:
         for lang in r.texts:
             counts[lang] = counts.get(lang, 0) + 1
-    table = Table(title=f"{path}  ({fmt}: {len(records)} prompts)")
+    # The summary is its own line: a table title wraps to the table's width, splitting long paths.
+    console.print(f"{path}  ({fmt}: {len(records)} prompts)", soft_wrap=True)
+    table = Table()
     for col in ("language", "name", "script", "tier", "prompts"):
         table.add_column(col, justify="right" if col == "prompts" else "left")
     for lang, n in counts.items():
