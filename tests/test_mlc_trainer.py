@@ -18,7 +18,9 @@ from polyalign.train.recipes import (
     training_arguments,
 )
 
-SOURCES = {"dpo": "mlc_pku/pku_saferlhf_multilingual_dpo.jsonl", "sft": "mlc_pku/pku_saferlhf_multilingual_sft.json"}
+DPO_FILE = "mlc_pku/pku_saferlhf_multilingual_dpo.jsonl"
+SOURCES = {"dpo": DPO_FILE, "simpo": DPO_FILE, "orpo": DPO_FILE, "sft": "mlc_pku/pku_saferlhf_multilingual_sft.json"}
+PARADIGMS = ["dpo", "simpo", "orpo", "sft"]
 
 
 def recipe(shared, tmp_path, paradigm, weight=0.8, steps=4, lr=1e-2, every=1):
@@ -41,9 +43,11 @@ def test_config_validation():
     with pytest.raises(ValueError, match="two languages"):
         MLCConfig(languages=["en"])
     assert MLCConfig().weight == 0.8 and MLCConfig().every == 2 and MLCConfig().tau == 0.2
+    assert MLCConfig(paradigm="simpo").beta == 2.0 and MLCConfig(paradigm="orpo").beta == 0.1
+    assert MLCConfig(paradigm="simpo", beta=2.5).beta == 2.5
 
 
-@pytest.mark.parametrize("paradigm", ["dpo", "sft"])
+@pytest.mark.parametrize("paradigm", PARADIGMS)
 def test_lambda_zero_reproduces_plain_trl(shared, tmp_path, paradigm):
     """weight 0: the MLC trainer's losses equal plain TRL's on the same data, seed and steps."""
     import dataclasses
@@ -52,6 +56,7 @@ def test_lambda_zero_reproduces_plain_trl(shared, tmp_path, paradigm):
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from polyalign.train.mlc_trainer import mlc_rows
+    from polyalign.train.preference_trainer import reference_free_trainer_class
 
     r = recipe(shared, tmp_path, paradigm, weight=0.0, steps=3)
     ours = losses(run_recipe(r))
@@ -66,6 +71,12 @@ def test_lambda_zero_reproduces_plain_trl(shared, tmp_path, paradigm):
     if paradigm == "dpo":
         trainer = DPOTrainer(model=model, args=DPOConfig(**base, beta=0.1, max_length=384),
                              train_dataset=Dataset.from_list(rows), processing_class=tok)
+    elif paradigm in ("simpo", "orpo"):
+        beta = MLCConfig(paradigm=paradigm).beta
+        trainer = reference_free_trainer_class()(
+            model=model, args=DPOConfig(**base, beta=beta, max_length=384, precompute_ref_log_probs=True),
+            train_dataset=Dataset.from_list(rows), processing_class=tok, preference_loss=paradigm, beta=beta,
+            gamma=1.0)
     else:
         trainer = SFTTrainer(model=model, args=SFTConfig(**base, max_length=384, completion_only_loss=True),
                              train_dataset=Dataset.from_list(rows), processing_class=tok)
@@ -74,7 +85,7 @@ def test_lambda_zero_reproduces_plain_trl(shared, tmp_path, paradigm):
     assert ours == pytest.approx(plain, rel=1e-6)
 
 
-@pytest.mark.parametrize("paradigm", ["dpo", "sft"])
+@pytest.mark.parametrize("paradigm", PARADIGMS)
 def test_steps_lower_alignment_loss_and_mlc(shared, tmp_path, paradigm):
     from polyalign.train.mlc_trainer import build_mlc_trainer
 
@@ -114,3 +125,39 @@ def test_head_saved_and_loaded_with_checkpoint(shared, tmp_path):
     assert not torch.equal(head.proj.weight, MLCHead(64, 32).proj.weight)
     log = json.loads((final / "log_history.json").read_text())
     assert any("mlc/loss" in h and "mlc/top_singular_share" in h and "mlc/pairwise_cosine" in h for h in log)
+
+
+@pytest.mark.parametrize("paradigm", ["simpo", "orpo"])
+def test_reference_free_loss_matches_full_logits_reference(shared, tmp_path, paradigm):
+    """SimPO/ORPO through TRL's fused LM head equal the formula on full float64 log-softmax logits,
+    and full fine-tuning loads no reference copy."""
+    from polyalign.losses.preference import orpo_loss, simpo_loss
+    from polyalign.train.mlc_trainer import build_mlc_trainer
+
+    r = recipe(shared, tmp_path, paradigm)
+    r.lora = None
+    model, tok = build_model(r)
+    trainer = build_mlc_trainer(r, model, tok, load_prompts(r.data.source, None, "all", 4), training_arguments(r))
+    assert trainer.ref_model is None
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    inputs = {k: v for k, v in batch.items() if not k.startswith("mlc_")}
+    model.eval()
+    with torch.no_grad():
+        ours = float(trainer.compute_loss(model, dict(inputs)))
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.double()
+    logps, lens = [], []
+    for i in range(len(inputs["input_ids"])):                       # explicit loop over sequences and tokens
+        total, n = 0.0, 0
+        for t in range(1, inputs["input_ids"].shape[1]):
+            if inputs["completion_mask"][i, t]:
+                total += float(torch.log_softmax(logits[i, t - 1], -1)[inputs["input_ids"][i, t]])
+                n += 1
+        logps.append(total)
+        lens.append(n)
+    lp, ln = torch.tensor(logps, dtype=torch.float64), torch.tensor(lens, dtype=torch.float64)
+    cfg = MLCConfig(paradigm=paradigm)
+    if paradigm == "simpo":
+        expect = simpo_loss(*lp.chunk(2), *ln.chunk(2), cfg.beta, cfg.simpo_gamma)
+    else:
+        expect = orpo_loss(*lp.chunk(2), *ln.chunk(2), cfg.beta)
+    assert ours == pytest.approx(float(expect), rel=1e-4)

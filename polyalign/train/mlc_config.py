@@ -12,8 +12,10 @@ class MLCConfig:
     """Settings of the MLC auxiliary loss and the alignment loss it is added to.
 
     Alignment:
-        paradigm: ``sft`` | ``dpo`` | ``simpo`` | ``orpo`` (DPO: sigmoid loss, beta 0.1).
-        beta: DPO/SimPO/ORPO beta (0.1); simpo_gamma: SimPO margin (0.5).
+        paradigm: ``sft`` | ``dpo`` | ``simpo`` | ``orpo``.
+        beta: None = the paradigm's published default: DPO 0.1 (sigmoid loss, official MLC),
+            SimPO 2.0 (Meng et al.), ORPO 0.1 (the odds-ratio weight lambda of Hong et al.).
+        simpo_gamma: SimPO target reward margin (1.0, i.e. gamma / beta = 0.5 as the paper advises).
     MLC (METHODS.md section 1):
         weight: lambda in L = L_align + lambda * L_MLC (official 0.8).
         every: add the MLC term on every ``every``-th optimizer step (official 2).
@@ -25,8 +27,8 @@ class MLCConfig:
     """
 
     paradigm: str = "dpo"
-    beta: float = 0.1
-    simpo_gamma: float = 0.5
+    beta: float | None = None
+    simpo_gamma: float = 1.0
     weight: float = 0.8
     every: int = 2
     tau: float = 0.2
@@ -43,6 +45,8 @@ class MLCConfig:
             raise ValueError(f"need every >= 1, tau > 0, weight >= 0 (got {self.every}, {self.tau}, {self.weight})")
         if self.projection not in ("linear", "none"):
             raise ValueError(f"projection must be linear or none, got {self.projection!r}")
+        if self.beta is None:
+            self.beta = {"simpo": 2.0}.get(self.paradigm, 0.1)
         self.languages = [normalize_code(c) for c in self.languages]
         if len(self.languages) < 2:
             raise ValueError("MLC needs at least two languages")

@@ -2,6 +2,7 @@
 
     class MLCDPOTrainer(MLCMixin, DPOTrainer): ...      # TRL's stable DPOTrainer, unchanged
     class MLCSFTTrainer(MLCMixin, SFTTrainer): ...
+    class MLCPreferenceTrainer(MLCMixin, ReferenceFreePreferenceTrainer): ...   # SimPO / ORPO
 
 The multilingual prompt variants of each example travel through the collator as
 ``mlc_input_ids`` / ``mlc_attention_mask`` ([B * L, T], language-major within each example);
@@ -23,6 +24,7 @@ from polyalign.losses.mlc import MLCHead, mean_pairwise_cosine, mlc_loss, top_si
 from polyalign.models.chat import prompt_ids
 from polyalign.train.batching import last_token_hidden, left_pad
 from polyalign.train.mlc_config import MLCConfig
+from polyalign.train.preference_trainer import reference_free_trainer_class
 
 HEAD_FILE = "mlc_head.pt"
 
@@ -125,7 +127,10 @@ def _trl_classes():
     class MLCSFTTrainer(MLCMixin, SFTTrainer):
         """TRL's SFTTrainer + MLC."""
 
-    return MLCDPOTrainer, MLCSFTTrainer
+    class MLCPreferenceTrainer(MLCMixin, reference_free_trainer_class()):
+        """SimPO / ORPO on TRL's DPOTrainer pipeline + MLC."""
+
+    return MLCDPOTrainer, MLCSFTTrainer, MLCPreferenceTrainer
 
 
 def mlc_rows(records: list[ParallelRecord], cfg: MLCConfig, tokenizer: Any) -> list[dict[str, Any]]:
@@ -164,13 +169,10 @@ def build_mlc_trainer(recipe: Any, model: Any, tokenizer: Any, records: list[Par
     from polyalign.errors import PolyalignError
 
     cfg = MLCConfig(**(recipe.mlc or {}))
-    if cfg.paradigm in ("simpo", "orpo"):
-        raise PolyalignError(f"paradigm {cfg.paradigm}: stable TRL has no {cfg.paradigm.upper()} trainer outside "
-                             "trl.experimental; use MLCMixin with your own trainer, or paradigm dpo / sft")
     rows = mlc_rows(records, cfg, tokenizer)
     if not rows:
         raise PolyalignError(f"no rows with English responses and prompts in all of {cfg.languages}")
-    MLCDPOTrainer, MLCSFTTrainer = _trl_classes()
+    MLCDPOTrainer, MLCSFTTrainer, MLCPreferenceTrainer = _trl_classes()
     base = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     base["remove_unused_columns"] = False
     if base.get("ddp_find_unused_parameters") is None:
@@ -179,6 +181,12 @@ def build_mlc_trainer(recipe: Any, model: Any, tokenizer: Any, records: list[Par
         targs = DPOConfig(**base, beta=cfg.beta, loss_type=["sigmoid"], max_length=cfg.max_length)
         trainer = MLCDPOTrainer(model=model, args=targs, train_dataset=Dataset.from_list(rows),
                                 processing_class=tokenizer)
+    elif cfg.paradigm in ("simpo", "orpo"):
+        # precompute_ref_log_probs: DPOTrainer then loads no reference copy (these losses need none).
+        targs = DPOConfig(**base, beta=cfg.beta, max_length=cfg.max_length, precompute_ref_log_probs=True)
+        trainer = MLCPreferenceTrainer(model=model, args=targs, train_dataset=Dataset.from_list(rows),
+                                       processing_class=tokenizer, preference_loss=cfg.paradigm, beta=cfg.beta,
+                                       gamma=cfg.simpo_gamma)
     else:
         targs = SFTConfig(**base, max_length=cfg.max_length, completion_only_loss=True)
         trainer = MLCSFTTrainer(model=model, args=targs, train_dataset=Dataset.from_list(rows),
