@@ -202,11 +202,13 @@ def report(run_a: Annotated[Path, typer.Argument(help="Evaluation run folder (be
 def probe(model: Annotated[str, typer.Option(help="Model spec.")],
           adapter: Annotated[Path | None, typer.Option(help="Adapter folder to compare with the base model.")] = None,
           data: Annotated[str, typer.Option(help="Parallel source.")] = "builtin:harmful",
-          languages: Languages = None, limit: int = 32, layer: int | None = None):
+          languages: Languages = None, limit: int = 32, layer: int | None = None,
+          out: Annotated[Path | None, typer.Option(help="Also write the figures to this JSON file.")] = None):
     """Cross-language representation similarity (what MLC optimises) for a model, before vs after."""
     from polyalign.eval.probe import run_probe
 
-    run_probe(model, str(adapter) if adapter else None, data, languages, limit, layer, console)
+    run_probe(model, str(adapter) if adapter else None, data, languages, limit, layer, console,
+              str(out) if out else None)
 
 
 @app.command("demo")

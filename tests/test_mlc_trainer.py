@@ -161,3 +161,27 @@ def test_reference_free_loss_matches_full_logits_reference(shared, tmp_path, par
     else:
         expect = orpo_loss(*lp.chunk(2), *ln.chunk(2), cfg.beta)
     assert ours == pytest.approx(float(expect), rel=1e-4)
+
+
+def test_probe_reports_similarity_before_and_after(shared, tmp_path):
+    """Identical text in every language is exactly collinear; a trained adapter changes the figures."""
+    from rich.console import Console
+
+    from polyalign.data.records import ParallelRecord, write_records
+    from polyalign.eval.probe import run_probe
+
+    same = tmp_path / "same.jsonl"
+    write_records(same, [ParallelRecord(id=str(i), texts={lang: f"How do I do thing {i}?" for lang in ("en", "zh", "sw")})
+                         for i in range(3)])
+    rows = run_probe("builtin:tiny-random", None, str(same), "en,zh,sw", 8, None, Console(quiet=True))
+    assert rows["base"]["pairwise_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert rows["base"]["top_singular_share"] == pytest.approx(1.0, abs=1e-5)
+
+    final = run_recipe(recipe(shared, tmp_path, "dpo", steps=3, lr=5e-2))
+    out = tmp_path / "probe.json"
+    rows = run_probe("builtin:tiny-random", str(final), "builtin:harmful", "en,zh,sw", 6, None,
+                     Console(quiet=True), str(out))
+    saved = json.loads(out.read_text())
+    assert saved["prompts"] == 6 and set(saved["base"]["cosine_to_en"]) == {"zh", "sw"}
+    assert saved["base"]["pairwise_cosine"] != saved["adapter"]["pairwise_cosine"]
+    assert all(-1 <= v <= 1 for r in ("base", "adapter") for v in saved[r]["cosine_to_en"].values())

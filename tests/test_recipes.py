@@ -36,3 +36,13 @@ def test_bad_method_values_are_named():
     mlc = next(p for p in RECIPES if p.name == "mlc_dpo.yaml")
     with pytest.raises(PolyalignError, match="paradigm"):
         load_recipe(mlc, ["mlc.paradigm=ppo"])
+
+
+def test_scientific_notation_is_a_float(tmp_path):
+    """PyYAML reads `1e-4` (no dot) as a string; recipes and overrides must still get a float."""
+    path = tmp_path / "r.yaml"
+    path.write_text("method: mlc\nmodel: builtin:tiny-random\noutput_dir: out\nmlc: {paradigm: dpo}\n"
+                    "training: {learning_rate: 2e-5}\n")
+    assert load_recipe(path).training["learning_rate"] == 2e-5
+    r = load_recipe(path, ["learning_rate=1e-4", "mlc.beta=5E-2", "run_name=1e3x"])
+    assert r.training["learning_rate"] == 1e-4 and r.mlc["beta"] == 0.05 and r.training["run_name"] == "1e3x"

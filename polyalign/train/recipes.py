@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,20 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
+_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as a string; every reader of a recipe means a float."""
+    if isinstance(value, str) and _YAML11_FLOAT.match(value):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     top = {f.name for f in dataclasses.fields(Recipe)}
     for item in overrides:
@@ -87,7 +102,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise PolyalignError(f"{path}: invalid YAML ({e})") from None
-    raw = apply_overrides(raw, overrides or [])
+    raw = _numbers(apply_overrides(raw, overrides or []))
     recipe = _strict(Recipe, raw, str(path))
     recipe.data = _strict(DataSettings, raw.get("data"), f"{path}: data")
     validate_recipe(recipe, str(path))
