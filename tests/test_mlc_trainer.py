@@ -185,3 +185,40 @@ def test_probe_reports_similarity_before_and_after(shared, tmp_path):
     assert saved["prompts"] == 6 and set(saved["base"]["cosine_to_en"]) == {"zh", "sw"}
     assert saved["base"]["pairwise_cosine"] != saved["adapter"]["pairwise_cosine"]
     assert all(-1 <= v <= 1 for r in ("base", "adapter") for v in saved[r]["cosine_to_en"].values())
+
+
+def test_make_responses_turns_prompts_into_sft_mlc_data(tmp_path):
+    """Prompts only -> the model's own English answers in MLC's SFT format -> an SFT+MLC trainer;
+    a rerun reuses every cached generation."""
+    from polyalign.data.loaders import load_mlc_pku
+    from polyalign.data.records import ParallelRecord, write_records
+    from polyalign.eval.generation import GenerationCache
+    from polyalign.train.make_responses import make_responses
+    from polyalign.train.mlc_trainer import build_mlc_trainer
+
+    src = tmp_path / "prompts.jsonl"
+    texts = [{"en": f"How do I bake bread number {i}?", "zh": f"我如何烤面包 {i}?", "sw": f"Ninaokaje mkate {i}?"}
+             for i in range(3)]
+    write_records(src, [ParallelRecord(id=f"p{i}", texts=t) for i, t in enumerate(texts)])
+    out = tmp_path / "sft.json"
+    assert make_responses(str(src), out, "builtin:tiny-random", max_new_tokens=6) == 3
+    rows = json.loads(out.read_text())
+    assert [r["instruction"] for r in rows] == [t["en"] for t in texts]
+    assert [r["prompt_sw"] for r in rows] == [t["sw"] for t in texts]
+    cache = GenerationCache(tmp_path / "sft.json.cache.jsonl")
+    by_prompt = {row["prompt"]: row["response"] for row in cache.rows.values()}
+    assert [r["output"] for r in rows] == [by_prompt[t["en"]] for t in texts]   # each answer to its own prompt
+
+    before = (tmp_path / "sft.json.cache.jsonl").read_text()
+    make_responses(str(src), out, "builtin:tiny-random", max_new_tokens=6)
+    assert (tmp_path / "sft.json.cache.jsonl").read_text() == before           # nothing generated twice
+
+    records = load_mlc_pku(out)
+    assert records[0].meta["output"] == rows[0]["output"] and set(records[0].texts) == {"en", "zh", "sw"}
+    r = Recipe(method="mlc", model="builtin:tiny-random", output_dir=str(tmp_path / "run"),
+               data=DataSettings(source=str(out), split="all"),
+               mlc={"paradigm": "sft", "languages": ["en", "zh", "sw"], "dim": 16}, lora={"r": 4, "alpha": 8},
+               training={"max_steps": 1, "per_device_train_batch_size": 3})
+    model, tok = build_model(r)
+    trainer = build_mlc_trainer(r, model, tok, records, training_arguments(r))
+    assert len(trainer.train_dataset) == 3

@@ -19,6 +19,7 @@ from polyalign.eval.generation import (
     GenerationSettings,
     GenRequest,
     HFGenerator,
+    cache_key,
     generate_cached,
 )
 
@@ -39,9 +40,11 @@ def make_responses(path: str, out: str | Path, model_spec: str, fmt: str | None 
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     cache = GenerationCache(out.with_suffix(out.suffix + ".cache.jsonl"))
     reqs = [GenRequest(r.id, "en", r.texts["en"]) for r in records]
-    rows, _, _ = generate_cached(HFGenerator(model, tok, batch_size), reqs, settings, cache, weights_fingerprint(model))
+    fingerprint = weights_fingerprint(model)
+    rows, _, _ = generate_cached(HFGenerator(model, tok, batch_size), reqs, settings, cache, fingerprint)
     lines = []
-    for r, row in zip(records, rows.values()):
+    for r, req in zip(records, reqs):
+        row = rows[cache_key(fingerprint, settings, req)]
         item = {"id": r.id, "instruction": r.texts["en"], "input": "", "output": row["response"]}
         item.update({f"prompt_{lang}": t for lang, t in r.texts.items() if lang != "en"})
         lines.append(json.dumps(item, ensure_ascii=False))
