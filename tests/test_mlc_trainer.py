@@ -222,3 +222,45 @@ def test_make_responses_turns_prompts_into_sft_mlc_data(tmp_path):
     model, tok = build_model(r)
     trainer = build_mlc_trainer(r, model, tok, records, training_arguments(r))
     assert len(trainer.train_dataset) == 3
+
+
+def test_length_buckets_are_optimal_partitions():
+    """Against brute force over every way to cut the sorted rows into contiguous groups."""
+    import itertools
+    import random
+
+    from polyalign.train.batching import length_buckets
+
+    def cost(groups, lengths, overhead):
+        return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 8))]
+        overhead = rng.choice([0, 32, 500])
+        groups = length_buckets(lengths, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths, overhead)
+                   for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+        assert cost(groups, lengths, overhead) == best
+
+
+def test_bucketed_representations_equal_one_padded_forward():
+    from polyalign.losses import MLCHead
+    from polyalign.models import load_model
+    from polyalign.train.batching import last_token_hidden, left_pad
+
+    model = load_model("builtin:tiny-random")
+    torch.manual_seed(0)
+    seqs = [torch.randint(5, 200, (n,)).tolist() for n in (3, 40, 5, 38, 4, 90)]     # B=2, L=3
+    ids, mask, pos = left_pad(seqs, 0)
+    head = MLCHead(model.config.hidden_size, 16, seed=1)
+    inputs = {"mlc_input_ids": ids, "mlc_attention_mask": mask, "mlc_position_ids": pos,
+              "mlc_num_languages": torch.tensor(3)}
+    reps = prompt_representations(model, head, inputs, None)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    expect = head(last_token_hidden(out.hidden_states[-1], mask)).view(2, 3, -1)
+    assert torch.allclose(reps, expect, atol=1e-5)
+    mlc_loss(reps).backward()
+    assert head.proj.weight.grad is not None and model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0

@@ -65,3 +65,27 @@ def last_token_hidden(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     T = attention_mask.shape[1]
     idx = T - 1 - attention_mask.flip(-1).long().argmax(-1)   # index of the last 1 in each row
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+
+
+def length_buckets(lengths: list[int], overhead: int = 32) -> list[list[int]]:
+    """Split rows into groups run as separate forwards so that padding is not computed.
+
+    Cost of a group = rows x longest length + ``overhead`` (per-call cost in token units). Rows are
+    sorted by length and cut where it minimises the total (exact dynamic programme over the sorted
+    order, O(N^2) for N rows). One long language (Bengali in Qwen's tokenizer can be 5x English)
+    otherwise makes every other variant pay its length in padding.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n            # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):                        # last group = sorted rows i..j-1
+            cost = best[i] + (j - i) * lengths[order[j - 1]] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]

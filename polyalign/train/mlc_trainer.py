@@ -22,7 +22,7 @@ import torch
 from polyalign.data.records import ParallelRecord
 from polyalign.losses.mlc import MLCHead, mean_pairwise_cosine, mlc_loss, top_singular_share
 from polyalign.models.chat import prompt_ids
-from polyalign.train.batching import last_token_hidden, left_pad
+from polyalign.train.batching import left_pad, length_buckets
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.preference_trainer import reference_free_trainer_class
 
@@ -46,12 +46,22 @@ class MLCCollator:
 
 
 def prompt_representations(model: Any, head: MLCHead, inputs: dict[str, Any], layer: int | None) -> torch.Tensor:
-    """[B, L, D]: layer-k hidden state at each variant's last prompt token, through the head."""
-    out = model(input_ids=inputs["mlc_input_ids"], attention_mask=inputs["mlc_attention_mask"],
-                position_ids=inputs["mlc_position_ids"], output_hidden_states=True, use_cache=False,
-                logits_to_keep=1)
-    hidden = out.hidden_states[-1 if layer is None else layer]                    # [B*L, T, H]
-    h = last_token_hidden(hidden, inputs["mlc_attention_mask"])                   # [B*L, H]
+    """[B, L, D]: layer-k hidden state at each variant's last prompt token, through the head.
+
+    Variants run in length buckets (:func:`length_buckets`): left padding keeps each row's real
+    tokens at the right end, so a bucket is the last ``m`` columns of its rows.
+    """
+    ids, mask, pos = inputs["mlc_input_ids"], inputs["mlc_attention_mask"], inputs["mlc_position_ids"]
+    lengths = mask.sum(-1).tolist()
+    rows, states = [], []
+    for group in length_buckets(lengths):
+        m = max(lengths[i] for i in group)
+        idx = torch.tensor(group, device=ids.device)
+        out = model(input_ids=ids[idx, -m:], attention_mask=mask[idx, -m:], position_ids=pos[idx, -m:],
+                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        states.append(out.hidden_states[-1 if layer is None else layer][:, -1])   # last column = last token
+        rows.extend(group)
+    h = torch.cat(states)[torch.argsort(torch.tensor(rows, device=ids.device))]  # back to collator order
     L = int(inputs["mlc_num_languages"])
     r = head(h)                                                                   # [B*L, D]
     return r.view(-1, L, r.shape[-1])
