@@ -6,7 +6,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 FIGURES = ["msd_step_throughput_vs_trl", "msd_peak_memory_vs_trl", "train_flops_vs_matmul_peak",
-           "mlc_step_time_vs_plain_dpo", "batched_vs_sequential_generation"]
+           "mlc_step_time_vs_plain_dpo", "mlc_step_time_vs_plain_dpo_every_step", "batched_vs_sequential_generation"]
 
 
 def test_benchmarks_run_on_tiny_model(shared):
