@@ -17,3 +17,11 @@ def test_benchmarks_run_on_tiny_model(shared):
     ratios = {line.split()[1]: float(line.split()[2]) for line in res.stdout.splitlines() if line.startswith("ratio ")}
     assert list(ratios) == FIGURES
     assert all(v > 0 for v in ratios.values())
+
+
+def test_decode_scaling_runs_on_tiny_model():
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "decode_scaling.py"), "--model", "builtin:tiny-random",
+                          "--batches", "1,4"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("batch ")]
+    assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 4"] and "1.00x batch 1" in lines[0]
