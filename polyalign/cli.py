@@ -89,7 +89,7 @@ def data_make_responses(
     languages: Languages = None,
     limit: Annotated[int | None, typer.Option(help="Use the first N prompts.")] = None,
     max_new_tokens: int = 128,
-    batch_size: int = 8,
+    batch_size: int = 32,
 ):
     """Generate English responses with the model itself (its English safety is already good), turning
     a parallel prompt set into SFT+MLC data with no external API. Resumable."""
@@ -160,7 +160,7 @@ def eval_cmd(
     languages: Languages = None,
     limit: Annotated[int | None, typer.Option(help="At most N prompts per language.")] = None,
     max_new_tokens: int = 128,
-    batch_size: int = 16,
+    batch_size: int = 32,
     backend: Annotated[str, typer.Option(help="hf | vllm")] = "hf",
 ):
     """Generate (resumable cache), judge, and write results.json, report.md and a per-language plot."""

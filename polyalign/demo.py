@@ -65,8 +65,7 @@ def _evaluate(tag: str, model_spec: str, out: Path, plan: DemoPlan, model: Any, 
     res = {}
     for task in ("builtin-harmful", "builtin-benign"):
         cfg = EvalConfig(model=model_spec, adapter=adapter, task=task, out=str(out / tag / task),
-                         languages=plan.eval_languages, limit=plan.eval_limit, max_new_tokens=plan.max_new_tokens,
-                         batch_size=16)
+                         languages=plan.eval_languages, limit=plan.eval_limit, max_new_tokens=plan.max_new_tokens)
         res[task] = run_eval(cfg, model=model, tokenizer=tok)
     return res
 

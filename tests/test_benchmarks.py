@@ -25,3 +25,12 @@ def test_decode_scaling_runs_on_tiny_model():
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith("batch ")]
     assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 4"] and "1.00x batch 1" in lines[0]
+
+
+def test_generation_batches_runs_on_tiny_model():
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "generation_batches.py"), "--model", "builtin:tiny-random",
+                          "--batches", "1,4", "--tokens", "8", "--continuous"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("generate")]
+    assert [line.split(":")[0] for line in lines] == ["generate batch 1", "generate batch 4", "generate_batch (continuous)"]
+    assert "8 prompts" in lines[0] and "32 prompts" in lines[1]

@@ -146,3 +146,14 @@ def test_benign_retain_uses_the_student_context_for_the_teacher(tmp_path):
     assert teacher[0] == student[0] and teacher[2] != student[2]
     off = MSDConfig(student_languages=["th", "sw"])
     assert not any(e["retain"] for e in build_msd_examples(recs[:3], off))
+
+
+def test_english_only_teacher_sees_the_english_query_alone(tmp_path):
+    from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE
+
+    trainer, _, tok = make_trainer(tmp_path, teacher_template=ENGLISH_ONLY_TEMPLATE)
+    rec = load_prompts("builtin:harmful", None, "train", 1)[0]
+    ex = build_msd_examples([rec], trainer.msd)
+    _, teacher = trainer._prompts(ex)
+    assert teacher[0] == prompt_ids(tok, rec.texts["en"])
+    assert teacher[0] != prompt_ids(tok, rec.texts["th"])

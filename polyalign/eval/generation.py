@@ -87,7 +87,7 @@ class GenerationCache:
 class HFGenerator:
     """Hugging Face ``generate`` in batches: chat template, left padding, KV cache, greedy."""
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16):
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32):
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
 
     def generate(self, texts: list[str], settings: GenerationSettings) -> list[str]:
@@ -155,7 +155,7 @@ def generate_cached(generator: Any, requests: list[GenRequest], settings: Genera
     cached = len(keyed) - len(todo)
     todo.sort(key=lambda kr: len(kr[1].text))      # similar lengths per batch: less padding
     done, tokens, start = 0, 0, time.perf_counter()
-    bs = getattr(generator, "batch_size", 16)
+    bs = getattr(generator, "batch_size", 32)
     for i in range(0, len(todo), bs):
         batch = todo[i:i + bs]
         outputs = generator.generate([r.text for _, r in batch], settings)

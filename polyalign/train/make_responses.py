@@ -26,7 +26,7 @@ from polyalign.eval.generation import (
 
 def make_responses(path: str, out: str | Path, model_spec: str, fmt: str | None = None,
                    languages: str | None = None, limit: int | None = None, max_new_tokens: int = 128,
-                   batch_size: int = 8) -> int:
+                   batch_size: int = 32) -> int:
     from polyalign.models import load_model, load_tokenizer
     from polyalign.models.loading import weights_fingerprint
 

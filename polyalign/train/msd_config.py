@@ -25,6 +25,11 @@ TEACHER_TEMPLATE = (
 # split, Qwen2.5-Coder-0.5B refused 0/8 benign and 5/8 harmful th/zh queries (docs/msd.md).
 SELECTIVE_TEMPLATE = "{target_query}\n\n(In English: {english_query})"
 
+# The teacher reads the English query only: its English behaviour, which is what the model is known
+# to get right, with no instruction to bias it (for a 0.5B model the selective template's teacher
+# refused only 6/12 harmful queries, this one 12/12, and 3/12 benign ones; docs/msd.md).
+ENGLISH_ONLY_TEMPLATE = "{english_query}"
+
 
 @dataclass
 class MSDConfig:
@@ -41,7 +46,8 @@ class MSDConfig:
         dpsw: Dual-Perspective Safety Weighting of tokens (on; helps in every setting of the paper).
         top_k: K of the teacher-entropy term (32; 16/32/64 searched, 32 best).
     Contexts:
-        teacher_template: the teacher's user turn, with ``{target_query}`` and ``{english_query}``.
+        teacher_template: the teacher's user turn; must contain ``{english_query}``, and
+            ``{target_query}`` where the teacher should also see the original query (the paper's).
         teacher_language: the language the teacher reads (en).
         student_languages: the target languages trained (paper: zh ar bn).
         max_prompt_tokens: longer prompts are cut from the left (keeps the end of the chat turn).
@@ -76,9 +82,8 @@ class MSDConfig:
             raise ValueError(f"top_k ({self.top_k}) and max_new_tokens ({self.max_new_tokens}) must be >= 1")
         if not (self.temperature >= 0 and 0 < self.top_p <= 1):
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
-        for key in ("{target_query}", "{english_query}"):
-            if key not in self.teacher_template:
-                raise ValueError(f"teacher_template must contain {key}")
+        if "{english_query}" not in self.teacher_template:
+            raise ValueError("teacher_template must contain {english_query}: the teacher's advantage is the English query")
         self.teacher_language = normalize_code(self.teacher_language)
         self.student_languages = [normalize_code(c) for c in self.student_languages]
         if self.teacher_language in self.student_languages:
