@@ -15,9 +15,9 @@ from polyalign.eval.generation import GenerationSettings, HFGenerator
 from polyalign.eval.judges import refusal_phrase
 from polyalign.eval.langid import in_language
 from polyalign.eval.tasks import builtin_benchmark
-from polyalign.train.msd_config import SELECTIVE_TEMPLATE, TEACHER_TEMPLATE
+from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE, SELECTIVE_TEMPLATE, TEACHER_TEMPLATE
 
-TEMPLATES = {"paper": TEACHER_TEMPLATE, "selective": SELECTIVE_TEMPLATE, "english-only": "{english_query}",
+TEMPLATES = {"paper": TEACHER_TEMPLATE, "selective": SELECTIVE_TEMPLATE, "english-only": ENGLISH_ONLY_TEMPLATE,
              "selective+lang": SELECTIVE_TEMPLATE + "\n\nAnswer in {target_language}.",
              "hint-first": "(English meaning: {english_query})\n\n{target_query}"}
 
