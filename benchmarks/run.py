@@ -7,13 +7,17 @@
 Prints one line per figure: ``ratio NAME VALUE`` (plus the raw numbers behind it).
 
 Baselines:
-* MSD step vs TRL: the same work -- LoRA student forward+backward on prompt+response, teacher
-  forward on its own context, reverse KL over the response tokens -- done the way TRL 1.16's stable
-  ``DistillationTrainer`` does it: a separate teacher model and TRL's own fused
-  ``_chunked_divergence_loss`` (beta=1.0 = reverse KL) over hidden states. Ours: the teacher is the
-  same network with the adapter disabled, and polyalign's chunked divergence over the response
-  logits only. Responses are fixed (generation is excluded from both) so only the step differs.
-  Each side runs in its own process so peak memory is its own.
+* MSD step vs TRL (headline): TRL's own self-distillation trainer, ``trl.experimental.sdft.SDFTTrainer``,
+  configured as MSD -- LoRA student, teacher = the student with its adapter disabled
+  (``teacher_model_kind="base"``) shown its own context, full-vocab reverse KL on the response
+  (``distillation_mode="full_logits"``, ``distillation_alpha=1.0``); its ``compute_loss`` on the fixed batch.
+* MSD step vs TRL's stable distillation trainer (``..._distillation``): the same work done the way
+  TRL 1.16's ``DistillationTrainer`` does it: a separate teacher model and TRL's fused
+  ``_chunked_divergence_loss`` (beta=1.0 = reverse KL) over hidden states.
+* Ours: the teacher is the same network with the adapter disabled, and polyalign's chunked
+  divergence over the response logits only. Responses are fixed (generation is excluded from every
+  side) so only the step differs. Peak memory: each side in its own process. Step time: all sides
+  in one process with their steps alternating, so a shared machine's drifting speed hits all alike.
 * MLC: TRL's DPOTrainer.training_step with the MLC term vs without it, same batch; headline on the
   official schedule (MLC term every 2nd step), plus the every-step cost.
 * Generation: evaluation's own path (``generate_cached``: length-sorted batches at ``HFGenerator``'s
@@ -61,8 +65,8 @@ def fixed_batch(tok, batch: int, resp_len: int, seed: int = 0):
     return student, teacher, responses
 
 
-def worker_msd(kind: str, model_spec: str, batch: int, resp_len: int, steps: int, profile: bool = False) -> dict:
-    """One side of the MSD comparison, in its own process."""
+def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
+    """One side of the MSD comparison: (step function, model FLOPs per step, tokens per step)."""
     from polyalign.models import LoraSettings, attach_lora, load_model, load_tokenizer
     from polyalign.train.batching import response_batch
 
@@ -70,10 +74,13 @@ def worker_msd(kind: str, model_spec: str, batch: int, resp_len: int, steps: int
     dtype = "bfloat16" if device == "cuda" else "float32"
     tok = load_tokenizer(model_spec)
     student_p, teacher_p, responses = fixed_batch(tok, batch, resp_len)
-    policy = attach_lora(load_model(model_spec, dtype=dtype, device=device), LoraSettings(r=16, alpha=32))
-    policy.train()
     s = {k: v.to(device) for k, v in response_batch(student_p, responses, tok.pad_token_id).items()}
     t = {k: v.to(device) for k, v in response_batch(teacher_p, responses, tok.pad_token_id).items()}
+    if kind == "trl_sdft":   # TRL builds its own LoRA student
+        policy, sdft, sdft_inputs = trl_sdft_side(model_spec, tok, student_p, teacher_p, responses, batch, device, dtype)
+    else:
+        policy = attach_lora(load_model(model_spec, dtype=dtype, device=device), LoraSettings(r=16, alpha=32))
+    policy.train()
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
     if kind == "trl":
         teacher = load_model(model_spec, dtype=dtype, device=device)   # TRL needs a separate teacher model
@@ -89,6 +96,8 @@ def worker_msd(kind: str, model_spec: str, batch: int, resp_len: int, steps: int
             with torch.no_grad(), policy.disable_adapter():
                 teacher_logits = response_logits(policy, t)
             loss = msd_loss(student_logits, teacher_logits, s["response_mask"], dpsw=False)
+        elif kind == "trl_sdft":
+            loss = sdft.compute_loss(policy, sdft_inputs)
         else:
             R = s["response_mask"].shape[1]
             hs = policy(input_ids=s["input_ids"], attention_mask=s["attention_mask"], position_ids=s["position_ids"],
@@ -103,25 +112,9 @@ def worker_msd(kind: str, model_spec: str, batch: int, resp_len: int, steps: int
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    step()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as tprofile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        with tprofile(activities=acts) as prof:
-            step()
-        sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=15), file=sys.stderr)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+
     n_tokens = int(s["attention_mask"].sum() + t["attention_mask"].sum())
     # Model FLOPs as in MFU accounting: N = non-embedding weights (the embedding is a lookup), 2N per
     # token forward (student + teacher), 2N per student token backward (input gradients through the
@@ -134,13 +127,93 @@ def worker_msd(kind: str, model_spec: str, batch: int, resp_len: int, steps: int
     head = emb.shape[0] * emb.shape[1]
     n_resp = int(s["response_mask"].sum())
     flops = 2 * n_params * (n_tokens + int(s["attention_mask"].sum())) + 3 * 2 * head * n_resp
+    return step, flops, n_tokens
+
+
+def worker_msd(kind: str, model_spec: str, batch: int, resp_len: int, steps: int, profile: bool = False) -> dict:
+    """One side of the MSD comparison in its own process, so its peak memory is its own."""
+    step, flops, n_tokens = msd_side(kind, model_spec, batch, resp_len)
+    step()  # warm-up; with steps=0 this one step is all (the caller wants peak memory only)
+    if not steps:
+        return {"peak_mb": peak_memory_mb()}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprofile
+
+        cuda = torch.cuda.is_available()
+        with tprofile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            step()
+        print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=15),
+              file=sys.stderr)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
     return {"seconds": sec, "tokens_per_second": n_tokens / sec, "peak_mb": peak_memory_mb(), "flops": flops}
 
 
-def run_worker(kind: str, args) -> dict:
+def worker_interleaved(kinds: list[str], model_spec: str, batch: int, resp_len: int, steps: int) -> dict:
+    """Step times of several sides in one process, their steps alternating (A B C A B C ...), so a
+    shared VM's drifting speed hits every side alike. Median seconds per side."""
+    sides = {k: msd_side(k, model_spec, batch, resp_len) for k in kinds}
+    for step, _, _ in sides.values():
+        step()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(steps):
+        for k, (step, _, _) in sides.items():
+            t0 = time.perf_counter()
+            step()
+            times[k].append(time.perf_counter() - t0)
+    return {k: {"seconds": statistics.median(v), "tokens_per_second": sides[k][2] / statistics.median(v),
+                "flops": sides[k][1]} for k, v in times.items()}
+
+
+def trl_sdft_side(model_spec: str, tok, student_p, teacher_p, responses, batch: int, device: str, dtype: str):
+    """TRL's own self-distillation trainer (``trl.experimental.sdft.SDFTTrainer``) set up as MSD:
+    the teacher is the student with its LoRA adapter disabled (``teacher_model_kind="base"``), it sees
+    its own context (the teacher template) before the same response, and the loss is the full-vocab
+    reverse KL (``distillation_mode="full_logits"``, ``distillation_alpha=1.0``). We call its
+    ``compute_loss`` on a fixed batch, so generation is excluded as on our side."""
+    import tempfile
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    from polyalign.models import LoraSettings, load_model
+    from polyalign.train.batching import left_pad
+
+    lora = LoraSettings(r=16, alpha=32)
+    cfg = SDFTConfig(output_dir=tempfile.mkdtemp(prefix="polyalign-bench-sdft-"), per_device_train_batch_size=batch,
+                     num_generations=1, teacher_model_kind="base", distillation_mode="full_logits",
+                     distillation_alpha=1.0, distillation_is_clip=None, gradient_checkpointing=False,
+                     bf16=dtype == "bfloat16", use_cpu=device == "cpu", report_to=[], seed=0)
+    data = Dataset.from_list([{"prompt": "x", "privileged_context": "y"}] * batch)   # unused: we pass the batch
+    trainer = SDFTTrainer(model=load_model(model_spec, dtype=dtype, device=device), args=cfg, train_dataset=data,
+                          processing_class=tok, peft_config=LoraConfig(
+                              r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    trainer.current_gradient_accumulation_steps = 1    # set by the train loop; we call compute_loss directly
+    policy = trainer.model
+    policy.train()
+    completion = torch.tensor(responses)
+    p_ids, p_mask, _ = left_pad(student_p, tok.pad_token_id)
+    t_ids, t_mask, _ = left_pad(teacher_p, tok.pad_token_id)
+    ones = torch.ones_like(completion)
+    inputs = {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": completion, "completion_mask": ones,
+              "teacher_input_ids": torch.cat([t_ids, completion], 1),
+              "teacher_attention_mask": torch.cat([t_mask, ones], 1)}
+    return policy, trainer, {k: v.to(device) for k, v in inputs.items()}
+
+
+MSD_SIDES = ["ours", "trl_sdft", "trl"]
+
+
+def run_worker(kind: str, args, steps: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--batch", str(args.batch),
-           "--resp-len", str(args.resp_len), "--steps", str(args.steps)]
+           "--resp-len", str(args.resp_len), "--steps", str(args.steps if steps is None else steps)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"worker {kind} failed:\n{res.stderr[-3000:]}")
@@ -249,23 +322,31 @@ def main() -> None:
     args = p.parse_args()
     args.batch = args.batch or (2 if args.quick else 4)
     args.resp_len = args.resp_len or (32 if args.quick else 64)
-    args.steps = args.steps or (2 if args.quick else 4)
+    args.steps = (2 if args.quick else 4) if args.steps is None else args.steps
+    if args.worker == "interleaved":
+        print(json.dumps(worker_interleaved(MSD_SIDES, args.model, args.batch, args.resp_len, args.steps)))
+        return
     if args.worker or args.profile:
         print(json.dumps(worker_msd(args.worker or "ours", args.model, args.batch, args.resp_len, args.steps,
                                     profile=args.profile)))
         return
     device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
     print(f"# model {args.model}, batch {args.batch}, response {args.resp_len} tokens, {args.steps} timed steps, {device}")
-    ours, trl = run_worker("ours", args), run_worker("trl", args)
+    memory = {k: run_worker(k, args, steps=0)["peak_mb"] for k in MSD_SIDES}   # one process per side
+    speed = run_worker("interleaved", args)                                  # one process, steps alternating
+    ours, sdft, dist = ({**speed[k], "peak_mb": memory[k]} for k in MSD_SIDES)
     print(f"# msd step: ours {ours['tokens_per_second']:.1f} tok/s, peak {ours['peak_mb']:.0f} MB; "
-          f"TRL-style {trl['tokens_per_second']:.1f} tok/s, peak {trl['peak_mb']:.0f} MB")
-    print(f"ratio msd_step_throughput_vs_trl {ours['tokens_per_second'] / trl['tokens_per_second']:.3f}")
-    print(f"ratio msd_peak_memory_vs_trl {ours['peak_mb'] / trl['peak_mb']:.3f}")
+          f"TRL SDFTTrainer {sdft['tokens_per_second']:.1f} tok/s, peak {sdft['peak_mb']:.0f} MB; "
+          f"TRL DistillationTrainer-style {dist['tokens_per_second']:.1f} tok/s, peak {dist['peak_mb']:.0f} MB")
+    print(f"ratio msd_step_throughput_vs_trl {ours['tokens_per_second'] / sdft['tokens_per_second']:.3f}")
+    print(f"ratio msd_peak_memory_vs_trl {ours['peak_mb'] / sdft['peak_mb']:.3f}")
+    print(f"ratio msd_step_throughput_vs_trl_distillation {ours['tokens_per_second'] / dist['tokens_per_second']:.3f}")
+    print(f"ratio msd_peak_memory_vs_trl_distillation {ours['peak_mb'] / dist['peak_mb']:.3f}")
     mm = matmul_flops()
     achieved = ours["flops"] / ours["seconds"]
     print(f"# msd step {achieved / 1e9:.1f} GFLOP/s; matmul {mm / 1e9:.1f} GFLOP/s")
     print(f"ratio train_flops_vs_matmul_peak {achieved / mm:.3f}")
-    mlc = bench_mlc(args.model, Path(args.shared), args.steps)
+    mlc = bench_mlc(args.model, Path(args.shared), 1 if args.quick else args.steps)   # quick: 2 timed steps each
     print(f"# dpo step: plain {mlc['plain']:.2f} s; with MLC every step {mlc['mlc_every1']:.2f} s, "
           f"on the official every-2nd-step schedule {mlc['mlc']:.2f} s (mean)")
     print(f"ratio mlc_step_time_vs_plain_dpo {mlc['mlc'] / mlc['plain']:.3f}")

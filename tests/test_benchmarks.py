@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-FIGURES = ["msd_step_throughput_vs_trl", "msd_peak_memory_vs_trl", "train_flops_vs_matmul_peak",
+FIGURES = ["msd_step_throughput_vs_trl", "msd_peak_memory_vs_trl", "msd_step_throughput_vs_trl_distillation",
+           "msd_peak_memory_vs_trl_distillation", "train_flops_vs_matmul_peak",
            "mlc_step_time_vs_plain_dpo", "mlc_step_time_vs_plain_dpo_every_step", "batched_vs_sequential_generation"]
 
 
@@ -34,3 +35,34 @@ def test_generation_batches_runs_on_tiny_model():
     lines = [line for line in res.stdout.splitlines() if line.startswith("generate")]
     assert [line.split(":")[0] for line in lines] == ["generate batch 1", "generate batch 4", "generate_batch (continuous)"]
     assert "8 prompts" in lines[0] and "32 prompts" in lines[1]
+
+
+def test_trl_sdft_baseline_computes_the_msd_loss():
+    """The TRL side of the headline MSD figure does the same work as ours: on the same batch, at LoRA
+    init (student = base), TRL's SDFTTrainer loss equals polyalign's reverse-KL MSD loss."""
+    import importlib.util
+
+    import torch
+
+    from polyalign.losses.msd import msd_loss
+    from polyalign.models import LoraSettings, attach_lora, load_model, load_tokenizer
+    from polyalign.train.batching import response_batch, response_logits
+
+    spec = importlib.util.spec_from_file_location("bench_run", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tok = load_tokenizer("builtin:tiny-random")
+    student_p, teacher_p, responses = bench.fixed_batch(tok, 3, 6)
+    policy, sdft, inputs = bench.trl_sdft_side("builtin:tiny-random", tok, student_p, teacher_p, responses, 3,
+                                               "cpu", "float32")
+    trl_loss = sdft.compute_loss(policy, inputs)
+
+    ours = attach_lora(load_model("builtin:tiny-random"), LoraSettings(r=16, alpha=32))
+    s = response_batch(student_p, responses, tok.pad_token_id)
+    t = response_batch(teacher_p, responses, tok.pad_token_id)
+    with torch.no_grad():
+        with ours.disable_adapter():
+            teacher_logits = response_logits(ours, t)
+        our_loss = msd_loss(response_logits(ours, s), teacher_logits, s["response_mask"], dpsw=False)
+    assert our_loss.item() > 1e-4
+    assert torch.allclose(trl_loss.detach(), our_loss, rtol=1e-4, atol=1e-6), (trl_loss.item(), our_loss.item())

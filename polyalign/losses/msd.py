@@ -4,9 +4,10 @@ Per sequence, over the L_y response positions t (mask True):
 
     L = (1 / L_y) * sum_t w~_t * D(p_S(. | x_tgt, y<t) || p_T(. | x_tgt, x*, C, y<t))
 
-D is computed over the full vocabulary in fp32 by :class:`_ChunkedDivergence`, which never keeps
-[N, V] intermediates for backward: the forward runs chunk by chunk under no_grad, and the
-backward recomputes each chunk and applies the closed-form gradient w.r.t. the student logits
+D is computed over the full vocabulary in fp32 by :class:`_ChunkedDivergence`, chunk by chunk so
+no [N, V] fp32 intermediates (log-softmaxes, probabilities) live beyond one chunk. Each chunk also
+yields the closed-form gradient w.r.t. the student logits, kept (in the logits' dtype) as the one
+[N, V] tensor saved for backward, which is then a multiply:
 
     dD/ds_j = p_S,j * (g_j - sum_i p_S,i g_i)      (chain rule through softmax)
 
@@ -51,6 +52,8 @@ def _divergence_rows(s: Tensor, t: Tensor, kind: str, beta: float, want_grad: bo
         return d, None
     if kind == "forward_kl":
         grad = ps - pt                                       # the -p_T/p_S form, simplified
+    elif kind == "reverse_kl":
+        grad = g.sub_(d[:, None]).mul_(ps)                   # sum_i p_S,i g_i is D itself; in place
     else:
         grad = ps * (g - (ps * g).sum(-1, keepdim=True))
     return d, grad
@@ -59,21 +62,22 @@ def _divergence_rows(s: Tensor, t: Tensor, kind: str, beta: float, want_grad: bo
 class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s: Tensor, t: Tensor, kind: str, beta: float, chunk: int) -> Tensor:  # s, t: [N, V]
+        want_grad = ctx.needs_input_grad[0]
         out = torch.empty(s.shape[0], dtype=_compute_dtype(s), device=s.device)
+        grad = torch.empty_like(s) if want_grad else None
         for i in range(0, s.shape[0], chunk):
-            out[i:i + chunk] = _divergence_rows(s[i:i + chunk], t[i:i + chunk], kind, beta, False)[0]
-        ctx.save_for_backward(s, t)
-        ctx.kind, ctx.beta, ctx.chunk = kind, beta, chunk
+            d, g = _divergence_rows(s[i:i + chunk], t[i:i + chunk], kind, beta, want_grad)
+            out[i:i + chunk] = d
+            if want_grad:                    # the gradient costs little more once log-softmaxes exist
+                grad[i:i + chunk] = g.to(s.dtype)
+        if want_grad:
+            ctx.save_for_backward(grad)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        s, t = ctx.saved_tensors
-        grad_s = torch.empty_like(s)
-        for i in range(0, s.shape[0], ctx.chunk):
-            _, g = _divergence_rows(s[i:i + ctx.chunk], t[i:i + ctx.chunk], ctx.kind, ctx.beta, True)
-            grad_s[i:i + ctx.chunk] = (grad_out[i:i + ctx.chunk, None] * g).to(s.dtype)
-        return grad_s, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out[:, None].to(grad.dtype), None, None, None, None
 
 
 def token_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str = "reverse_kl",
