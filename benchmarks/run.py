@@ -179,22 +179,18 @@ def trl_sdft_side(model_spec: str, tok, student_p, teacher_p, responses, batch: 
     import tempfile
 
     from datasets import Dataset
-    from peft import LoraConfig
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from polyalign.models import LoraSettings, load_model
+    from polyalign.models import LoraSettings, load_model, lora_config
     from polyalign.train.batching import left_pad
 
-    lora = LoraSettings(r=16, alpha=32)
     cfg = SDFTConfig(output_dir=tempfile.mkdtemp(prefix="polyalign-bench-sdft-"), per_device_train_batch_size=batch,
                      num_generations=1, teacher_model_kind="base", distillation_mode="full_logits",
                      distillation_alpha=1.0, distillation_is_clip=None, gradient_checkpointing=False,
                      bf16=dtype == "bfloat16", use_cpu=device == "cpu", report_to=[], seed=0)
     data = Dataset.from_list([{"prompt": "x", "privileged_context": "y"}] * batch)   # unused: we pass the batch
     trainer = SDFTTrainer(model=load_model(model_spec, dtype=dtype, device=device), args=cfg, train_dataset=data,
-                          processing_class=tok, peft_config=LoraConfig(
-                              r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+                          processing_class=tok, peft_config=lora_config(LoraSettings(r=16, alpha=32)))
     trainer.current_gradient_accumulation_steps = 1    # set by the train loop; we call compute_loss directly
     policy = trainer.model
     policy.train()

@@ -66,3 +66,10 @@ def test_trl_sdft_baseline_computes_the_msd_loss():
         our_loss = msd_loss(response_logits(ours, s), teacher_logits, s["response_mask"], dpsw=False)
     assert our_loss.item() > 1e-4
     assert torch.allclose(trl_loss.detach(), our_loss, rtol=1e-4, atol=1e-6), (trl_loss.item(), our_loss.item())
+
+
+def test_divergence_benchmark_runs():
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "divergence.py"), "--shape", "2,4,1000", "--reps", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert float(res.stdout.split("ratio divergence_time_vs_trl_sdft ")[1]) > 0

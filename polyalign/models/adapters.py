@@ -24,13 +24,19 @@ class LoraSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def attach_lora(model: Any, settings: LoraSettings | None = None):
-    from peft import LoraConfig, get_peft_model
+def lora_config(settings: LoraSettings | None = None):
+    """The PEFT ``LoraConfig`` for these settings (also what TRL trainers take as ``peft_config``)."""
+    from peft import LoraConfig
 
     s = settings or LoraSettings()
-    cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
-                     task_type="CAUSAL_LM", **s.extra)
-    return get_peft_model(model, cfg)
+    return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
+                      task_type="CAUSAL_LM", **s.extra)
+
+
+def attach_lora(model: Any, settings: LoraSettings | None = None):
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(settings))
 
 
 def is_peft(model: Any) -> bool:
