@@ -21,6 +21,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 Languages = Annotated[str | None, typer.Option(help="Comma-separated ISO 639-1 codes, e.g. 'th,sw,jv'.")]
+Dtype = Annotated[str | None, typer.Option(
+    help="auto | float32 | bfloat16 | float16. auto: bf16 on CUDA with bf16 or a CPU with AVX512-BF16/AMX, else fp32.")]
+Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N. auto: CUDA when present.")]
 
 
 @data_app.command("inspect")
@@ -135,11 +138,14 @@ def train(ctx: typer.Context,
           recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/msd_onpolicy.yaml.")],
           model: Annotated[str | None, typer.Option(help="Override the recipe's model spec.")] = None,
           output_dir: Annotated[Path | None, typer.Option(help="Override the recipe's output folder.")] = None,
-          resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the output folder.")] = False):
+          resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the output folder.")] = False,
+          dtype: Dtype = None):
     """Run a training recipe. Extra ``key=value`` arguments override recipe keys (dots for nesting)."""
     from polyalign.train.recipes import load_recipe, run_recipe
 
     overrides = list(ctx.args)
+    if dtype:
+        overrides.append(f"dtype={dtype}")
     if model:
         overrides.append(f"model={model}")
     if output_dir:
@@ -162,13 +168,15 @@ def eval_cmd(
     max_new_tokens: int = 128,
     batch_size: int = 32,
     backend: Annotated[str, typer.Option(help="hf | vllm")] = "hf",
+    dtype: Dtype = None,
+    device: Device = None,
 ):
     """Generate (resumable cache), judge, and write results.json, report.md and a per-language plot."""
     from polyalign.eval.runner import EvalConfig, run_eval
 
     cfg = EvalConfig(model=model, adapter=str(adapter) if adapter else None, task=task, data=data, judge=judge,
                      languages=languages, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                     backend=backend, out=str(out))
+                     backend=backend, out=str(out), dtype=dtype, device=device)
     results = run_eval(cfg)
     from polyalign.eval.report import print_results
 
@@ -203,22 +211,24 @@ def probe(model: Annotated[str, typer.Option(help="Model spec.")],
           adapter: Annotated[Path | None, typer.Option(help="Adapter folder to compare with the base model.")] = None,
           data: Annotated[str, typer.Option(help="Parallel source.")] = "builtin:harmful",
           languages: Languages = None, limit: int = 32, layer: int | None = None,
-          out: Annotated[Path | None, typer.Option(help="Also write the figures to this JSON file.")] = None):
+          out: Annotated[Path | None, typer.Option(help="Also write the figures to this JSON file.")] = None,
+          dtype: Dtype = None, device: Device = None):
     """Cross-language representation similarity (what MLC optimises) for a model, before vs after."""
     from polyalign.eval.probe import run_probe
 
     run_probe(model, str(adapter) if adapter else None, data, languages, limit, layer, console,
-              str(out) if out else None)
+              str(out) if out else None, dtype=dtype, device=device)
 
 
 @app.command("demo")
 def demo(quick: Annotated[bool, typer.Option(help="Smaller run (~5 min on 2 CPU cores).")] = False,
          model: Annotated[str, typer.Option(help="Model spec.")] = "builtin:qwen2.5-coder-0.5b-instruct",
-         out: Annotated[Path, typer.Option(help="Demo folder.")] = Path("runs/demo")):
+         out: Annotated[Path, typer.Option(help="Demo folder.")] = Path("runs/demo"),
+         dtype: Dtype = None):
     """Baseline eval -> MSD on-policy with LoRA -> eval -> report.md + PNG, on the built-in benchmark."""
     from polyalign.demo import run_demo
 
-    run_demo(model=model, out=out, quick=quick, console=console)
+    run_demo(model=model, out=out, quick=quick, console=console, dtype=dtype)
 
 
 @app.command("export")

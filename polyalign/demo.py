@@ -72,7 +72,7 @@ def _evaluate(tag: str, model_spec: str, out: Path, plan: DemoPlan, model: Any, 
 
 
 def run_demo(model: str = "builtin:qwen2.5-coder-0.5b-instruct", out: str | Path = "runs/demo", quick: bool = False,
-             console: Any = None, plan: DemoPlan | None = None) -> dict[str, Any]:
+             console: Any = None, plan: DemoPlan | None = None, dtype: str | None = None) -> dict[str, Any]:
     from rich.console import Console
 
     from polyalign.models import load_model, load_tokenizer
@@ -95,11 +95,12 @@ def run_demo(model: str = "builtin:qwen2.5-coder-0.5b-instruct", out: str | Path
         console.print(f"[green]{name}[/green] done in {timings[name]:.0f} s")
 
     recipe = demo_recipe(model, out, plan)
+    recipe.dtype = dtype
     atomic_write_text(out / "recipe.yaml", yaml.safe_dump(asdict(recipe), sort_keys=False, allow_unicode=True))
 
     t0 = stage("1/4 baseline evaluation")
     tok = load_tokenizer(model)
-    base = load_model(model)
+    base = load_model(model, dtype=dtype)
     before = _evaluate("baseline", model, out, plan, base, tok, None)
     done("baseline_eval", t0)
 
@@ -107,7 +108,7 @@ def run_demo(model: str = "builtin:qwen2.5-coder-0.5b-instruct", out: str | Path
     t0 = stage("2/4 MSD on-policy training (LoRA)")
     if (final / "adapter_config.json").exists():
         console.print(f"found {final}: training already finished, reusing the adapter")
-        trained = load_with_adapter(model, final)
+        trained = load_with_adapter(model, final, dtype=dtype)
     else:
         del base
         policy, tok = build_model(recipe)

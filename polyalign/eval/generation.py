@@ -28,6 +28,8 @@ class GenerationSettings:
     do_sample: bool = False        # greedy by default (the papers' evaluation protocol)
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int | None = None       # sampling only; None = whole vocabulary
+    repetition_penalty: float = 1.0  # never inherited from the model's generation_config
     system: str | None = None      # optional system prompt for the chat template
 
     def key(self) -> str:
@@ -94,6 +96,7 @@ class HFGenerator:
         import torch
 
         from polyalign.models.chat import render_prompt
+        from polyalign.models.sampling import explicit_generation, sampling_kwargs
 
         prompts = [render_prompt(self.tok, t, settings.system) for t in texts]
         old_side = self.tok.padding_side
@@ -103,13 +106,10 @@ class HFGenerator:
         finally:
             self.tok.padding_side = old_side
         device = next(self.model.parameters()).device
-        gen_kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
-                                      "pad_token_id": self.tok.pad_token_id, "use_cache": True}
-        if settings.do_sample:
-            gen_kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-        else:
-            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-        with torch.no_grad():
+        gen_kwargs = sampling_kwargs(settings.max_new_tokens, settings.do_sample, settings.temperature,
+                                     settings.top_p, settings.top_k, settings.repetition_penalty,
+                                     pad_token_id=self.tok.pad_token_id)
+        with torch.no_grad(), explicit_generation(self.model):
             out = self.model.generate(input_ids=enc["input_ids"].to(device),
                                       attention_mask=enc["attention_mask"].to(device), **gen_kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
@@ -141,7 +141,8 @@ class VLLMGenerator:
         from polyalign.models.chat import render_prompt
 
         params = SamplingParams(max_tokens=settings.max_new_tokens,
-                                temperature=settings.temperature if settings.do_sample else 0.0, top_p=settings.top_p)
+                                temperature=settings.temperature if settings.do_sample else 0.0, top_p=settings.top_p,
+                                top_k=settings.top_k or -1, repetition_penalty=settings.repetition_penalty)
         lora = LoRARequest("adapter", 1, self.adapter) if self.adapter else None
         outs = self.llm.generate([render_prompt(self.tok, t, settings.system) for t in texts], params, lora_request=lora)
         return [o.outputs[0].text.strip() for o in outs]

@@ -42,7 +42,8 @@ def similarity(reps: torch.Tensor, languages: list[str]) -> dict[str, Any]:
 
 
 def run_probe(model_spec: str, adapter: str | None, data: str, languages: str | None, limit: int,
-              layer: int | None, console: Any, out: str | None = None) -> dict[str, dict[str, Any]]:
+              layer: int | None, console: Any, out: str | None = None, dtype: str | None = None,
+              device: str | None = None) -> dict[str, dict[str, Any]]:
     import json
 
     from rich.table import Table
@@ -55,9 +56,10 @@ def run_probe(model_spec: str, adapter: str | None, data: str, languages: str | 
     records = [r for r in load_prompts(data, None, "all", None) if all(lang in r.texts for lang in langs)][:limit]
     prompts = [[r.texts[lang] for lang in langs] for r in records]
     tok = load_tokenizer(model_spec)
-    rows = {"base": similarity(representations(load_model(model_spec), tok, prompts, layer), langs)}
+    rows = {"base": similarity(representations(load_model(model_spec, dtype=dtype, device=device), tok, prompts,
+                                                 layer), langs)}
     if adapter:
-        model = load_with_adapter(model_spec, adapter)
+        model = load_with_adapter(model_spec, adapter, dtype=dtype, device=device)
         rows["adapter"] = similarity(representations(model, tok, prompts, layer), langs)
     others = [lang for lang in langs if lang != "en"] if "en" in langs else []
     table = Table(title=f"cross-language similarity, {len(prompts)} prompts x {len(langs)} languages")

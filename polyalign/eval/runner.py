@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,8 @@ class EvalConfig:
     backend: str = "hf"                  # hf | vllm
     system: str | None = None
     seed: int = 0
+    dtype: str | None = None             # None/auto: bf16 where the hardware does it fast, else fp32
+    device: str | None = None            # None/auto: CUDA when present, else CPU
 
 
 def select_requests(records: list[ParallelRecord], languages: list[str] | None, limit: int | None) -> list[GenRequest]:
@@ -83,19 +87,53 @@ def _progress():
                     TextColumn("{task.fields[rate]}"), transient=False)
 
 
+def _with_adapter(cfg: EvalConfig, model: Any) -> tuple[Any, bool]:
+    """The model that must generate for ``cfg``: (model, whether we wrapped it).
+
+    A passed-in model without PEFT gets ``cfg.adapter`` applied (and removed again afterwards); a
+    PEFT model must carry exactly that adapter's weights, else the run would describe other weights.
+    """
+    from polyalign.models.adapters import apply_adapter, carries_adapter, is_peft
+
+    if cfg.adapter is None:
+        return model, False
+    if not is_peft(model):
+        return apply_adapter(model, cfg.adapter), True
+    if not carries_adapter(model, cfg.adapter):
+        raise PolyalignError(f"the model passed to run_eval carries a different adapter than {cfg.adapter}; "
+                             "pass the base model (the adapter is applied) or the model trained into it")
+    return model, False
+
+
 def run_eval(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
-    """Run one evaluation; ``model``/``tokenizer`` may be passed in to reuse loaded weights."""
+    """Run one evaluation; ``model``/``tokenizer`` may be passed in to reuse loaded weights.
+
+    With ``cfg.adapter`` set, a passed-in base model gets the adapter for this run only, and a
+    passed-in PEFT model must carry that adapter (checked weight by weight)."""
     task = get_task(cfg.task)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     languages = parse_language_list(cfg.languages)
     records = task.load(cfg.data)
 
+    wrapped = False
     if model is None:
         from polyalign.models import load_tokenizer, load_with_adapter
 
         tokenizer = load_tokenizer(cfg.model)
-        model = None if cfg.backend == "vllm" else load_with_adapter(cfg.model, cfg.adapter)
+        if cfg.backend != "vllm":
+            model = load_with_adapter(cfg.model, cfg.adapter, dtype=cfg.dtype, device=cfg.device)
+    elif cfg.backend == "hf":
+        model, wrapped = _with_adapter(cfg, model)
+    try:
+        return _run_loaded(cfg, task, records, languages, model, tokenizer, out)
+    finally:
+        if wrapped:
+            model.unload()      # the caller's base model leaves exactly as it came in
+
+
+def _run_loaded(cfg: EvalConfig, task: Any, records: list[ParallelRecord], languages: list[str] | None,
+                model: Any, tokenizer: Any, out: Path) -> dict[str, Any]:
     if task.kind == "mmlu":
         return _run_mmlu(cfg, task, records, model, tokenizer, out)
 
@@ -110,23 +148,16 @@ def run_eval(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[
         fingerprint = f"vllm:{cfg.model}:{cfg.adapter}"
     elif cfg.backend == "hf":
         generator = HFGenerator(model, tokenizer, cfg.batch_size)
-        fingerprint = weights_fingerprint(model)
+        fingerprint = weights_fingerprint(model)       # what generates: base spec, dtype, adapter weights
     else:
         raise PolyalignError(f"unknown backend {cfg.backend!r}; use hf or vllm")
     cache = GenerationCache(out / "generations.jsonl")
-    merged = cfg.backend == "hf" and hasattr(model, "merge_adapter") and not getattr(model, "merged", False)
-    if merged:  # fold LoRA into the weights for generation (unmerged LoRA adds two matmuls per layer)
-        model.merge_adapter()
-    with _progress() as prog:
+    with _progress() as prog, merged_for_generation(model if cfg.backend == "hf" else None):
         bar = prog.add_task(f"generate {cfg.task}", total=None, rate="")
 
         def tick(done: int, total: int, rate: float) -> None:
             prog.update(bar, completed=done, total=total, rate=f"{rate:.1f} words/s")
-        try:
-            rows, generated, cached = generate_cached(generator, requests, settings, cache, fingerprint, tick)
-        finally:
-            if merged:
-                model.unmerge_adapter()
+        rows, generated, cached = generate_cached(generator, requests, settings, cache, fingerprint, tick)
 
     by_req = [(r, rows[k]) for r, k in zip(requests, rows)]
     judge = build_judge(cfg.judge, out / "verdicts.jsonl")
@@ -143,7 +174,8 @@ def run_eval(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[
         judged.append(item)
     atomic_write_text(out / "judged.jsonl", "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judged))
 
-    results = {"schema_version": SCHEMA_VERSION, "model": cfg.model, "adapter": cfg.adapter, "task": cfg.task,
+    results = {"schema_version": SCHEMA_VERSION, "model": cfg.model, **weights_provenance(cfg, model),
+               "task": cfg.task,
                "task_kind": task.kind, "task_version": task.version, "judge": getattr(judge, "name", cfg.judge),
                "judge_version": judge.version, "fingerprint": fingerprint, "generated": generated,
                "cached": cached, "settings": asdict(settings),
@@ -153,6 +185,38 @@ def run_eval(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[
 
     write_report(results, out)
     return results
+
+
+def weights_provenance(cfg: EvalConfig, model: Any) -> dict[str, Any]:
+    """What produced the outputs: adapter path and its file hash, dtype and device actually used."""
+    from polyalign.models.adapters import adapter_sha256
+    from polyalign.models.loading import model_dtype
+
+    info: dict[str, Any] = {"adapter": cfg.adapter,
+                            "adapter_sha256": adapter_sha256(cfg.adapter) if cfg.adapter else None}
+    if model is not None:
+        info["dtype"] = model_dtype(model)
+        info["device"] = str(next(model.parameters()).device)
+    else:  # vLLM: it picks its own dtype
+        info["dtype"] = cfg.dtype or "auto"
+    return info
+
+
+@contextlib.contextmanager
+def merged_for_generation(model: Any) -> Iterator[None]:
+    """Fold LoRA into the base weights while generating (an unmerged LoRA adds two small matmuls per
+    layer and a dtype cast of every activation when the adapter is fp32 and the base bf16), then
+    restore the adapter. Merged weights keep the base dtype."""
+    from polyalign.models.adapters import is_peft
+
+    if model is None or not is_peft(model) or getattr(model, "merged", False):
+        yield
+        return
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
 
 
 def aggregate(judged: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -200,8 +264,8 @@ def _run_mmlu(cfg: EvalConfig, task: Any, records: list[ParallelRecord], model: 
         prompt = mmlu_prompt(r.texts["en"], r.meta["choices"], shots.get(r.category, [])[:5], r.category)
         correct.append(mmlu_choice(model, tokenizer, prompt) == r.meta["answer"])
     lo, hi = metrics.bootstrap_ci(correct)
-    results = {"schema_version": SCHEMA_VERSION, "model": cfg.model, "adapter": cfg.adapter, "task": cfg.task,
-               "task_kind": "mmlu", "task_version": task.version, "judge": None, "generated": 0, "cached": 0,
+    results = {"schema_version": SCHEMA_VERSION, "model": cfg.model, **weights_provenance(cfg, model),
+               "task": cfg.task, "task_kind": "mmlu", "task_version": task.version, "judge": None, "generated": 0, "cached": 0,
                "languages": {"en": {"n": len(correct), "accuracy": metrics.share(correct), "accuracy_ci": [lo, hi]}},
                "summary": {"mean_accuracy": metrics.share(correct)}, "provenance": provenance(cfg)}
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))

@@ -78,21 +78,68 @@ def load_heads(ckpt: str | Path, heads: dict[str, Any]) -> None:
         mod.load_state_dict(sub, strict=True)
 
 
+def _check_adapter_folder(adapter: Path) -> None:
+    if not (adapter / "adapter_config.json").exists():
+        raise ModelError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+
+
 def load_with_adapter(base_spec: str, adapter: str | Path | None, dtype: str | None = None,
-                      trainable: bool = False):
-    """Base model + optional PEFT adapter folder (or a full checkpoint folder as the spec)."""
+                      trainable: bool = False, device: str | None = None):
+    """Base model + optional PEFT adapter folder (or a full checkpoint folder as the spec).
+
+    The adapter's weights stay in fp32 whatever the base dtype (PEFT's ``autocast_adapter_dtype``),
+    so a bf16 base trains an fp32 adapter with fp32 optimizer state."""
     from polyalign.models.loading import load_model
 
     if adapter is None:
-        return load_model(base_spec, dtype=dtype)
-    adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").exists():
-        raise ModelError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+        return load_model(base_spec, dtype=dtype, device=device)
+    return apply_adapter(load_model(base_spec, dtype=dtype, device=device), adapter, trainable)
+
+
+def apply_adapter(model: Any, adapter: str | Path, trainable: bool = False):
+    """Wrap a loaded base model with the adapter folder's LoRA weights (PEFT injects them in place)."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_model(base_spec, dtype=dtype), str(adapter), is_trainable=trainable)
-    model.config.polyalign_spec = base_spec
-    return model
+    adapter = Path(adapter)
+    _check_adapter_folder(adapter)
+    spec = getattr(model.config, "polyalign_spec", None)
+    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    peft_model.config.polyalign_spec = spec
+    return peft_model
+
+
+def adapter_sha256(adapter: str | Path) -> str:
+    """Hash of the adapter's weight file: names the exact adapter a result came from."""
+    import hashlib
+
+    adapter = Path(adapter)
+    files = sorted(adapter.glob("adapter_model.*"))
+    if not files:
+        raise ModelError(f"{adapter}: no adapter_model.safetensors (or .bin) in the adapter folder")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def carries_adapter(model: Any, adapter: str | Path, atol: float = 0.0) -> bool:
+    """True when ``model`` is a PEFT model whose active LoRA weights equal those saved in ``adapter``."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not is_peft(model):
+        return False
+    adapter = Path(adapter)
+    _check_adapter_folder(adapter)
+    f = adapter / "adapter_model.safetensors"
+    if not f.exists():
+        return False
+    saved = load_file(str(f))
+    live = get_peft_model_state_dict(model)
+    if set(saved) != set(live):
+        return False
+    return all(torch.allclose(saved[k].float(), live[k].detach().float().cpu(), atol=atol, rtol=0) for k in saved)
 
 
 def merge_adapter(model: Any):

@@ -87,14 +87,82 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False, padding_side: str
     return tok
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 matmuls run 3-4x
+    faster than fp32; without them oneDNN emulates bf16 and it is far *slower* than fp32 (measured
+    on an AVX2-only EPYC: 0.2 vs 81 GFLOP/s, benchmarks/run.py's matmul peak)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:          # not Linux: no cheap way to tell, stay on fp32
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def default_dtype() -> str:
+    """The dtype policy: bf16 where the hardware computes it fast, fp32 elsewhere.
+
+    CUDA with bf16 support (Ampere and newer) or a CPU with AVX512-BF16/AMX -> ``bfloat16``;
+    anything else -> ``float32`` (fp16 is never chosen for you: it overflows in training).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
+
+
+def resolve_dtype(dtype: str | None) -> str:
+    """``None`` or ``"auto"`` -> :func:`default_dtype`; otherwise a checked dtype name."""
+    if dtype in (None, "auto"):
+        return default_dtype()
+    aliases = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "float": "float32", "half": "float16"}
+    name = aliases.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)} (or bf16, fp32, fp16)")
+    return name
+
+
+def default_device() -> str:
+    """Where models go unless told otherwise: the first CUDA device, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | None) -> str:
+    """``None`` or ``"auto"`` -> :func:`default_device`; ``cuda`` without a GPU is a one-line error."""
+    import torch
+
+    if device in (None, "auto"):
+        return default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__})")
+    return device
+
+
+def model_dtype(model: Any) -> str:
+    """The dtype the model's weights are in (the base weights for a PEFT model), e.g. ``bfloat16``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return str(getattr(base, "dtype", next(base.parameters()).dtype)).removeprefix("torch.")
+
+
 def load_model(spec: str, dtype: str | None = None, trust_remote_code: bool = False, device: str | None = None):
-    """Causal LM for ``spec`` in ``dtype`` ("float32", "bfloat16", "float16"; default: float32 on CPU,
-    bfloat16 on GPU), in eval mode."""
+    """Causal LM for ``spec`` in eval mode, on ``device`` (default: CUDA when present, else CPU) in
+    ``dtype`` (default: :func:`default_dtype`, bf16 where the hardware does it fast)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    if dtype is None:
-        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
     torch_dtype = getattr(torch, dtype)
     r = resolve_spec(spec)
     if r.kind == "tiny":
@@ -112,15 +180,16 @@ def load_model(spec: str, dtype: str | None = None, trust_remote_code: bool = Fa
         if r.gguf_file:
             clear_quantization_flags(model)
     model.config.polyalign_spec = spec
-    if device:
+    if device != "cpu":
         model.to(device)
     return model.eval()
 
 
 def weights_fingerprint(model: Any) -> str:
-    """Short content hash of the trainable state (adapter) plus the base spec: keys the
+    """Short content hash of the trainable state (adapter), the base spec and the dtype: keys the
     evaluation cache, so different weights never share cached generations."""
     h = hashlib.sha256(str(getattr(model.config, "polyalign_spec", type(model).__name__)).encode())
+    h.update(model_dtype(model).encode())    # bf16 and fp32 greedy outputs differ: never share a cache
     state = model.state_dict()
     # LoRA adapters hold all that training changes; hash them fully. Base weights: sample a few
     # tensors (hashing 2 GB per eval is too slow) -- the spec above already names them.

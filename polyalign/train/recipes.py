@@ -146,16 +146,33 @@ def load_prompts(source: str, fmt: str | None, split: str, limit: int | None):
     return records[:limit] if limit else records
 
 
+def precision(r: Recipe) -> tuple[str, bool]:
+    """(dtype the weights load in, whether Trainer autocasts to bf16) for a recipe.
+
+    LoRA: the frozen base loads in the policy dtype (bf16 where fast) and the adapter with its
+    optimizer state stays fp32 (PEFT upcasts adapter weights), so no autocast is needed. Full
+    fine-tuning: the usual mixed precision, fp32 master weights and optimizer state with bf16
+    autocast, since AdamW updates on bf16 weights lose most small steps to rounding.
+    """
+    from polyalign.models.loading import resolve_dtype
+
+    dtype = resolve_dtype(r.dtype)
+    if r.lora is None and dtype == "bfloat16":
+        return "float32", True
+    return dtype, False
+
+
 def training_arguments(r: Recipe, resume_dir: str | None = None):
     """TrainingArguments with polyalign's defaults for a recipe (the recipe's values win)."""
     import torch
     from transformers import TrainingArguments
 
+    _, autocast_bf16 = precision(r)
     defaults: dict[str, Any] = {"output_dir": r.output_dir, "report_to": "none", "logging_steps": 1,
                                 "save_strategy": "steps", "save_steps": 10, "save_total_limit": 2,
                                 "seed": r.seed, "data_seed": r.seed, "per_device_train_batch_size": 4,
                                 "learning_rate": 2e-5, "max_steps": 10, "lr_scheduler_type": "constant",
-                                "use_cpu": not torch.cuda.is_available(), "bf16": torch.cuda.is_available(),
+                                "use_cpu": not torch.cuda.is_available(), "bf16": autocast_bf16,
                                 "dataloader_num_workers": 0, "disable_tqdm": False}
     return TrainingArguments(**{**defaults, **r.training})
 
@@ -164,7 +181,7 @@ def build_model(r: Recipe):
     from polyalign.models import attach_lora, load_model, load_tokenizer
 
     tok = load_tokenizer(r.model)
-    model = load_model(r.model, dtype=r.dtype)
+    model = load_model(r.model, dtype=precision(r)[0])
     model.train()
     if r.lora is not None:
         model = attach_lora(model, LoraSettings(**r.lora))
@@ -204,8 +221,12 @@ def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: An
         raise PolyalignError(f"--resume: no checkpoint-* folder in {r.output_dir}")
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     final = Path(r.output_dir) / "final"
-    save_checkpoint(trainer.accelerator.unwrap_model(trainer.model), final, tokenizer, heads=heads,
-                    info={"recipe": dataclasses.asdict(r)})
+    from polyalign.models.loading import model_dtype
+
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    save_checkpoint(policy, final, tokenizer, heads=heads,
+                    info={"recipe": dataclasses.asdict(r), "dtype": model_dtype(policy),
+                          "bf16_autocast": bool(args.bf16)})
     (final / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return final
 
