@@ -44,10 +44,11 @@ def _add(task: Task) -> None:
     TASKS.register(task.name, task)
 
 
-_add(Task("builtin-harmful", "safety", None, None, "1",
-          "polyalign's own mini benchmark: harmful requests in en + 8 languages", "harmful"))
-_add(Task("builtin-benign", "benign", None, None, "1",
-          "polyalign's own mini benchmark: benign requests in en + 8 languages (over-refusal)", "benign"))
+_add(Task("builtin-harmful", "safety", None, None, "2",
+          "polyalign's benchmark v2: 240 harmful requests (10 harm categories) in en + 8 languages", "harmful"))
+_add(Task("builtin-benign", "benign", None, None, "2",
+          "polyalign's benchmark v2: 256 benign requests (everyday, maths, facts, 96 borderline) in en + 8 "
+          "languages (over-refusal)", "benign"))
 _add(Task("multijail", "safety", "multijail", MULTIJAIL_HUB, "1", "MultiJail CSV (local path, or the hub)"))
 _add(Task("xsafety", "safety", "xsafety", None, "1", "XSafety raw folder"))
 _add(Task("pku-multilingual", "safety", "mlc-pku", None, "1", "MLC's multilingual PKU-SafeRLHF file"))
