@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from polyalign.data.records import ParallelRecord
 from polyalign.errors import PolyalignError
 from polyalign.models.adapters import LoraSettings
 from polyalign.train.msd_config import MSDConfig
@@ -25,12 +28,18 @@ from polyalign.train.msd_config import MSDConfig
 @dataclass
 class DataSettings:
     """Where prompts come from. ``builtin:harmful`` / ``builtin:benign`` are the package's own
-    benchmark (train split); any other value is a path the data layer reads."""
+    benchmark (train split); any other value is a path the data layer reads.
+
+    ``limit`` draws a stratified sample seeded by the recipe's ``seed``: the same number of prompts
+    from every category (as far as each has them), not the first N rows. Loaders return records
+    grouped by category, so ``records[:400]`` of XSafety was three categories out of fourteen.
+    """
 
     source: str = "builtin:harmful"
     format: str | None = None
     split: str = "train"             # hash split by prompt id (never leaks into dev/test)
-    limit: int | None = None         # first N prompts after splitting
+    limit: int | None = None         # N prompts, stratified over categories, seeded
+    category: list[str] | None = None  # keep only these record categories (None = all), before ``limit``
     benign_source: str | None = None  # benign prompts mixed in so the model keeps answering them
     benign_limit: int | None = None
 
@@ -129,7 +138,30 @@ def validate_recipe(r: Recipe, where: str) -> None:
         raise PolyalignError(f"{where}: training: unknown TrainingArguments field(s) {', '.join(unknown)}")
 
 
-def load_prompts(source: str, fmt: str | None, split: str, limit: int | None):
+def stratified_sample(records: list[ParallelRecord], limit: int, seed: int = 0) -> list[ParallelRecord]:
+    """``limit`` records drawn evenly across categories (round-robin over seeded shuffles), in
+    their original order. A category with fewer records than its share gives the rest to the others."""
+    if limit >= len(records):
+        return list(records)
+    rng = random.Random(seed)
+    groups: dict[str | None, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[r.category].append(i)
+    for idx in groups.values():
+        rng.shuffle(idx)
+    chosen: list[int] = []
+    queues = [iter(idx) for idx in groups.values()]
+    while len(chosen) < limit:               # one per category per round until the limit
+        for q in queues:
+            i = next(q, None)
+            if i is not None and len(chosen) < limit:
+                chosen.append(i)
+    return [records[i] for i in sorted(chosen)]
+
+
+def load_prompts(source: str, fmt: str | None, split: str, limit: int | None,
+                 categories: list[str] | None = None, seed: int = 0) -> list[ParallelRecord]:
+    """Records of ``source`` (split, then filtered to ``categories``, then a stratified ``limit``)."""
     from polyalign.data import load_source, split_records
 
     if source.startswith("builtin:"):
@@ -143,7 +175,14 @@ def load_prompts(source: str, fmt: str | None, split: str, limit: int | None):
         records = load_source(source, fmt)
         if split != "all":
             records = split_records(records)[split]
-    return records[:limit] if limit else records
+    if categories is not None:
+        known = {r.category for r in records}
+        missing = sorted(set(categories) - known)
+        if missing:
+            raise PolyalignError(f"{source}: no records of category {', '.join(missing)}; "
+                                 f"categories: {', '.join(sorted(map(str, known)))}")
+        records = [r for r in records if r.category in categories]
+    return stratified_sample(records, limit, seed) if limit else records
 
 
 def training_arguments(r: Recipe, resume_dir: str | None = None):
@@ -181,9 +220,9 @@ def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: An
     if model is None:
         model, tokenizer = build_model(r)
     args = training_arguments(r)
-    records = load_prompts(r.data.source, r.data.format, r.data.split, r.data.limit)
+    records = load_prompts(r.data.source, r.data.format, r.data.split, r.data.limit, r.data.category, r.seed)
     if r.data.benign_source:
-        records = records + load_prompts(r.data.benign_source, None, r.data.split, r.data.benign_limit)
+        records = records + load_prompts(r.data.benign_source, None, r.data.split, r.data.benign_limit, seed=r.seed)
     heads: dict[str, Any] = {}
     if r.method == "msd":
         from polyalign.train.msd_trainer import MSDTrainer, build_msd_examples
