@@ -157,3 +157,24 @@ def test_english_only_teacher_sees_the_english_query_alone(tmp_path):
     _, teacher = trainer._prompts(ex)
     assert teacher[0] == prompt_ids(tok, rec.texts["en"])
     assert teacher[0] != prompt_ids(tok, rec.texts["th"])
+
+
+def test_sampling_ignores_the_models_generation_config(tmp_path):
+    """y ~ q as configured: a checkpoint's repetition penalty / top_k / no-repeat-ngram must not
+    reach training-time sampling (they did: only temperature and top_p were overridden)."""
+    trainer, model, tok = make_trainer(tmp_path)
+    prompts = [prompt_ids(tok, "How do I bake bread?"), prompt_ids(tok, "Piye carane gawe roti?")]
+
+    def sample():
+        torch.manual_seed(0)
+        return trainer.sample_responses(model, prompts, from_teacher=False)
+    clean = sample()
+    gc = model.generation_config
+    gc.repetition_penalty, gc.top_k, gc.no_repeat_ngram_size, gc.min_p = 1.3, 3, 1, 0.2
+    assert sample() == clean
+    # the settings above do change what generate() samples when they are not overridden
+    ids, mask, _ = left_pad(prompts, tok.pad_token_id)
+    torch.manual_seed(0)
+    raw = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=1.0,
+                         top_p=1.0, top_k=None, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].tolist()
+    assert [r[: len(c)] for r, c in zip(raw, clean)] != clean

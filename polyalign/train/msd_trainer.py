@@ -28,6 +28,7 @@ from polyalign.models.adapters import is_peft
 from polyalign.models.chat import prompt_ids
 from polyalign.train.batching import left_pad, response_batch, response_logits, trim_generation
 from polyalign.train.msd_config import MSDConfig
+from polyalign.train.sampling import sampling_kwargs
 
 
 def build_msd_examples(records: list[ParallelRecord], cfg: MSDConfig) -> list[dict[str, str]]:
@@ -101,16 +102,19 @@ class MSDTrainer(Trainer):
                 yield model
 
     @torch.no_grad()
-    def sample_responses(self, model: Any, prompts: list[list[int]], from_teacher: bool) -> list[list[int]]:
-        """y ~ q: on-policy from the current student, off-policy from the frozen teacher. Stops at EOS."""
+    def sample_responses(self, model: Any, prompts: list[list[int]], from_teacher: bool,
+                         greedy: bool = False, max_new_tokens: int | None = None) -> list[list[int]]:
+        """y ~ q: on-policy from the current student, off-policy from the frozen teacher. Stops at EOS.
+
+        Every generation setting is explicit (:func:`sampling_kwargs`): the model's own
+        ``generation_config`` (a repetition penalty, top_k, ...) must not change q.
+        ``greedy`` / ``max_new_tokens`` override the config (the teacher-gating probe).
+        """
         tok = self.processing_class
         ids, mask, _ = left_pad(prompts, tok.pad_token_id)
         device = self.accelerator.device
-        greedy = self.msd.temperature == 0
-        kwargs = {"max_new_tokens": self.msd.max_new_tokens, "do_sample": not greedy,
-                  "temperature": None if greedy else self.msd.temperature, "top_p": None if greedy else self.msd.top_p,
-                  "top_k": None, "pad_token_id": tok.pad_token_id, "use_cache": True,
-                  "eos_token_id": sorted(self.eos_ids)}
+        kwargs = sampling_kwargs(max_new_tokens or self.msd.max_new_tokens, 0.0 if greedy else self.msd.temperature,
+                                 self.msd.top_p, tok.pad_token_id, sorted(self.eos_ids))
         ctx = self.teacher_context(model) if from_teacher else contextlib.nullcontext(model)
         with ctx as gen_model:
             gen_model = self.accelerator.unwrap_model(gen_model)
