@@ -264,3 +264,31 @@ def test_bucketed_representations_equal_one_padded_forward():
     assert torch.allclose(reps, expect, atol=1e-5)
     mlc_loss(reps).backward()
     assert head.proj.weight.grad is not None and model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("paradigm", ["sft", "dpo"])
+def test_mlc_term_is_scaled_like_the_base_loss_under_accumulation(shared, tmp_path, paradigm):
+    """Official schedule (every 2) with 2 accumulation steps: one optimizer step's gradient on the head
+    (which only L_MLC reaches) is that of lambda x the mean L_MLC over the window, for SFT (whose TRL
+    loss is normalised over the whole window) as for DPO (a per-micro-batch mean)."""
+    from polyalign.train.mlc_trainer import build_mlc_trainer
+
+    r = recipe(shared, tmp_path, paradigm, every=2)
+    r.training.update(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    model, tok = build_model(r)
+    trainer = build_mlc_trainer(r, model, tok, load_prompts(r.data.source, None, "all", 4), training_arguments(r))
+    batches = [trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in idx]))
+               for idx in ((0, 1), (2, 3))]
+    n_items = trainer._get_num_items_in_batch(batches, torch.device("cpu"))
+    trainer.current_gradient_accumulation_steps = 2          # as the training loop sets it
+    assert trainer.mlc_term.active(trainer.state.global_step)  # step 0: the MLC term is on
+    model.train()
+    head = trainer.mlc_head.proj.weight
+    for b in batches:
+        trainer.training_step(model, dict(b), n_items)
+    got = head.grad.clone()
+    head.grad = None
+    mlcs = [mlc_loss(prompt_representations(model, trainer.mlc_head, {k: v for k, v in b.items() if k.startswith("mlc_")},
+                                            None)) for b in batches]
+    (0.8 * sum(mlcs) / 2).backward()
+    torch.testing.assert_close(got, head.grad, rtol=1e-4, atol=1e-7)

@@ -14,17 +14,17 @@ singular-value share and the mean pairwise cosine between languages.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from typing import Any
 
 import torch
 
 from polyalign.data.records import ParallelRecord
-from polyalign.losses.mlc import MLCHead, mean_pairwise_cosine, mlc_loss, top_singular_share
 from polyalign.models.chat import prompt_ids
-from polyalign.train.batching import left_pad, length_buckets
 from polyalign.train.mlc_config import MLCConfig
+from polyalign.train.mlc_term import MLCTerm, accumulation_scale, prompt_representations, variant_inputs
 from polyalign.train.preference_trainer import reference_free_trainer_class
+
+__all__ = ["MLCCollator", "MLCMixin", "build_mlc_trainer", "mlc_rows", "prompt_representations"]
 
 HEAD_FILE = "mlc_head.pt"
 
@@ -39,32 +39,8 @@ class MLCCollator:
         variants = [ids for ex in examples for ids in ex["mlc_prompt_ids"]]      # B * L prompts
         n_lang = len(examples[0]["mlc_prompt_ids"])
         batch = self.base([{k: v for k, v in ex.items() if k != "mlc_prompt_ids"} for ex in examples])
-        ids, mask, pos = left_pad(variants, self.pad_token_id)
-        batch.update(mlc_input_ids=ids, mlc_attention_mask=mask, mlc_position_ids=pos,
-                     mlc_num_languages=torch.tensor(n_lang))
+        batch.update(variant_inputs(variants, n_lang, self.pad_token_id))
         return batch
-
-
-def prompt_representations(model: Any, head: MLCHead, inputs: dict[str, Any], layer: int | None) -> torch.Tensor:
-    """[B, L, D]: layer-k hidden state at each variant's last prompt token, through the head.
-
-    Variants run in length buckets (:func:`length_buckets`): left padding keeps each row's real
-    tokens at the right end, so a bucket is the last ``m`` columns of its rows.
-    """
-    ids, mask, pos = inputs["mlc_input_ids"], inputs["mlc_attention_mask"], inputs["mlc_position_ids"]
-    lengths = mask.sum(-1).tolist()
-    rows, states = [], []
-    for group in length_buckets(lengths):
-        m = max(lengths[i] for i in group)
-        idx = torch.tensor(group, device=ids.device)
-        out = model(input_ids=ids[idx, -m:], attention_mask=mask[idx, -m:], position_ids=pos[idx, -m:],
-                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        states.append(out.hidden_states[-1 if layer is None else layer][:, -1])   # last column = last token
-        rows.extend(group)
-    h = torch.cat(states)[torch.argsort(torch.tensor(rows, device=ids.device))]  # back to collator order
-    L = int(inputs["mlc_num_languages"])
-    r = head(h)                                                                   # [B*L, D]
-    return r.view(-1, L, r.shape[-1])
 
 
 class MLCMixin:
@@ -72,12 +48,9 @@ class MLCMixin:
 
     def setup_mlc(self, mlc_config: MLCConfig, hidden_size: int) -> None:
         self.mlc = mlc_config
-        self.mlc_head = MLCHead(hidden_size, mlc_config.dim, mlc_config.projection, seed=self.args.seed).to(self.args.device)
-        # The head is a submodule of the policy, so the optimizer, DDP/DeepSpeed and device moves
-        # all see it without special cases. PEFT leaves modules added after wrapping trainable.
-        self.model.mlc_head = self.mlc_head
+        self.mlc_term = MLCTerm(mlc_config, self.model, hidden_size, self.args.seed, self.args.device)
+        self.mlc_head = self.mlc_term.head
         self.data_collator = MLCCollator(self.data_collator, self.processing_class.pad_token_id)
-        self._mlc_metrics: dict[str, list[float]] = defaultdict(list)
 
     def _set_signature_columns_if_needed(self):
         # Keep the prompt-variant column when the trainer drops columns the model does not take.
@@ -90,27 +63,20 @@ class MLCMixin:
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
-        # Official schedule: the MLC term on every `every`-th optimizer step (step 0 included).
-        if model.training and self.mlc.weight > 0 and self.state.global_step % self.mlc.every == 0:
-            # The unwrapped module: a second forward through the DDP wrapper before one backward is
-            # not allowed; gradients still reach every parameter and DDP reduces them once.
-            reps = prompt_representations(self.accelerator.unwrap_model(model), self.mlc_head, mlc_inputs,
-                                          self.mlc.layer)
-            l_mlc = mlc_loss(reps, self.mlc.tau)
-            loss = loss + self.mlc.weight * l_mlc
-            self._mlc_metrics["mlc/loss"].append(float(l_mlc.detach()))
-            self._mlc_metrics["mlc/top_singular_share"].append(float(top_singular_share(reps.detach())))
-            self._mlc_metrics["mlc/pairwise_cosine"].append(float(mean_pairwise_cosine(reps.detach())))
+        if model.training and self.mlc_term.active(self.state.global_step):
+            # Scaled like the base loss under gradient accumulation (TRL's SFT loss is normalised
+            # over the whole window; without this lambda was effectively weight x steps).
+            loss = loss + self.mlc_term(self.accelerator.unwrap_model(model), mlc_inputs,
+                                        accumulation_scale(self, num_items_in_batch))
         elif model.training and self.accelerator.num_processes > 1:
             # DDP reduces every parameter every step: on steps without the MLC term the head joins
             # with an exactly-zero gradient (single-process runs skip this, as the official code does).
-            loss = loss + 0.0 * sum(p.sum() for p in self.mlc_head.parameters())
+            loss = loss + self.mlc_term.zero()
         return (loss, result[1]) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._mlc_metrics and "loss" in logs:
-            logs.update({k: round(sum(v) / len(v), 6) for k, v in self._mlc_metrics.items()})
-            self._mlc_metrics.clear()
+        if self.mlc_term.metrics and "loss" in logs:
+            self.mlc_term.flush(logs)
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial):
