@@ -9,6 +9,7 @@ the gradient-accumulation scale and the metrics live here once.
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,8 @@ import torch
 from polyalign.losses.mlc import MLCHead, mean_pairwise_cosine, mlc_loss, top_singular_share
 from polyalign.train.batching import left_pad, length_buckets
 from polyalign.train.mlc_config import MLCConfig
+
+HEAD_FILE = "mlc_head.pt"
 
 
 def variant_inputs(variants: list[list[int]], num_languages: int, pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -100,3 +103,12 @@ class MLCTerm:
         """Mean of each metric since the last log into ``logs``."""
         logs.update({k: round(sum(v) / len(v), 6) for k, v in self.metrics.items()})
         self.metrics.clear()
+
+    def save(self, checkpoint: Path) -> None:
+        """Trainer saves only the adapter for PEFT models: the head goes next to it for --resume."""
+        torch.save(self.head.state_dict(), Path(checkpoint) / HEAD_FILE)
+
+    def load(self, checkpoint: Path) -> None:
+        f = Path(checkpoint) / HEAD_FILE
+        if f.exists():
+            self.head.load_state_dict(torch.load(f, map_location=next(self.head.parameters(), torch.empty(0)).device))

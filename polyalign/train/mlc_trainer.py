@@ -16,17 +16,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
-
 from polyalign.data.records import ParallelRecord
 from polyalign.models.chat import prompt_ids
 from polyalign.train.mlc_config import MLCConfig
-from polyalign.train.mlc_term import MLCTerm, accumulation_scale, prompt_representations, variant_inputs
+from polyalign.train.mlc_term import (
+    HEAD_FILE,
+    MLCTerm,
+    accumulation_scale,
+    prompt_representations,
+    variant_inputs,
+)
 from polyalign.train.preference_trainer import reference_free_trainer_class
 
-__all__ = ["MLCCollator", "MLCMixin", "build_mlc_trainer", "mlc_rows", "prompt_representations"]
-
-HEAD_FILE = "mlc_head.pt"
+__all__ = ["HEAD_FILE", "MLCCollator", "MLCMixin", "build_mlc_trainer", "mlc_rows", "prompt_representations"]
 
 
 class MLCCollator:
@@ -84,14 +86,11 @@ class MLCMixin:
         super()._save_checkpoint(model, trial)
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        path = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        torch.save(self.mlc_head.state_dict(), os.path.join(path, HEAD_FILE))
+        self.mlc_term.save(os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        f = os.path.join(resume_from_checkpoint, HEAD_FILE)
-        if os.path.exists(f):
-            self.mlc_head.load_state_dict(torch.load(f, map_location=self.args.device))
+        self.mlc_term.load(resume_from_checkpoint)
 
 
 def _trl_classes():

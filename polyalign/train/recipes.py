@@ -2,6 +2,7 @@
 
 A recipe has ``method`` (msd | mlc), ``model``, ``output_dir``, ``data``, the method's section,
 ``lora`` (omit or null for full fine-tuning) and ``training`` (any ``TrainingArguments`` field).
+An ``msd`` recipe may also have an ``mlc`` section: MSD + MLC in one objective (:func:`msd_mlc_config`).
 ``key=value`` overrides use dots for nesting (``msd.mode=off_policy``); a bare key that is not a
 top-level field is looked up in ``training`` (``max_steps=30``). Unknown keys are errors.
 """
@@ -125,7 +126,8 @@ def validate_recipe(r: Recipe, where: str) -> None:
     if r.method not in ("msd", "mlc"):
         raise PolyalignError(f"{where}: method must be msd or mlc, got {r.method!r}")
     if r.method == "msd":
-        _strict(MSDConfig, r.msd, f"{where}: msd")
+        msd = _strict(MSDConfig, r.msd, f"{where}: msd")
+        msd_mlc_config(r.mlc, msd, where)
     else:
         from polyalign.train.mlc_config import MLCConfig
 
@@ -157,6 +159,24 @@ def stratified_sample(records: list[ParallelRecord], limit: int, seed: int = 0) 
             if i is not None and len(chosen) < limit:
                 chosen.append(i)
     return [records[i] for i in sorted(chosen)]
+
+
+MSD_MLC_KEYS = ("weight", "every", "tau", "layer", "projection", "dim")
+
+
+def msd_mlc_config(values: dict[str, Any] | None, msd: MSDConfig, where: str = "recipe") -> Any:
+    """An ``msd`` recipe's ``mlc`` section -> MLCConfig (None without one): the MLC term over the batch's
+    prompts in the teacher language and every student language. Only the term's own settings
+    (:data:`MSD_MLC_KEYS`) are allowed: the alignment loss is MSD and the languages are MSD's."""
+    if not values:
+        return None
+    from polyalign.train.mlc_config import MLCConfig
+
+    unused = sorted(set(values) - set(MSD_MLC_KEYS))
+    if unused:
+        raise PolyalignError(f"{where}: mlc: {', '.join(unused)} not used with method msd; allowed: "
+                             f"{', '.join(MSD_MLC_KEYS)}")
+    return _strict(MLCConfig, {**values, "languages": [msd.teacher_language, *msd.student_languages]}, f"{where}: mlc")
 
 
 def load_prompts(source: str, fmt: str | None, split: str, limit: int | None,
@@ -232,7 +252,9 @@ def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: An
         if not examples:
             raise PolyalignError(f"no (student, {cfg.teacher_language}) prompt pairs in {r.data.source} for "
                                  f"student languages {cfg.student_languages}")
-        trainer = MSDTrainer(model, args, cfg, examples, tokenizer)
+        trainer = MSDTrainer(model, args, cfg, examples, tokenizer, mlc_config=msd_mlc_config(r.mlc, cfg))
+        if trainer.mlc_term is not None:
+            heads = {"mlc_head": trainer.mlc_term.head}
     else:
         from polyalign.train.mlc_trainer import build_mlc_trainer
 
