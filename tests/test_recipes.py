@@ -90,3 +90,30 @@ def test_xsafety_limit_covers_every_category(shared):
 
     got = Counter(r.category for r in load_prompts(str(shared / "xsafety"), None, "train", 400))
     assert len(got) == 14 and max(got.values()) - min(got.values()) <= 1
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.name.startswith("msd")], ids=lambda p: p.name)
+def test_msd_recipes_with_benign_prompts_make_sure_they_are_answered(path):
+    """A recipe that mixes in benign prompts "so the model keeps answering them" must not distil them
+    from a teacher that refuses them (the paper's template does, for a small model): gating keeps only
+    those the teacher answers, or they get a target of their own and a nonzero weight."""
+    from polyalign.train.msd_config import MSDConfig
+
+    r = load_recipe(path)
+    cfg = MSDConfig(**(r.msd or {}))
+    if r.data.benign_source:
+        assert cfg.teacher_gating or cfg.benign_target != "teacher", path.name
+        assert cfg.benign_weight > 0, path.name
+
+
+def test_msd_mlc_recipe_and_unused_mlc_keys():
+    from polyalign.train.msd_config import MSDConfig
+    from polyalign.train.recipes import msd_mlc_config
+
+    path = next(p for p in RECIPES if p.name == "msd_mlc.yaml")
+    r = load_recipe(path)
+    cfg = msd_mlc_config(r.mlc, MSDConfig(**r.msd))
+    assert r.method == "msd" and cfg.languages == ["en", "zh", "ar", "bn"] and cfg.weight == 0.8
+    with pytest.raises(PolyalignError, match="paradigm not used with method msd"):
+        load_recipe(path, ["mlc.paradigm=dpo"])
+    assert msd_mlc_config(None, MSDConfig()) is None
