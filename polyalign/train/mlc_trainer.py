@@ -14,9 +14,10 @@ singular-value share and the mean pairwise cosine between languages.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
-from polyalign.data.records import ParallelRecord
+from polyalign.data.records import BENIGN_CATEGORIES, ParallelRecord
 from polyalign.models.chat import prompt_ids
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.mlc_term import (
@@ -108,30 +109,52 @@ def _trl_classes():
     return MLCDPOTrainer, MLCSFTTrainer, MLCPreferenceTrainer
 
 
-def mlc_rows(records: list[ParallelRecord], cfg: MLCConfig, tokenizer: Any) -> list[dict[str, Any]]:
+def mlc_rows(records: list[ParallelRecord], cfg: MLCConfig, tokenizer: Any,
+             benign_answers: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Rows for TRL (conversational prompt/chosen/rejected or prompt/completion) + ``mlc_prompt_ids``.
 
     Records need an English prompt, the English response(s) in ``meta`` (``chosen``/``rejected`` for
-    DPO, ``output`` for SFT) and the prompt in every language of ``cfg.languages``.
+    DPO, ``output`` for SFT) and the prompt in every language of ``cfg.languages``. With
+    ``cfg.benign_pairs``, benign records get chosen = their helpful answer (``benign_answers[id]``
+    for ``benign_chosen: own``, else ``meta``) and rejected = ``cfg.benign_rejected``.
     """
     rows = []
     for r in records:
         if any(lang not in r.texts for lang in cfg.languages):
             continue
+        meta = r.meta
+        if cfg.benign_pairs and r.category in BENIGN_CATEGORIES:
+            answer = (benign_answers or {}).get(r.id) if cfg.benign_chosen == "own" else \
+                meta.get("output", meta.get("chosen"))
+            if not answer:
+                continue
+            meta = {"output": answer, "chosen": answer, "rejected": cfg.benign_rejected}
         row: dict[str, Any] = {"prompt": [{"role": "user", "content": r.texts["en"]}],
                                "mlc_prompt_ids": [prompt_ids(tokenizer, r.texts[lang])[-cfg.max_length:]
                                                   for lang in cfg.languages]}
         if cfg.paradigm == "sft":
-            if "output" not in r.meta:
+            if "output" not in meta:
                 continue
-            row["completion"] = [{"role": "assistant", "content": r.meta["output"]}]
+            row["completion"] = [{"role": "assistant", "content": meta["output"]}]
         else:
-            if "chosen" not in r.meta or "rejected" not in r.meta:
+            if "chosen" not in meta or "rejected" not in meta:
                 continue
-            row["chosen"] = [{"role": "assistant", "content": r.meta["chosen"]}]
-            row["rejected"] = [{"role": "assistant", "content": r.meta["rejected"]}]
+            row["chosen"] = [{"role": "assistant", "content": meta["chosen"]}]
+            row["rejected"] = [{"role": "assistant", "content": meta["rejected"]}]
         rows.append(row)
     return rows
+
+
+def benign_answers(cfg: MLCConfig, model: Any, tokenizer: Any, records: list[ParallelRecord],
+                   output_dir: str) -> dict[str, str] | None:
+    """The model's own English answers to the benign records (``benign_pairs`` with ``benign_chosen: own``)."""
+    benign = [r for r in records if r.category in BENIGN_CATEGORIES and all(c in r.texts for c in cfg.languages)]
+    if not (cfg.benign_pairs and cfg.benign_chosen == "own" and benign):
+        return None
+    from polyalign.train.make_responses import own_english_answers
+
+    return own_english_answers(model, tokenizer, benign, Path(output_dir) / "benign_answers.jsonl",
+                               cfg.benign_max_new_tokens)
 
 
 def build_mlc_trainer(recipe: Any, model: Any, tokenizer: Any, records: list[ParallelRecord], args: Any) -> Any:
@@ -144,9 +167,13 @@ def build_mlc_trainer(recipe: Any, model: Any, tokenizer: Any, records: list[Par
     from polyalign.errors import PolyalignError
 
     cfg = MLCConfig(**(recipe.mlc or {}))
-    rows = mlc_rows(records, cfg, tokenizer)
+    rows = mlc_rows(records, cfg, tokenizer, benign_answers(cfg, model, tokenizer, records, args.output_dir))
     if not rows:
         raise PolyalignError(f"no rows with English responses and prompts in all of {cfg.languages}")
+    n_benign = sum(r.category in BENIGN_CATEGORIES for r in records if all(c in r.texts for c in cfg.languages))
+    if cfg.benign_pairs and not n_benign:
+        raise PolyalignError(f"mlc.benign_pairs: no benign records with prompts in all of {cfg.languages} "
+                             "(set data.benign_source, e.g. builtin:benign, and languages it has)")
     MLCDPOTrainer, MLCSFTTrainer, MLCPreferenceTrainer = _trl_classes()
     base = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     base["remove_unused_columns"] = False

@@ -36,10 +36,6 @@ ENGLISH_ONLY_TEMPLATE = "{english_query}"
 # the paper's template, which asks for it in a sentence in the middle), and 24/24 in the query's
 # language when the turn ends with this line: the instruction nearest the answer is the one obeyed.
 LANGUAGE_HINT = "\n\nAnswer in {target_language}."
-
-# Record categories that are benign requests: the built-in benchmark's ``benign`` and XSafety's
-# ``commonsense`` (its helpfulness control set).
-BENIGN_CATEGORIES = ("benign", "commonsense")
 BENIGN_TARGETS = ("teacher", "english", "retain")
 
 
@@ -67,7 +63,7 @@ class MSDConfig:
         language_hint: end the teacher's user turn with "Answer in <language>." (:data:`LANGUAGE_HINT`)
             so its distribution, which the student copies, stays in the query's language (off; the
             trainer logs ``fidelity/<lang>``, the share of sampled responses in the query's language).
-    Benign prompts (record category in :data:`BENIGN_CATEGORIES`; all of our choice):
+    Benign prompts (category in :data:`polyalign.data.records.BENIGN_CATEGORIES`; all of our choice):
         benign_target: what the student learns on them.
             ``teacher``: the same teacher context as harmful prompts (default, the paper's setup).
             ``english``: the frozen model shown the English query alone (plus the language hint when

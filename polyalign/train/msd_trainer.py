@@ -26,7 +26,7 @@ import torch
 from transformers import Trainer
 
 from polyalign.data.languages import get_language
-from polyalign.data.records import ParallelRecord, atomic_write_text
+from polyalign.data.records import BENIGN_CATEGORIES, ParallelRecord, atomic_write_text
 from polyalign.errors import PolyalignError
 from polyalign.eval.judges import refusal_phrase
 from polyalign.eval.langid import in_language
@@ -42,7 +42,7 @@ from polyalign.models.chat import prompt_ids
 from polyalign.train.batching import left_pad, response_batch, response_logits, trim_generation
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.mlc_term import MLCTerm, accumulation_scale, variant_inputs
-from polyalign.train.msd_config import BENIGN_CATEGORIES, ENGLISH_ONLY_TEMPLATE, LANGUAGE_HINT, MSDConfig
+from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE, LANGUAGE_HINT, MSDConfig
 from polyalign.train.sampling import sampling_kwargs
 
 log = logging.getLogger(__name__)
