@@ -32,9 +32,11 @@ SELECTIVE_TEMPLATE = "{target_query}\n\n(In English: {english_query})"
 ENGLISH_ONLY_TEMPLATE = "{english_query}"
 
 # Appended to the teacher's user turn by ``language_hint``. The teacher probe (docs/msd.md) found a
-# 0.5B teacher shown the English query answers in English (0/24 answers in the query's language with
-# the paper's template, which asks for it in a sentence in the middle), and 24/24 in the query's
-# language when the turn ends with this line: the instruction nearest the answer is the one obeyed.
+# 0.5B teacher shown the English query answers in English: 0/24 answers in the query's language with
+# the paper's template (which asks for it mid-instruction), 1/24 with the selective one, and 24/24
+# with the selective one ending in this line. The student copies the teacher's distribution, so a
+# teacher answering in the query's language is the simplest language-faithful target; the trainer
+# logs ``fidelity/<lang>`` to measure it.
 LANGUAGE_HINT = "\n\nAnswer in {target_language}."
 BENIGN_TARGETS = ("teacher", "english", "retain")
 
