@@ -249,16 +249,20 @@ class MSDTrainer(Trainer):
         benign = torch.tensor([e["benign"] for e in examples], device=device)
         seq_weight = torch.where(benign, self.msd.benign_weight, 1.0)
         loss = weighted_mean_over_valid(per_seq, valid, seq_weight, student_logits)
-        if self.mlc_term is not None and model.training and self.mlc_term.active(self.state.global_step):
-            mlc_inputs = self._mlc_inputs(examples)
-            if mlc_inputs is not None:
-                loss = loss + self.mlc_term(self.accelerator.unwrap_model(model), mlc_inputs,
-                                            accumulation_scale(self, num_items_in_batch))
-        elif self.mlc_term is not None and model.training and self.accelerator.num_processes > 1:
-            loss = loss + self.mlc_term.zero()                 # DDP: every parameter gets a gradient each step
+        if self.mlc_term is not None and model.training:
+            loss = loss + self._mlc(model, examples, num_items_in_batch)
         self._record(examples, responses, d.detach(), raw, mask, per_seq.detach(), valid, benign,
                      time.perf_counter() - start)
         return (loss, {"student_logits": student_logits}) if return_outputs else loss
+
+    def _mlc(self, model: Any, examples: list[dict[str, Any]], num_items_in_batch: Any) -> torch.Tensor | float:
+        """lambda * L_MLC on its schedule (scaled like the MSD loss under accumulation), else 0."""
+        inputs = self._mlc_inputs(examples) if self.mlc_term.active(self.state.global_step) else None
+        if inputs is not None:
+            return self.mlc_term(self.accelerator.unwrap_model(model), inputs, accumulation_scale(self, num_items_in_batch))
+        # DDP reduces every parameter every step: the head joins with an exactly-zero gradient (a single
+        # process skips it: a zero gradient would still move the head through AdamW's moments and decay).
+        return self.mlc_term.zero() if self.accelerator.num_processes > 1 else 0.0
 
     def _mlc_inputs(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor] | None:
         """The ``mlc_*`` batch: each distinct prompt of the batch (harmful and benign) in English and
