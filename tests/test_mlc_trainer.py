@@ -264,3 +264,71 @@ def test_bucketed_representations_equal_one_padded_forward():
     assert torch.allclose(reps, expect, atol=1e-5)
     mlc_loss(reps).backward()
     assert head.proj.weight.grad is not None and model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("paradigm", ["sft", "dpo"])
+def test_mlc_term_is_scaled_like_the_base_loss_under_accumulation(shared, tmp_path, paradigm):
+    """Official schedule (every 2) with 2 accumulation steps: one optimizer step's gradient on the head
+    (which only L_MLC reaches) is that of lambda x the mean L_MLC over the window, for SFT (whose TRL
+    loss is normalised over the whole window) as for DPO (a per-micro-batch mean)."""
+    from polyalign.train.mlc_trainer import build_mlc_trainer
+
+    r = recipe(shared, tmp_path, paradigm, every=2)
+    r.training.update(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    model, tok = build_model(r)
+    trainer = build_mlc_trainer(r, model, tok, load_prompts(r.data.source, None, "all", 4), training_arguments(r))
+    batches = [trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in idx]))
+               for idx in ((0, 1), (2, 3))]
+    n_items = trainer._get_num_items_in_batch(batches, torch.device("cpu"))
+    trainer.current_gradient_accumulation_steps = 2          # as the training loop sets it
+    assert trainer.mlc_term.active(trainer.state.global_step)  # step 0: the MLC term is on
+    model.train()
+    head = trainer.mlc_head.proj.weight
+    for b in batches:
+        trainer.training_step(model, dict(b), n_items)
+    got = head.grad.clone()
+    head.grad = None
+    mlcs = [mlc_loss(prompt_representations(model, trainer.mlc_head, {k: v for k, v in b.items() if k.startswith("mlc_")},
+                                            None)) for b in batches]
+    (0.8 * sum(mlcs) / 2).backward()
+    torch.testing.assert_close(got, head.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("paradigm", ["dpo", "sft"])
+def test_benign_pairs_add_benign_prompts_with_a_helpful_chosen_answer(tmp_path, paradigm):
+    """MLC's PKU data has no benign prompts: benign_pairs adds builtin:benign rows whose chosen answer is
+    the model's own English answer (cached) and whose rejected answer is a refusal."""
+    from polyalign.data.records import ParallelRecord
+    from polyalign.train.make_responses import own_english_answers
+    from polyalign.train.mlc_config import BENIGN_REFUSAL
+    from polyalign.train.mlc_trainer import build_mlc_trainer
+
+    langs = ["en", "zh", "sw"]
+    harmful = [ParallelRecord(f"h{i}", {c: f"how to hurt {i} ({c})" for c in langs}, "harmful",
+                              {"chosen": "No.", "rejected": "Sure.", "output": "No."}) for i in range(2)]
+    benign = load_prompts("builtin:benign", None, "train", 2)
+
+    def trainer(pairs):
+        r = Recipe(method="mlc", model="builtin:tiny-random", output_dir=str(tmp_path / f"{paradigm}{pairs}"),
+                   mlc={"paradigm": paradigm, "languages": langs, "dim": 16, "benign_pairs": pairs,
+                        "benign_max_new_tokens": 6},
+                   lora={"r": 4, "alpha": 8}, training={"max_steps": 1, "per_device_train_batch_size": 4})
+        model, tok = build_model(r)
+        return build_mlc_trainer(r, model, tok, harmful + benign, training_arguments(r)), model, tok, r
+    off, *_ = trainer(False)
+    assert len(off.train_dataset) == 2                                  # benign records were skipped
+    on, model, tok, r = trainer(True)
+    assert len(on.train_dataset) == 4
+    own = own_english_answers(model, tok, benign, tmp_path / "check.jsonl", 6)
+    rows = [on.train_dataset[i] for i in (2, 3)]
+    if paradigm == "dpo":
+        assert [row["chosen"][-1]["content"] for row in rows] == [own[b.id] for b in benign]
+        assert {row["rejected"][-1]["content"] for row in rows} == {BENIGN_REFUSAL}
+    else:
+        assert [row["completion"][-1]["content"] for row in rows] == [own[b.id] for b in benign]
+    assert (tmp_path / f"{paradigm}True" / "benign_answers.jsonl").exists()
+    on.train()                                                          # a step runs on the mixed batch
+    assert any("mlc/loss" in h for h in on.state.log_history)
+    with pytest.raises(Exception, match="benign_pairs: no benign records"):
+        r2 = Recipe(**{**r.__dict__, "output_dir": str(tmp_path / "none")})
+        build_mlc_trainer(r2, model, tok, harmful, training_arguments(r2))

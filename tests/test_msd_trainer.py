@@ -15,15 +15,21 @@ from polyalign.train.recipes import DataSettings, Recipe, load_prompts, run_reci
 SPEC = "builtin:tiny-random"
 
 
-def make_trainer(tmp_path, mode="on_policy", steps=4, lr=1e-2, **msd):
+def make_trainer(tmp_path, mode="on_policy", steps=4, lr=1e-2, records=None, mlc_config=None, batch=2, **msd):
     model = attach_lora(load_model(SPEC), LoraSettings(r=4, alpha=8))
     model.train()
     tok = load_tokenizer(SPEC)
-    cfg = MSDConfig(mode=mode, student_languages=["th", "sw"], max_new_tokens=8, **msd)
-    examples = build_msd_examples(load_prompts("builtin:harmful", None, "train", 4), cfg)
+    cfg = MSDConfig(mode=mode, student_languages=msd.pop("student_languages", ["th", "sw"]), max_new_tokens=8, **msd)
+    examples = build_msd_examples(records or load_prompts("builtin:harmful", None, "train", 4), cfg)
     r = Recipe(method="msd", model=SPEC, output_dir=str(tmp_path / "out"),
-               training={"max_steps": steps, "learning_rate": lr, "per_device_train_batch_size": 2})
-    return MSDTrainer(model, training_arguments(r), cfg, examples, tok), model, tok
+               training={"max_steps": steps, "learning_rate": lr, "per_device_train_batch_size": batch})
+    return MSDTrainer(model, training_arguments(r), cfg, examples, tok, mlc_config=mlc_config), model, tok
+
+
+def mixed_records(n: int = 2):
+    """n harmful then n benign train prompts of the built-in benchmark."""
+    recs = load_prompts("builtin:all", None, "train", None)
+    return [r for r in recs if r.category == "harmful"][:n] + [r for r in recs if r.category == "benign"][:n]
 
 
 def test_config_validation():
@@ -136,16 +142,115 @@ def test_resume_reproduces_the_next_loss(tmp_path):
     assert again[-2:] == pytest.approx(losses[-2:], rel=1e-5)
 
 
-def test_benign_retain_uses_the_student_context_for_the_teacher(tmp_path):
-    trainer, model, tok = make_trainer(tmp_path, benign_retain=True)
-    recs = load_prompts("builtin:all", None, "train", None)
-    ex = build_msd_examples([r for r in recs if r.category == "benign"][:1] + [r for r in recs if r.category == "harmful"][:1],
-                            trainer.msd)
-    assert [e["retain"] for e in ex] == [True, True, False, False]
+def test_benign_targets_choose_the_teacher_context(tmp_path):
+    from polyalign.train.msd_config import TEACHER_TEMPLATE
+
+    recs = mixed_records(1)
+    trainer, model, tok = make_trainer(tmp_path, records=recs, benign_target="retain")
+    ex = trainer.train_dataset
+    assert [(e["benign"], e["lang"]) for e in ex] == [(False, "th"), (False, "sw"), (True, "th"), (True, "sw")]
     student, teacher = trainer._prompts(ex)
-    assert teacher[0] == student[0] and teacher[2] != student[2]
-    off = MSDConfig(student_languages=["th", "sw"])
-    assert not any(e["retain"] for e in build_msd_examples(recs[:3], off))
+    assert teacher[2] == student[2] and teacher[0] != student[0]            # retain: the student's own context
+    trainer.msd.benign_target = "english"
+    _, teacher = trainer._prompts(ex)
+    assert teacher[2] == prompt_ids(tok, recs[1].texts["en"])                 # the English query alone
+    assert teacher[0] == prompt_ids(tok, TEACHER_TEMPLATE.format(target_query=recs[0].texts["th"],
+                                                                 english_query=recs[0].texts["en"]))
+    with pytest.warns(FutureWarning, match="benign_retain"):
+        assert MSDConfig(benign_retain=True).benign_target == "retain"
+    with pytest.raises(ValueError, match="benign_target"):
+        MSDConfig(benign_target="nobody")
+
+
+def test_benign_weight_scales_the_benign_term_and_logs_it_apart(tmp_path):
+    """benign_target english is nonzero at initialisation (retain is exactly 0); benign_weight 0 vs 1
+    changes the loss; loss/harmful and loss/benign are logged."""
+    trainer, model, tok = make_trainer(tmp_path, records=mixed_records(1), benign_target="english", batch=4)
+    batch = {"examples": list(trainer.train_dataset)}
+
+    def loss(**change):
+        for k, v in change.items():
+            setattr(trainer.msd, k, v)
+        torch.manual_seed(0)
+        trainer._metrics.clear()
+        return float(trainer.compute_loss(model, batch))
+    full, none = loss(benign_weight=1.0), loss(benign_weight=0.0)
+    assert none < full and none == pytest.approx(loss(benign_weight=0.0))
+    logs = {"loss": none}
+    loss(benign_weight=1.0)
+    trainer.log(logs)
+    assert logs["loss/benign"] > 0 and logs["loss/harmful"] > 0
+    # the harmful term alone, over all 4 rows: the benign rows still count in the denominator
+    assert none == pytest.approx(logs["loss/harmful"] * 2 / 4, rel=1e-4)
+    loss(benign_target="retain", benign_weight=1.0)
+    trainer.log(logs := {"loss": 0.0})
+    assert logs["loss/benign"] == pytest.approx(0.0, abs=1e-6)                # retain: no signal at the start
+
+
+def test_language_hint_asks_the_teacher_for_the_query_language(tmp_path):
+    trainer, model, tok = make_trainer(tmp_path, records=mixed_records(1), language_hint=True, batch=4)
+    ex = trainer.train_dataset
+    assert all("\n\nAnswer in " in trainer.teacher_text(e) for e in ex)
+    assert trainer.teacher_text(ex[0]).endswith("Answer in Thai.") and trainer.teacher_text(ex[1]).endswith("Swahili.")
+    hinted = trainer._prompts(ex)[1]
+    trainer.msd.language_hint = False
+    assert all(a != b for a, b in zip(hinted, trainer._prompts(ex)[1]))
+    torch.manual_seed(0)
+    trainer.compute_loss(model, {"examples": list(ex)})
+    trainer.log(logs := {"loss": 0.0})
+    assert {"fidelity/th", "fidelity/sw"} <= set(logs)                          # measured every step
+
+
+def test_teacher_gating_keeps_harmful_refused_and_benign_answered(tmp_path, monkeypatch):
+    """Stubbed teacher: refuses the first harmful and the first benign prompt, answers the others."""
+    recs = mixed_records(2)
+    refuse = {recs[0].texts["en"], recs[2].texts["en"]}
+    calls = []
+
+    def fake_sample(self, model, prompts, from_teacher, greedy=False, max_new_tokens=None):
+        assert from_teacher and greedy and max_new_tokens == 32
+        calls.append(len(prompts))
+        texts = [tok.decode(p) for p in prompts]
+        answers = ["I'm sorry, but I can't help with that." if any(q in t for q in refuse) else "Sure: first, ..."
+                   for t in texts]
+        return [tok.encode(a, add_special_tokens=False) for a in answers]
+    tok = load_tokenizer(SPEC)
+    monkeypatch.setattr(MSDTrainer, "sample_responses", fake_sample)
+    trainer, _, _ = make_trainer(tmp_path, records=recs, student_languages=["th"], teacher_gating=True,
+                                 benign_target="english")
+    kept = [(e["prompt_id"], e["benign"]) for e in trainer.train_dataset]
+    assert kept == [(recs[0].id, False), (recs[3].id, True)]
+    assert trainer._once == {"gate/th/kept": 2.0, "gate/th/dropped_harmful_answered": 1.0,
+                             "gate/th/dropped_benign_refused": 1.0}
+    assert sum(calls) == 4 and (tmp_path / "out" / "teacher_gate.json").exists()
+    trainer2, _, _ = make_trainer(tmp_path, records=recs, student_languages=["th"], teacher_gating=True,
+                                  benign_target="english")
+    assert sum(calls) == 4 and len(trainer2.train_dataset) == 2                # answers read from the cache
+    trainer2.log(logs := {"loss": 1.0})
+    assert logs["gate/th/kept"] == 2.0
+
+
+def test_msd_mlc_logs_the_mlc_loss_and_lowers_it(tmp_path):
+    """MSD + lambda x MLC over the batch's prompts (harmful and benign, en + every student language)."""
+    from polyalign.losses import mlc_loss
+    from polyalign.train.mlc_config import MLCConfig
+    from polyalign.train.mlc_term import prompt_representations
+
+    mlc = MLCConfig(languages=["en", "th", "sw"], weight=1.0, every=1, dim=16)
+    trainer, model, tok = make_trainer(tmp_path, records=mixed_records(2), mlc_config=mlc, steps=8, lr=2e-2, batch=4)
+    assert model.mlc_head is trainer.mlc_term.head
+    inputs = trainer._mlc_inputs(list(trainer.train_dataset))
+    assert inputs["mlc_input_ids"].shape[0] == 4 * 3                          # 4 prompts x (en, th, sw)
+
+    def measure():
+        with torch.no_grad():
+            return float(mlc_loss(prompt_representations(model, trainer.mlc_term.head, inputs, None)))
+    head = trainer.mlc_term.head.proj.weight.detach().clone()
+    before = measure()
+    trainer.train()
+    assert measure() < before
+    assert not torch.equal(head, trainer.mlc_term.head.proj.weight)
+    assert any("mlc/loss" in h and "loss/benign" in h for h in trainer.state.log_history)
 
 
 def test_english_only_teacher_sees_the_english_query_alone(tmp_path):
@@ -157,3 +262,24 @@ def test_english_only_teacher_sees_the_english_query_alone(tmp_path):
     _, teacher = trainer._prompts(ex)
     assert teacher[0] == prompt_ids(tok, rec.texts["en"])
     assert teacher[0] != prompt_ids(tok, rec.texts["th"])
+
+
+def test_sampling_ignores_the_models_generation_config(tmp_path):
+    """y ~ q as configured: a checkpoint's repetition penalty / top_k / no-repeat-ngram must not
+    reach training-time sampling (they did: only temperature and top_p were overridden)."""
+    trainer, model, tok = make_trainer(tmp_path)
+    prompts = [prompt_ids(tok, "How do I bake bread?"), prompt_ids(tok, "Piye carane gawe roti?")]
+
+    def sample():
+        torch.manual_seed(0)
+        return trainer.sample_responses(model, prompts, from_teacher=False)
+    clean = sample()
+    gc = model.generation_config
+    gc.repetition_penalty, gc.top_k, gc.no_repeat_ngram_size, gc.min_p = 1.3, 3, 1, 0.2
+    assert sample() == clean
+    # the settings above do change what generate() samples when they are not overridden
+    ids, mask, _ = left_pad(prompts, tok.pad_token_id)
+    torch.manual_seed(0)
+    raw = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=1.0,
+                         top_p=1.0, top_k=None, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].tolist()
+    assert [r[: len(c)] for r, c in zip(raw, clean)] != clean

@@ -46,3 +46,74 @@ def test_scientific_notation_is_a_float(tmp_path):
     assert load_recipe(path).training["learning_rate"] == 2e-5
     r = load_recipe(path, ["learning_rate=1e-4", "mlc.beta=5E-2", "run_name=1e3x"])
     assert r.training["learning_rate"] == 1e-4 and r.mlc["beta"] == 0.05 and r.training["run_name"] == "1e3x"
+
+
+def _records(counts: dict[str, int]):
+    from polyalign.data.records import ParallelRecord
+
+    return [ParallelRecord(id=f"{c}/{i}", texts={"en": f"{c} {i}"}, category=c)
+            for c, n in counts.items() for i in range(n)]
+
+
+def test_limit_is_a_seeded_stratified_sample():
+    """Loaders group records by category: the first N rows would be the first categories only."""
+    from collections import Counter
+
+    from polyalign.train.recipes import stratified_sample
+
+    recs = _records({"a": 10, "b": 10, "c": 2})
+    got = stratified_sample(recs, 9, seed=0)
+    assert Counter(r.category for r in got) == {"a": 4, "b": 3, "c": 2} or \
+        Counter(r.category for r in got) == {"a": 3, "b": 4, "c": 2}
+    assert [r.id for r in got] == [r.id for r in stratified_sample(recs, 9, seed=0)]      # seeded
+    assert [r.id for r in got] != [r.id for r in stratified_sample(recs, 9, seed=1)]
+    assert [r.id for r in got] == sorted((r.id for r in got), key=[x.id for x in recs].index)   # original order
+    assert stratified_sample(recs, 50) == recs
+
+
+def test_category_filter_and_unknown_category(tmp_path):
+    from polyalign.data.records import write_records
+    from polyalign.train.recipes import load_prompts
+
+    path = tmp_path / "p.jsonl"
+    write_records(path, _records({"a": 4, "b": 4}))
+    assert {r.category for r in load_prompts(str(path), None, "all", None, ["b"])} == {"b"}
+    with pytest.raises(PolyalignError, match="no records of category z"):
+        load_prompts(str(path), None, "all", None, ["z"])
+
+
+def test_xsafety_limit_covers_every_category(shared):
+    """The recipes' XSafety limit of 400 used to be Crimes, Ethics and Goal_Hijacking only."""
+    from collections import Counter
+
+    from polyalign.train.recipes import load_prompts
+
+    got = Counter(r.category for r in load_prompts(str(shared / "xsafety"), None, "train", 400))
+    assert len(got) == 14 and max(got.values()) - min(got.values()) <= 1
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.name.startswith("msd")], ids=lambda p: p.name)
+def test_msd_recipes_with_benign_prompts_make_sure_they_are_answered(path):
+    """A recipe that mixes in benign prompts "so the model keeps answering them" must not distil them
+    from a teacher that refuses them (the paper's template does, for a small model): gating keeps only
+    those the teacher answers, or they get a target of their own and a nonzero weight."""
+    from polyalign.train.msd_config import MSDConfig
+
+    r = load_recipe(path)
+    cfg = MSDConfig(**(r.msd or {}))
+    if r.data.benign_source:
+        assert cfg.teacher_gating or cfg.benign_target != "teacher", path.name
+        assert cfg.benign_weight > 0, path.name
+
+
+def test_msd_mlc_recipe_and_unused_mlc_keys():
+    from polyalign.train.msd_config import MSDConfig
+    from polyalign.train.recipes import msd_mlc_config
+
+    path = next(p for p in RECIPES if p.name == "msd_mlc.yaml")
+    r = load_recipe(path)
+    cfg = msd_mlc_config(r.mlc, MSDConfig(**r.msd))
+    assert r.method == "msd" and cfg.languages == ["en", "zh", "ar", "bn"] and cfg.weight == 0.8
+    with pytest.raises(PolyalignError, match="paradigm not used with method msd"):
+        load_recipe(path, ["mlc.paradigm=dpo"])
+    assert msd_mlc_config(None, MSDConfig()) is None

@@ -19,6 +19,10 @@ from typing import Any
 from polyalign.data.languages import normalize_code
 from polyalign.errors import DataError
 
+# Record categories that are benign requests (training treats them apart): the built-in benchmark's
+# ``benign`` and XSafety's ``commonsense`` (its helpfulness control set).
+BENIGN_CATEGORIES = ("benign", "commonsense")
+
 
 @dataclass
 class ParallelRecord:

@@ -168,3 +168,13 @@ def msd_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, kind:
     """Mean over sequences with at least one response position; gradient reaches the student only."""
     per_seq, valid = msd_per_sequence(student_logits, teacher_logits, mask, kind, beta, dpsw, top_k)
     return mean_over_valid(per_seq, valid, student_logits)
+
+
+def weighted_mean_over_valid(per_seq: Tensor, valid: Tensor, seq_weight: Tensor, student_logits: Tensor) -> Tensor:
+    """sum_b c_b * loss_b / #valid over valid rows: ``seq_weight`` c [B] (e.g. ``benign_weight`` on benign
+    rows, 1 elsewhere) scales a row's term without changing the denominator, so c = 1 everywhere is
+    :func:`mean_over_valid` and c_b = 0 removes row b's gradient and nothing else."""
+    if not valid.any():
+        return (student_logits.sum() * 0).to(per_seq.dtype)
+    c = seq_weight.to(per_seq.dtype)
+    return (c[valid] * per_seq[valid]).sum() / valid.sum()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from polyalign.data import load_source, parse_language_list, select_languages
-from polyalign.data.records import atomic_write_text
+from polyalign.data.records import ParallelRecord, atomic_write_text
 from polyalign.errors import PolyalignError
 from polyalign.eval.generation import (
     GenerationCache,
@@ -28,7 +29,6 @@ def make_responses(path: str, out: str | Path, model_spec: str, fmt: str | None 
                    languages: str | None = None, limit: int | None = None, max_new_tokens: int = 128,
                    batch_size: int = 32) -> int:
     from polyalign.models import load_model, load_tokenizer
-    from polyalign.models.loading import weights_fingerprint
 
     langs = parse_language_list(languages)
     records = select_languages(load_source(path, fmt), (["en", *langs] if langs and "en" not in langs else langs))
@@ -37,15 +37,11 @@ def make_responses(path: str, out: str | Path, model_spec: str, fmt: str | None 
         raise PolyalignError(f"{path}: no records with an English prompt")
     out = Path(out)
     model, tok = load_model(model_spec), load_tokenizer(model_spec)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    cache = GenerationCache(out.with_suffix(out.suffix + ".cache.jsonl"))
-    reqs = [GenRequest(r.id, "en", r.texts["en"]) for r in records]
-    fingerprint = weights_fingerprint(model)
-    rows, _, _ = generate_cached(HFGenerator(model, tok, batch_size), reqs, settings, cache, fingerprint)
+    answers = own_english_answers(model, tok, records, out.with_suffix(out.suffix + ".cache.jsonl"),
+                                  max_new_tokens, batch_size)
     lines = []
-    for r, req in zip(records, reqs):
-        row = rows[cache_key(fingerprint, settings, req)]
-        item = {"id": r.id, "instruction": r.texts["en"], "input": "", "output": row["response"]}
+    for r in records:
+        item = {"id": r.id, "instruction": r.texts["en"], "input": "", "output": answers[r.id]}
         item.update({f"prompt_{lang}": t for lang, t in r.texts.items() if lang != "en"})
         lines.append(json.dumps(item, ensure_ascii=False))
     if out.suffix == ".json":
@@ -53,3 +49,17 @@ def make_responses(path: str, out: str | Path, model_spec: str, fmt: str | None 
     else:
         atomic_write_text(out, "\n".join(lines) + "\n")
     return len(lines)
+
+
+def own_english_answers(model: Any, tok: Any, records: list[ParallelRecord], cache_path: str | Path,
+                        max_new_tokens: int = 128, batch_size: int = 32, fingerprint: str | None = None
+                        ) -> dict[str, str]:
+    """{record id: the model's greedy answer to the English prompt}, cached in ``cache_path`` (JSONL)."""
+    from polyalign.models.loading import weights_fingerprint
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    cache = GenerationCache(Path(cache_path))
+    reqs = [GenRequest(r.id, "en", r.texts["en"]) for r in records]
+    fingerprint = fingerprint or weights_fingerprint(model)
+    rows, _, _ = generate_cached(HFGenerator(model, tok, batch_size), reqs, settings, cache, fingerprint)
+    return {req.prompt_id: rows[cache_key(fingerprint, settings, req)]["response"] for req in reqs}

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from polyalign.data.languages import normalize_code
 
+# The rejected side of a benign preference pair: the over-refusal MLC training should move away from.
+BENIGN_REFUSAL = "I'm sorry, but I can't help with that."
+
 
 @dataclass
 class MLCConfig:
@@ -24,6 +27,18 @@ class MLCConfig:
         projection: ``linear`` (Linear(H, dim), Xavier, zero bias) | ``none``.
         dim: projection size (512).
         languages: prompt languages used for the consistency term (English included).
+    Benign prompts (our choice; MLC's PKU data has harmful prompts only, so nothing in it says
+    "answer this"; add benign prompts with the recipe's ``data.benign_source``):
+        benign_pairs: records of a benign category (``benign``, XSafety's ``commonsense``) become rows
+            too: their prompts join the consistency term, and the alignment loss gets chosen = a
+            helpful English answer over rejected = ``benign_rejected`` (SFT: the answer as completion).
+            Off by default (they used to be skipped). Benign records need every language of
+            ``languages`` (builtin:benign has en zh th ar bn sw jv ko vi).
+        benign_chosen: ``own`` = the model's own greedy English answer before training (as
+            ``polyalign data make-responses``; cached in ``output_dir/benign_answers.jsonl``) |
+            ``provided`` = the record's ``meta.output`` or ``meta.chosen``.
+        benign_rejected: the refusal string (English).
+        benign_max_new_tokens: length of the model's own answers (128).
     """
 
     paradigm: str = "dpo"
@@ -37,8 +52,14 @@ class MLCConfig:
     dim: int = 512
     languages: list[str] = field(default_factory=lambda: ["en", "zh", "ar", "ru", "ja", "bn", "sw", "ur", "ps", "ku"])
     max_length: int = 512
+    benign_pairs: bool = False
+    benign_chosen: str = "own"
+    benign_rejected: str = BENIGN_REFUSAL
+    benign_max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
+        if self.benign_chosen not in ("own", "provided"):
+            raise ValueError(f"benign_chosen must be own or provided, got {self.benign_chosen!r}")
         if self.paradigm not in ("sft", "dpo", "simpo", "orpo"):
             raise ValueError(f"paradigm must be sft, dpo, simpo or orpo, got {self.paradigm!r}")
         if self.every < 1 or self.tau <= 0 or self.weight < 0:

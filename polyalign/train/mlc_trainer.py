@@ -14,19 +14,22 @@ singular-value share and the mean pairwise cosine between languages.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from polyalign.data.records import ParallelRecord
-from polyalign.losses.mlc import MLCHead, mean_pairwise_cosine, mlc_loss, top_singular_share
+from polyalign.data.records import BENIGN_CATEGORIES, ParallelRecord
 from polyalign.models.chat import prompt_ids
-from polyalign.train.batching import left_pad, length_buckets
 from polyalign.train.mlc_config import MLCConfig
+from polyalign.train.mlc_term import (
+    HEAD_FILE,
+    MLCTerm,
+    accumulation_scale,
+    prompt_representations,
+    variant_inputs,
+)
 from polyalign.train.preference_trainer import reference_free_trainer_class
 
-HEAD_FILE = "mlc_head.pt"
+__all__ = ["HEAD_FILE", "MLCCollator", "MLCMixin", "build_mlc_trainer", "mlc_rows", "prompt_representations"]
 
 
 class MLCCollator:
@@ -39,32 +42,8 @@ class MLCCollator:
         variants = [ids for ex in examples for ids in ex["mlc_prompt_ids"]]      # B * L prompts
         n_lang = len(examples[0]["mlc_prompt_ids"])
         batch = self.base([{k: v for k, v in ex.items() if k != "mlc_prompt_ids"} for ex in examples])
-        ids, mask, pos = left_pad(variants, self.pad_token_id)
-        batch.update(mlc_input_ids=ids, mlc_attention_mask=mask, mlc_position_ids=pos,
-                     mlc_num_languages=torch.tensor(n_lang))
+        batch.update(variant_inputs(variants, n_lang, self.pad_token_id))
         return batch
-
-
-def prompt_representations(model: Any, head: MLCHead, inputs: dict[str, Any], layer: int | None) -> torch.Tensor:
-    """[B, L, D]: layer-k hidden state at each variant's last prompt token, through the head.
-
-    Variants run in length buckets (:func:`length_buckets`): left padding keeps each row's real
-    tokens at the right end, so a bucket is the last ``m`` columns of its rows.
-    """
-    ids, mask, pos = inputs["mlc_input_ids"], inputs["mlc_attention_mask"], inputs["mlc_position_ids"]
-    lengths = mask.sum(-1).tolist()
-    rows, states = [], []
-    for group in length_buckets(lengths):
-        m = max(lengths[i] for i in group)
-        idx = torch.tensor(group, device=ids.device)
-        out = model(input_ids=ids[idx, -m:], attention_mask=mask[idx, -m:], position_ids=pos[idx, -m:],
-                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        states.append(out.hidden_states[-1 if layer is None else layer][:, -1])   # last column = last token
-        rows.extend(group)
-    h = torch.cat(states)[torch.argsort(torch.tensor(rows, device=ids.device))]  # back to collator order
-    L = int(inputs["mlc_num_languages"])
-    r = head(h)                                                                   # [B*L, D]
-    return r.view(-1, L, r.shape[-1])
 
 
 class MLCMixin:
@@ -72,12 +51,9 @@ class MLCMixin:
 
     def setup_mlc(self, mlc_config: MLCConfig, hidden_size: int) -> None:
         self.mlc = mlc_config
-        self.mlc_head = MLCHead(hidden_size, mlc_config.dim, mlc_config.projection, seed=self.args.seed).to(self.args.device)
-        # The head is a submodule of the policy, so the optimizer, DDP/DeepSpeed and device moves
-        # all see it without special cases. PEFT leaves modules added after wrapping trainable.
-        self.model.mlc_head = self.mlc_head
+        self.mlc_term = MLCTerm(mlc_config, self.model, hidden_size, self.args.seed, self.args.device)
+        self.mlc_head = self.mlc_term.head
         self.data_collator = MLCCollator(self.data_collator, self.processing_class.pad_token_id)
-        self._mlc_metrics: dict[str, list[float]] = defaultdict(list)
 
     def _set_signature_columns_if_needed(self):
         # Keep the prompt-variant column when the trainer drops columns the model does not take.
@@ -90,27 +66,20 @@ class MLCMixin:
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
-        # Official schedule: the MLC term on every `every`-th optimizer step (step 0 included).
-        if model.training and self.mlc.weight > 0 and self.state.global_step % self.mlc.every == 0:
-            # The unwrapped module: a second forward through the DDP wrapper before one backward is
-            # not allowed; gradients still reach every parameter and DDP reduces them once.
-            reps = prompt_representations(self.accelerator.unwrap_model(model), self.mlc_head, mlc_inputs,
-                                          self.mlc.layer)
-            l_mlc = mlc_loss(reps, self.mlc.tau)
-            loss = loss + self.mlc.weight * l_mlc
-            self._mlc_metrics["mlc/loss"].append(float(l_mlc.detach()))
-            self._mlc_metrics["mlc/top_singular_share"].append(float(top_singular_share(reps.detach())))
-            self._mlc_metrics["mlc/pairwise_cosine"].append(float(mean_pairwise_cosine(reps.detach())))
+        if model.training and self.mlc_term.active(self.state.global_step):
+            # Scaled like the base loss under gradient accumulation (TRL's SFT loss is normalised
+            # over the whole window; without this lambda was effectively weight x steps).
+            loss = loss + self.mlc_term(self.accelerator.unwrap_model(model), mlc_inputs,
+                                        accumulation_scale(self, num_items_in_batch))
         elif model.training and self.accelerator.num_processes > 1:
             # DDP reduces every parameter every step: on steps without the MLC term the head joins
             # with an exactly-zero gradient (single-process runs skip this, as the official code does).
-            loss = loss + 0.0 * sum(p.sum() for p in self.mlc_head.parameters())
+            loss = loss + self.mlc_term.zero()
         return (loss, result[1]) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._mlc_metrics and "loss" in logs:
-            logs.update({k: round(sum(v) / len(v), 6) for k, v in self._mlc_metrics.items()})
-            self._mlc_metrics.clear()
+        if self.mlc_term.metrics and "loss" in logs:
+            self.mlc_term.flush(logs)
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial):
@@ -118,14 +87,11 @@ class MLCMixin:
         super()._save_checkpoint(model, trial)
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        path = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        torch.save(self.mlc_head.state_dict(), os.path.join(path, HEAD_FILE))
+        self.mlc_term.save(os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        f = os.path.join(resume_from_checkpoint, HEAD_FILE)
-        if os.path.exists(f):
-            self.mlc_head.load_state_dict(torch.load(f, map_location=self.args.device))
+        self.mlc_term.load(resume_from_checkpoint)
 
 
 def _trl_classes():
@@ -143,30 +109,52 @@ def _trl_classes():
     return MLCDPOTrainer, MLCSFTTrainer, MLCPreferenceTrainer
 
 
-def mlc_rows(records: list[ParallelRecord], cfg: MLCConfig, tokenizer: Any) -> list[dict[str, Any]]:
+def mlc_rows(records: list[ParallelRecord], cfg: MLCConfig, tokenizer: Any,
+             benign_answers: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Rows for TRL (conversational prompt/chosen/rejected or prompt/completion) + ``mlc_prompt_ids``.
 
     Records need an English prompt, the English response(s) in ``meta`` (``chosen``/``rejected`` for
-    DPO, ``output`` for SFT) and the prompt in every language of ``cfg.languages``.
+    DPO, ``output`` for SFT) and the prompt in every language of ``cfg.languages``. With
+    ``cfg.benign_pairs``, benign records get chosen = their helpful answer (``benign_answers[id]``
+    for ``benign_chosen: own``, else ``meta``) and rejected = ``cfg.benign_rejected``.
     """
     rows = []
     for r in records:
         if any(lang not in r.texts for lang in cfg.languages):
             continue
+        meta = r.meta
+        if cfg.benign_pairs and r.category in BENIGN_CATEGORIES:
+            answer = (benign_answers or {}).get(r.id) if cfg.benign_chosen == "own" else \
+                meta.get("output", meta.get("chosen"))
+            if not answer:
+                continue
+            meta = {"output": answer, "chosen": answer, "rejected": cfg.benign_rejected}
         row: dict[str, Any] = {"prompt": [{"role": "user", "content": r.texts["en"]}],
                                "mlc_prompt_ids": [prompt_ids(tokenizer, r.texts[lang])[-cfg.max_length:]
                                                   for lang in cfg.languages]}
         if cfg.paradigm == "sft":
-            if "output" not in r.meta:
+            if "output" not in meta:
                 continue
-            row["completion"] = [{"role": "assistant", "content": r.meta["output"]}]
+            row["completion"] = [{"role": "assistant", "content": meta["output"]}]
         else:
-            if "chosen" not in r.meta or "rejected" not in r.meta:
+            if "chosen" not in meta or "rejected" not in meta:
                 continue
-            row["chosen"] = [{"role": "assistant", "content": r.meta["chosen"]}]
-            row["rejected"] = [{"role": "assistant", "content": r.meta["rejected"]}]
+            row["chosen"] = [{"role": "assistant", "content": meta["chosen"]}]
+            row["rejected"] = [{"role": "assistant", "content": meta["rejected"]}]
         rows.append(row)
     return rows
+
+
+def benign_answers(cfg: MLCConfig, model: Any, tokenizer: Any, records: list[ParallelRecord],
+                   output_dir: str) -> dict[str, str] | None:
+    """The model's own English answers to the benign records (``benign_pairs`` with ``benign_chosen: own``)."""
+    benign = [r for r in records if r.category in BENIGN_CATEGORIES and all(c in r.texts for c in cfg.languages)]
+    if not (cfg.benign_pairs and cfg.benign_chosen == "own" and benign):
+        return None
+    from polyalign.train.make_responses import own_english_answers
+
+    return own_english_answers(model, tokenizer, benign, Path(output_dir) / "benign_answers.jsonl",
+                               cfg.benign_max_new_tokens)
 
 
 def build_mlc_trainer(recipe: Any, model: Any, tokenizer: Any, records: list[ParallelRecord], args: Any) -> Any:
@@ -179,9 +167,13 @@ def build_mlc_trainer(recipe: Any, model: Any, tokenizer: Any, records: list[Par
     from polyalign.errors import PolyalignError
 
     cfg = MLCConfig(**(recipe.mlc or {}))
-    rows = mlc_rows(records, cfg, tokenizer)
+    rows = mlc_rows(records, cfg, tokenizer, benign_answers(cfg, model, tokenizer, records, args.output_dir))
     if not rows:
         raise PolyalignError(f"no rows with English responses and prompts in all of {cfg.languages}")
+    n_benign = sum(r.category in BENIGN_CATEGORIES for r in records if all(c in r.texts for c in cfg.languages))
+    if cfg.benign_pairs and not n_benign:
+        raise PolyalignError(f"mlc.benign_pairs: no benign records with prompts in all of {cfg.languages} "
+                             "(set data.benign_source, e.g. builtin:benign, and languages it has)")
     MLCDPOTrainer, MLCSFTTrainer, MLCPreferenceTrainer = _trl_classes()
     base = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     base["remove_unused_columns"] = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from polyalign.data.languages import normalize_code
@@ -30,6 +31,15 @@ SELECTIVE_TEMPLATE = "{target_query}\n\n(In English: {english_query})"
 # refused only 6/12 harmful queries, this one 12/12, and 3/12 benign ones; docs/msd.md).
 ENGLISH_ONLY_TEMPLATE = "{english_query}"
 
+# Appended to the teacher's user turn by ``language_hint``. The teacher probe (docs/msd.md) found a
+# 0.5B teacher shown the English query answers in English: 0/24 answers in the query's language with
+# the paper's template (which asks for it mid-instruction), 1/24 with the selective one, and 24/24
+# with the selective one ending in this line. The student copies the teacher's distribution, so a
+# teacher answering in the query's language is the simplest language-faithful target; the trainer
+# logs ``fidelity/<lang>`` to measure it.
+LANGUAGE_HINT = "\n\nAnswer in {target_language}."
+BENIGN_TARGETS = ("teacher", "english", "retain")
+
 
 @dataclass
 class MSDConfig:
@@ -48,13 +58,32 @@ class MSDConfig:
     Contexts:
         teacher_template: the teacher's user turn; must contain ``{english_query}``, and
             ``{target_query}`` where the teacher should also see the original query (the paper's).
+            It may use ``{target_language}`` (the query language's English name).
         teacher_language: the language the teacher reads (en).
         student_languages: the target languages trained (paper: zh ar bn).
         max_prompt_tokens: longer prompts are cut from the left (keeps the end of the chat turn).
-        benign_retain: prompts whose record category is ``benign`` are distilled from the frozen
-            model in the student's own context (no English hint), which holds their behaviour and
-            language where they were instead of moving them towards the teacher (our choice, off by
-            default; docs/msd.md explains why a 0.5B model needs it).
+        language_hint: end the teacher's user turn with "Answer in <language>." (:data:`LANGUAGE_HINT`)
+            so its distribution, which the student copies, stays in the query's language (off; the
+            trainer logs ``fidelity/<lang>``, the share of sampled responses in the query's language).
+    Benign prompts (category in :data:`polyalign.data.records.BENIGN_CATEGORIES`; all of our choice):
+        benign_target: what the student learns on them.
+            ``teacher``: the same teacher context as harmful prompts (default, the paper's setup).
+            ``english``: the frozen model shown the English query alone (plus the language hint when
+            on), scored on the student's sampled response. Unlike ``retain`` it differs from the
+            student at initialisation, so it gives a first-order signal towards the model's English
+            (helpful) behaviour from the first step.
+            ``retain``: the frozen model in the student's own context (KL to the initial model). It is
+            exactly 0, with zero gradient, at the start: it only holds benign behaviour where it was.
+        benign_weight: weight of a benign sequence in the batch mean (1.0: every sequence counts the
+            same, as before; 0 drops the benign term). ``loss/harmful`` and ``loss/benign`` are logged.
+        benign_retain: deprecated (removed in 0.3): ``benign_target: retain``.
+    Teacher gating (our choice):
+        teacher_gating: before training, the frozen teacher answers every training prompt once
+            (greedy, ``gating_max_new_tokens`` tokens, in its training context; cached in the output
+            dir). Harmful prompts it does not refuse and benign prompts it refuses are dropped:
+            distilling them teaches the opposite of what is wanted. Refusal = the lexicon judge's
+            :func:`polyalign.eval.judges.refusal_phrase`. Counts per language are logged (``gate/...``).
+        gating_max_new_tokens: length of the probe answers (refusals come first; 32).
     """
 
     mode: str = "on_policy"
@@ -69,9 +98,25 @@ class MSDConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     max_prompt_tokens: int = 512
+    language_hint: bool = False
+    benign_target: str = "teacher"
+    benign_weight: float = 1.0
     benign_retain: bool = False
+    teacher_gating: bool = False
+    gating_max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
+        if self.benign_retain:
+            warnings.warn("msd.benign_retain is deprecated and will be removed in 0.3; use benign_target: retain",
+                          FutureWarning, stacklevel=3)
+            if self.benign_target not in ("teacher", "retain"):
+                raise ValueError(f"benign_retain contradicts benign_target={self.benign_target!r}")
+            self.benign_target, self.benign_retain = "retain", False
+        if self.benign_target not in BENIGN_TARGETS:
+            raise ValueError(f"benign_target must be one of {BENIGN_TARGETS}, got {self.benign_target!r}")
+        if self.benign_weight < 0 or self.gating_max_new_tokens < 1:
+            raise ValueError(f"need benign_weight >= 0 and gating_max_new_tokens >= 1, got {self.benign_weight}, "
+                             f"{self.gating_max_new_tokens}")
         if self.mode not in ("on_policy", "off_policy"):
             raise ValueError(f"mode must be on_policy or off_policy, got {self.mode!r}")
         if self.divergence not in KINDS:

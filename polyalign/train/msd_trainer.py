@@ -1,47 +1,88 @@
 """MSDTrainer: multilingual self-distillation on ``transformers.Trainer``.
 
-Only ``compute_loss`` (sample y, run student and frozen teacher, call :func:`msd_loss`) and
-``log`` (flush the method's metrics) are overridden; the loop, accumulation, checkpointing,
-resume and distribution are Trainer's (accelerate: DDP, DeepSpeed, FSDP).
+Only ``compute_loss`` (sample y, run student and frozen teacher, call the MSD loss pieces) and
+``log`` (flush the method's metrics) are overridden, plus checkpoint hooks for the MLC head when
+MSD + MLC is on; the loop, accumulation, checkpointing, resume and distribution are Trainer's
+(accelerate: DDP, DeepSpeed, FSDP).
+
+Options beyond the paper (MSDConfig): teacher gating (drop prompts the teacher handles wrongly),
+a separately weighted benign term with its own teacher context, a language hint for the teacher,
+and the MLC term over the batch's prompts (``mlc_config``; :mod:`polyalign.train.mlc_term`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
+import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
 
-from polyalign.data.records import ParallelRecord
+from polyalign.data.languages import get_language
+from polyalign.data.records import BENIGN_CATEGORIES, ParallelRecord, atomic_write_text
+from polyalign.errors import PolyalignError
+from polyalign.eval.judges import refusal_phrase
+from polyalign.eval.langid import in_language
 from polyalign.losses.msd import (
     dpsw_raw_weights,
-    mean_over_valid,
     normalize_weights,
     reduce_sequences,
     token_divergence,
+    weighted_mean_over_valid,
 )
 from polyalign.models.adapters import is_peft
 from polyalign.models.chat import prompt_ids
 from polyalign.train.batching import left_pad, response_batch, response_logits, trim_generation
-from polyalign.train.msd_config import MSDConfig
+from polyalign.train.mlc_config import MLCConfig
+from polyalign.train.mlc_term import MLCTerm, accumulation_scale, variant_inputs
+from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE, LANGUAGE_HINT, MSDConfig
+from polyalign.train.sampling import sampling_kwargs
+
+log = logging.getLogger(__name__)
+GATE_FILE = "teacher_gate.json"
 
 
-def build_msd_examples(records: list[ParallelRecord], cfg: MSDConfig) -> list[dict[str, str]]:
-    """(target query, English query) pairs: one per record and student language present in it."""
+def build_msd_examples(records: list[ParallelRecord], cfg: MSDConfig) -> list[dict[str, Any]]:
+    """(target query, English query) pairs: one per record and student language present in it.
+
+    ``benign`` marks benign requests (:data:`BENIGN_CATEGORIES`); ``texts`` keeps the prompt in the
+    teacher and student languages for the MLC term.
+    """
     out = []
+    langs = [cfg.teacher_language, *cfg.student_languages]
     for r in records:
         if cfg.teacher_language not in r.texts:
             continue
         for lang in cfg.student_languages:
             if lang in r.texts:
                 out.append({"prompt_id": r.id, "lang": lang, "query": r.texts[lang],
-                            "english": r.texts[cfg.teacher_language],
-                            "retain": cfg.benign_retain and r.category == "benign"})
+                            "english": r.texts[cfg.teacher_language], "benign": r.category in BENIGN_CATEGORIES,
+                            "texts": {c: r.texts[c] for c in langs if c in r.texts}})
     return out
+
+
+def gate_examples(examples: list[dict[str, Any]], answers: list[str]) -> tuple[list[dict[str, Any]], dict[str, Counter]]:
+    """Keep harmful prompts the teacher refuses and benign prompts it answers.
+
+    Returns (kept examples, per-language counts of ``kept`` / ``dropped_harmful_answered`` /
+    ``dropped_benign_refused``). Refusal = the lexicon judge's phrase list (query language + English).
+    """
+    kept, counts = [], defaultdict(Counter)
+    for e, answer in zip(examples, answers, strict=True):
+        refused = refusal_phrase(answer, e["lang"]) is not None
+        if refused != e["benign"]:
+            kept.append(e)
+            counts[e["lang"]]["kept"] += 1
+        else:
+            counts[e["lang"]]["dropped_benign_refused" if e["benign"] else "dropped_harmful_answered"] += 1
+    return kept, dict(counts)
 
 
 def _keep_batch(examples: list[dict[str, str]]) -> dict[str, Any]:
@@ -50,13 +91,17 @@ def _keep_batch(examples: list[dict[str, str]]) -> dict[str, Any]:
 
 
 class MSDTrainer(Trainer):
-    def __init__(self, model: Any, args: Any, msd_config: MSDConfig, train_dataset: list[dict[str, str]],
-                 processing_class: Any, ref_model: Any = None, **kwargs: Any):
+    # The MSD loss is a mean per micro-batch: Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model: Any, args: Any, msd_config: MSDConfig, train_dataset: list[dict[str, Any]],
+                 processing_class: Any, ref_model: Any = None, mlc_config: MLCConfig | None = None, **kwargs: Any):
         args.remove_unused_columns = False
         super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=_keep_batch,
                          processing_class=processing_class, **kwargs)
         self.msd = msd_config
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._once: dict[str, float] = {}            # logged with the first log line (gate counts)
         # Frozen teacher = the initial weights. LoRA: the same network with the adapter disabled
         # (no second copy). Full fine-tuning: a frozen copy, sharded like the policy when needed.
         self.ref_model = None
@@ -78,18 +123,34 @@ class MSDTrainer(Trainer):
         gen_cfg = getattr(model, "generation_config", None)
         eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | {tok.eos_token_id}
+        # MSD + MLC: the consistency term over every prompt of the batch, in English and every student language.
+        self.mlc_term = None
+        if mlc_config is not None and mlc_config.weight > 0:
+            base = self.accelerator.unwrap_model(self.model)
+            hidden = base.config.hidden_size if hasattr(base, "config") else base.get_base_model().config.hidden_size
+            self.mlc_term = MLCTerm(mlc_config, base, hidden, args.seed, args.device)
+        if self.msd.teacher_gating:
+            self.train_dataset = self._gate(train_dataset)
 
     # ---------------------------------------------------------------- contexts
-    def _prompts(self, examples: list[dict[str, str]]) -> tuple[list[list[int]], list[list[int]]]:
-        """Student: the target query alone; teacher: the template with target + English query
-        (or, for ``retain`` examples, the student's own context: the frozen model keeps them as they were)."""
+    def _prompts(self, examples: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
+        """Student: the target query alone. Teacher: :meth:`teacher_text`, or for benign prompts with
+        ``benign_target: retain`` the student's own context (the frozen model keeps them as they were)."""
         tok, cut = self.processing_class, self.msd.max_prompt_tokens
         student = [prompt_ids(tok, e["query"])[-cut:] for e in examples]
-        teacher = [s if e.get("retain") else
-                   prompt_ids(tok, self.msd.teacher_template.format(target_query=e["query"],
-                                                                    english_query=e["english"]))[-cut:]
-                   for s, e in zip(student, examples)]
+        teacher = [s if e["benign"] and self.msd.benign_target == "retain" else
+                   prompt_ids(tok, self.teacher_text(e))[-cut:] for s, e in zip(student, examples)]
         return student, teacher
+
+    def teacher_text(self, e: dict[str, Any]) -> str:
+        """The teacher's user turn: the template (the English query alone for benign prompts with
+        ``benign_target: english``), ending with "Answer in <language>." when ``language_hint`` is on."""
+        english_only = e["benign"] and self.msd.benign_target == "english"
+        template = ENGLISH_ONLY_TEMPLATE if english_only else self.msd.teacher_template
+        if self.msd.language_hint:
+            template += LANGUAGE_HINT
+        return template.format(target_query=e["query"], english_query=e["english"],
+                               target_language=get_language(e["lang"]).name)
 
     @contextlib.contextmanager
     def teacher_context(self, model: Any):
@@ -101,16 +162,19 @@ class MSDTrainer(Trainer):
                 yield model
 
     @torch.no_grad()
-    def sample_responses(self, model: Any, prompts: list[list[int]], from_teacher: bool) -> list[list[int]]:
-        """y ~ q: on-policy from the current student, off-policy from the frozen teacher. Stops at EOS."""
+    def sample_responses(self, model: Any, prompts: list[list[int]], from_teacher: bool,
+                         greedy: bool = False, max_new_tokens: int | None = None) -> list[list[int]]:
+        """y ~ q: on-policy from the current student, off-policy from the frozen teacher. Stops at EOS.
+
+        Every generation setting is explicit (:func:`sampling_kwargs`): the model's own
+        ``generation_config`` (a repetition penalty, top_k, ...) must not change q.
+        ``greedy`` / ``max_new_tokens`` override the config (the teacher-gating probe).
+        """
         tok = self.processing_class
         ids, mask, _ = left_pad(prompts, tok.pad_token_id)
         device = self.accelerator.device
-        greedy = self.msd.temperature == 0
-        kwargs = {"max_new_tokens": self.msd.max_new_tokens, "do_sample": not greedy,
-                  "temperature": None if greedy else self.msd.temperature, "top_p": None if greedy else self.msd.top_p,
-                  "top_k": None, "pad_token_id": tok.pad_token_id, "use_cache": True,
-                  "eos_token_id": sorted(self.eos_ids)}
+        kwargs = sampling_kwargs(max_new_tokens or self.msd.max_new_tokens, 0.0 if greedy else self.msd.temperature,
+                                 self.msd.top_p, tok.pad_token_id, sorted(self.eos_ids))
         ctx = self.teacher_context(model) if from_teacher else contextlib.nullcontext(model)
         with ctx as gen_model:
             gen_model = self.accelerator.unwrap_model(gen_model)
@@ -120,7 +184,47 @@ class MSDTrainer(Trainer):
             gen_model.train(was_training)
         return trim_generation(out[:, ids.shape[1]:], self.eos_ids, tok.pad_token_id)
 
+    # ---------------------------------------------------------------- teacher gating
+    def teacher_answers(self, examples: list[dict[str, Any]]) -> list[str]:
+        """The frozen teacher's greedy, short answer to each example in its training context, cached
+        in ``output_dir/teacher_gate.json`` (keyed by model, context and length) so reruns and resumes
+        do not probe again."""
+        _, teacher = self._prompts(examples)
+        name = getattr(getattr(self.accelerator.unwrap_model(self.model), "config", None), "_name_or_path", "")
+        n = self.msd.gating_max_new_tokens
+        keys = [hashlib.sha256(json.dumps([name, n, t]).encode()).hexdigest()[:24] for t in teacher]
+        path = Path(self.args.output_dir) / GATE_FILE
+        cache = json.loads(path.read_text()) if path.exists() else {}
+        todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values(), key=lambda i: len(teacher[i]))
+        bs = max(8, self.args.per_device_train_batch_size)
+        for start in range(0, len(todo), bs):                       # similar lengths per batch: less padding
+            idx = todo[start:start + bs]
+            out = self.sample_responses(self.model, [teacher[i] for i in idx], from_teacher=True, greedy=True,
+                                        max_new_tokens=n)
+            for i, ids in zip(idx, out):
+                cache[keys[i]] = self.processing_class.decode(ids, skip_special_tokens=True)
+        if todo and self.accelerator.is_main_process:
+            atomic_write_text(path, json.dumps(cache, ensure_ascii=False, indent=0))
+        return [cache[k] for k in keys]
+
+    def _gate(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        kept, counts = gate_examples(examples, self.teacher_answers(examples))
+        for lang, c in sorted(counts.items()):
+            log.info("teacher gating %s: %s", lang, dict(c))
+            self._once.update({f"gate/{lang}/{k}": float(v) for k, v in c.items()})
+        if not kept:
+            raise PolyalignError("teacher gating dropped every training prompt: the teacher refuses no harmful "
+                                 "and answers no benign prompt (see `python -m polyalign.train.teacher_probe`)")
+        return kept
+
     # ---------------------------------------------------------------- loss
+    def _logits(self, model: Any, s_batch: dict[str, Any], t_batch: dict[str, Any]):
+        """Student logits (with grad) and frozen-teacher logits (without) over the response window, [B, R, V]."""
+        student_logits = response_logits(model, s_batch)                        # [B, R, V]
+        with torch.no_grad(), self.teacher_context(model) as teacher:
+            teacher_logits = response_logits(teacher, t_batch)                   # [B, R, V]
+        return student_logits, teacher_logits
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
         start = time.perf_counter()
@@ -134,38 +238,84 @@ class MSDTrainer(Trainer):
         s_batch = {k: v.to(device) for k, v in response_batch(student_prompts, responses, pad).items()}
         t_batch = {k: v.to(device) for k, v in response_batch(teacher_prompts, responses, pad).items()}
         mask = s_batch["response_mask"]                                          # [B, R]
-        student_logits = response_logits(model, s_batch)                        # [B, R, V]
-        with torch.no_grad(), self.teacher_context(model) as teacher:
-            teacher_logits = response_logits(teacher, t_batch)                   # [B, R, V]
+        student_logits, teacher_logits = self._logits(model, s_batch, t_batch)
         # msd_loss, spelled out so the per-token divergence and raw DPSW weights (two passes over the
         # vocabulary) are computed once and reused for the logs.
         d = token_divergence(student_logits, teacher_logits, self.msd.divergence, self.msd.jsd_beta)   # [B, R]
         raw = dpsw_raw_weights(student_logits, teacher_logits, self.msd.top_k)                         # [B, R]
         w = normalize_weights(raw, mask) if self.msd.dpsw else mask.to(d.dtype)
-        per_seq, valid = reduce_sequences(d, w, mask)
-        loss = mean_over_valid(per_seq, valid, student_logits)
-        self._record(examples, d.detach(), raw, mask, time.perf_counter() - start)
+        per_seq, valid = reduce_sequences(d, w, mask)                                                  # [B], [B]
+        # Benign sequences count benign_weight times (1: the plain batch mean).
+        benign = torch.tensor([e["benign"] for e in examples], device=device)
+        seq_weight = torch.where(benign, self.msd.benign_weight, 1.0)
+        loss = weighted_mean_over_valid(per_seq, valid, seq_weight, student_logits)
+        if self.mlc_term is not None and model.training:
+            loss = loss + self._mlc(model, examples, num_items_in_batch)
+        self._record(examples, responses, d.detach(), raw, mask, per_seq.detach(), valid, benign,
+                     time.perf_counter() - start)
         return (loss, {"student_logits": student_logits}) if return_outputs else loss
 
+    def _mlc(self, model: Any, examples: list[dict[str, Any]], num_items_in_batch: Any) -> torch.Tensor | float:
+        """lambda * L_MLC on its schedule (scaled like the MSD loss under accumulation), else 0."""
+        inputs = self._mlc_inputs(examples) if self.mlc_term.active(self.state.global_step) else None
+        if inputs is not None:
+            return self.mlc_term(self.accelerator.unwrap_model(model), inputs, accumulation_scale(self, num_items_in_batch))
+        # DDP reduces every parameter every step: the head joins with an exactly-zero gradient (a single
+        # process skips it: a zero gradient would still move the head through AdamW's moments and decay).
+        return self.mlc_term.zero() if self.accelerator.num_processes > 1 else 0.0
+
+    def _mlc_inputs(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor] | None:
+        """The ``mlc_*`` batch: each distinct prompt of the batch (harmful and benign) in English and
+        every student language; prompts missing one of them are left out (None when none is left)."""
+        langs = [self.msd.teacher_language, *self.msd.student_languages]
+        tok, cut = self.processing_class, self.msd.max_prompt_tokens
+        prompts = {e["prompt_id"]: e["texts"] for e in examples if all(c in e["texts"] for c in langs)}
+        if not prompts:
+            return None
+        variants = [prompt_ids(tok, texts[c])[-cut:] for texts in prompts.values() for c in langs]   # B * L
+        return {k: v.to(self.accelerator.device) for k, v in variant_inputs(variants, len(langs), tok.pad_token_id).items()}
+
     @torch.no_grad()
-    def _record(self, examples, d, raw, mask, seconds: float) -> None:
+    def _record(self, examples, responses, d, raw, mask, per_seq, valid, benign, seconds: float) -> None:
         n = mask.sum(-1)
         m = self._metrics
         m["dpsw_raw_weight"].append(float(raw[mask].mean()) if mask.any() else 0.0)
         m["response_length"].append(float(n.float().mean()))
         m["tokens_per_second"].append(float(n.sum()) / max(seconds, 1e-9))
-        for e, row_d, row_m in zip(examples, d, mask):
+        for name, rows in (("harmful", valid & ~benign), ("benign", valid & benign)):
+            if rows.any():                            # unweighted mean per-sequence loss of each kind
+                m[f"loss/{name}"].append(float(per_seq[rows].mean()))
+        texts = self.processing_class.batch_decode(responses, skip_special_tokens=True)
+        for e, row_d, row_m, text in zip(examples, d, mask, texts):
             if row_m.any():
                 m[f"divergence/{e['lang']}"].append(float(row_d[row_m].mean()))
+            m[f"fidelity/{e['lang']}"].append(float(in_language(text, e["lang"])))   # y in the query's language
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Flush the MSD metrics gathered since the last log (averaged over steps and ranks).
-        if self._metrics and "loss" in logs:
+        if "loss" in logs:
             for key, vals in self._metrics.items():
                 value = sum(vals) / len(vals)
-                if not key.startswith("divergence/"):  # per-language keys differ across ranks: local mean
+                if "/" not in key:  # per-language / per-kind keys may be absent on some ranks: local mean
                     t = torch.tensor(value, device=self.accelerator.device)
                     value = float(self.accelerator.reduce(t, reduction="mean"))
                 logs[key] = round(value, 6)
             self._metrics.clear()
+            logs.update(self._once)                         # teacher-gating counts, once
+            self._once = {}
+            if self.mlc_term is not None and self.mlc_term.metrics:
+                self.mlc_term.flush(logs)
         super().log(logs, start_time)
+
+    # The MLC head is not part of the adapter Trainer saves: keep it next to each checkpoint for --resume.
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.mlc_term is not None:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            self.mlc_term.save(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.mlc_term is not None:
+            self.mlc_term.load(Path(resume_from_checkpoint))

@@ -2,6 +2,7 @@
 
 A recipe has ``method`` (msd | mlc), ``model``, ``output_dir``, ``data``, the method's section,
 ``lora`` (omit or null for full fine-tuning) and ``training`` (any ``TrainingArguments`` field).
+An ``msd`` recipe may also have an ``mlc`` section: MSD + MLC in one objective (:func:`msd_mlc_config`).
 ``key=value`` overrides use dots for nesting (``msd.mode=off_policy``); a bare key that is not a
 top-level field is looked up in ``training`` (``max_steps=30``). Unknown keys are errors.
 """
@@ -10,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from polyalign.data.records import ParallelRecord
 from polyalign.errors import PolyalignError
 from polyalign.models.adapters import LoraSettings
 from polyalign.train.msd_config import MSDConfig
@@ -25,12 +29,18 @@ from polyalign.train.msd_config import MSDConfig
 @dataclass
 class DataSettings:
     """Where prompts come from. ``builtin:harmful`` / ``builtin:benign`` are the package's own
-    benchmark (train split); any other value is a path the data layer reads."""
+    benchmark (train split); any other value is a path the data layer reads.
+
+    ``limit`` draws a stratified sample seeded by the recipe's ``seed``: the same number of prompts
+    from every category (as far as each has them), not the first N rows. Loaders return records
+    grouped by category, so ``records[:400]`` of XSafety was three categories out of fourteen.
+    """
 
     source: str = "builtin:harmful"
     format: str | None = None
     split: str = "train"             # hash split by prompt id (never leaks into dev/test)
-    limit: int | None = None         # first N prompts after splitting
+    limit: int | None = None         # N prompts, stratified over categories, seeded
+    category: list[str] | None = None  # keep only these record categories (None = all), before ``limit``
     benign_source: str | None = None  # benign prompts mixed in so the model keeps answering them
     benign_limit: int | None = None
 
@@ -116,7 +126,8 @@ def validate_recipe(r: Recipe, where: str) -> None:
     if r.method not in ("msd", "mlc"):
         raise PolyalignError(f"{where}: method must be msd or mlc, got {r.method!r}")
     if r.method == "msd":
-        _strict(MSDConfig, r.msd, f"{where}: msd")
+        msd = _strict(MSDConfig, r.msd, f"{where}: msd")
+        msd_mlc_config(r.mlc, msd, where)
     else:
         from polyalign.train.mlc_config import MLCConfig
 
@@ -129,7 +140,48 @@ def validate_recipe(r: Recipe, where: str) -> None:
         raise PolyalignError(f"{where}: training: unknown TrainingArguments field(s) {', '.join(unknown)}")
 
 
-def load_prompts(source: str, fmt: str | None, split: str, limit: int | None):
+def stratified_sample(records: list[ParallelRecord], limit: int, seed: int = 0) -> list[ParallelRecord]:
+    """``limit`` records drawn evenly across categories (round-robin over seeded shuffles), in
+    their original order. A category with fewer records than its share gives the rest to the others."""
+    if limit >= len(records):
+        return list(records)
+    rng = random.Random(seed)
+    groups: dict[str | None, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[r.category].append(i)
+    for idx in groups.values():
+        rng.shuffle(idx)
+    chosen: list[int] = []
+    queues = [iter(idx) for idx in groups.values()]
+    while len(chosen) < limit:               # one per category per round until the limit
+        for q in queues:
+            i = next(q, None)
+            if i is not None and len(chosen) < limit:
+                chosen.append(i)
+    return [records[i] for i in sorted(chosen)]
+
+
+MSD_MLC_KEYS = ("weight", "every", "tau", "layer", "projection", "dim")
+
+
+def msd_mlc_config(values: dict[str, Any] | None, msd: MSDConfig, where: str = "recipe") -> Any:
+    """An ``msd`` recipe's ``mlc`` section -> MLCConfig (None without one): the MLC term over the batch's
+    prompts in the teacher language and every student language. Only the term's own settings
+    (:data:`MSD_MLC_KEYS`) are allowed: the alignment loss is MSD and the languages are MSD's."""
+    if not values:
+        return None
+    from polyalign.train.mlc_config import MLCConfig
+
+    unused = sorted(set(values) - set(MSD_MLC_KEYS))
+    if unused:
+        raise PolyalignError(f"{where}: mlc: {', '.join(unused)} not used with method msd; allowed: "
+                             f"{', '.join(MSD_MLC_KEYS)}")
+    return _strict(MLCConfig, {**values, "languages": [msd.teacher_language, *msd.student_languages]}, f"{where}: mlc")
+
+
+def load_prompts(source: str, fmt: str | None, split: str, limit: int | None,
+                 categories: list[str] | None = None, seed: int = 0) -> list[ParallelRecord]:
+    """Records of ``source`` (split, then filtered to ``categories``, then a stratified ``limit``)."""
     from polyalign.data import load_source, split_records
 
     if source.startswith("builtin:"):
@@ -143,7 +195,14 @@ def load_prompts(source: str, fmt: str | None, split: str, limit: int | None):
         records = load_source(source, fmt)
         if split != "all":
             records = split_records(records)[split]
-    return records[:limit] if limit else records
+    if categories is not None:
+        known = {r.category for r in records}
+        missing = sorted(set(categories) - known)
+        if missing:
+            raise PolyalignError(f"{source}: no records of category {', '.join(missing)}; "
+                                 f"categories: {', '.join(sorted(map(str, known)))}")
+        records = [r for r in records if r.category in categories]
+    return stratified_sample(records, limit, seed) if limit else records
 
 
 def precision(r: Recipe) -> tuple[str, bool]:
@@ -198,9 +257,9 @@ def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: An
     if model is None:
         model, tokenizer = build_model(r)
     args = training_arguments(r)
-    records = load_prompts(r.data.source, r.data.format, r.data.split, r.data.limit)
+    records = load_prompts(r.data.source, r.data.format, r.data.split, r.data.limit, r.data.category, r.seed)
     if r.data.benign_source:
-        records = records + load_prompts(r.data.benign_source, None, r.data.split, r.data.benign_limit)
+        records = records + load_prompts(r.data.benign_source, None, r.data.split, r.data.benign_limit, seed=r.seed)
     heads: dict[str, Any] = {}
     if r.method == "msd":
         from polyalign.train.msd_trainer import MSDTrainer, build_msd_examples
@@ -210,7 +269,9 @@ def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: An
         if not examples:
             raise PolyalignError(f"no (student, {cfg.teacher_language}) prompt pairs in {r.data.source} for "
                                  f"student languages {cfg.student_languages}")
-        trainer = MSDTrainer(model, args, cfg, examples, tokenizer)
+        trainer = MSDTrainer(model, args, cfg, examples, tokenizer, mlc_config=msd_mlc_config(r.mlc, cfg))
+        if trainer.mlc_term is not None:
+            heads = {"mlc_head": trainer.mlc_term.head}
     else:
         from polyalign.train.mlc_trainer import build_mlc_trainer
 
