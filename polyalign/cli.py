@@ -206,6 +206,49 @@ def report(run_a: Annotated[Path, typer.Argument(help="Evaluation run folder (be
         compare_runs(run_a, run_b, out or run_b.parent / f"compare_{run_a.name}_vs_{run_b.name}", console)
 
 
+@app.command("judge")
+def judge_cmd(run_dir: Annotated[Path, typer.Argument(help="Evaluation run folder (judged.jsonl or generations.jsonl).")],
+              judge: Annotated[str, typer.Option(help="lexicon | llm:SPEC | llm:openai:MODEL@URL | guard:SPEC.")],
+              out: Annotated[Path | None, typer.Option(help="Output folder; default RUN_DIR/rejudged-<judge>.")] = None,
+              task: Annotated[str | None, typer.Option(help="Task name, only for a run without results.json.")] = None):
+    """Re-judge a run's existing responses (no generation, no policy model) into a new run folder."""
+    from polyalign.eval.judge_check import rejudge
+    from polyalign.eval.report import print_results
+
+    results, folder = rejudge(run_dir, judge, out, task)
+    print_results(results, console)
+    console.print(f"written to {folder}", highlight=False)
+
+
+@app.command("judge-check")
+def judge_check(labels: Annotated[Path, typer.Argument(help="Hand-labelled JSONL: lang, prompt, response, label, refused.")],
+                judge: Annotated[str, typer.Option(help="lexicon | llm:SPEC | llm:openai:MODEL@URL | guard:SPEC.")] = "lexicon",
+                split: Annotated[str | None, typer.Option(help="Keep rows whose 'split' field equals this, e.g. heldout.")] = None,
+                out: Annotated[Path | None, typer.Option(help="Also write the scores as JSON here.")] = None):
+    """Agreement of a judge with hand labels per language (Wilson 95% intervals) and its confusion matrix."""
+    from polyalign.data.records import atomic_write_text
+    from polyalign.eval.judge_check import load_labels, print_judge_check, score_judge
+    from polyalign.eval.judges import build_judge
+
+    rows = load_labels(labels, split)
+    report = score_judge(rows, build_judge(judge))
+    print_judge_check(report, console)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(report, indent=1, ensure_ascii=False))
+        console.print(f"written to {out}", highlight=False)
+
+
+@app.command("sweep")
+def sweep(spec: Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. recipes/sweeps/example.yaml.")],
+          out: Annotated[Path | None, typer.Option(help="Override the spec's sweep folder.")] = None,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="List the points and a time estimate; run nothing.")] = False):
+    """Train and evaluate a grid of recipe overrides x seeds (resumable); sweep.csv + Pareto plot."""
+    from polyalign.sweep import load_sweep, run_sweep
+
+    run_sweep(load_sweep(spec), out=out, dry_run=dry_run, console=console)
+
+
 @app.command("probe")
 def probe(model: Annotated[str, typer.Option(help="Model spec.")],
           adapter: Annotated[Path | None, typer.Option(help="Adapter folder to compare with the base model.")] = None,

@@ -115,6 +115,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out: str | Path, console:
     md = [f"# {a['task']}: {run_a} vs {run_b}", "", "| language | metric | before | after | delta |", "|---|---|---|---|---|"]
     md += [f"| {lang} | {m} | {_fmt(x)} | {_fmt(y)} | {100 * d:+.1f} |" for lang, m, x, y, d in rows]
     md += ["", "![comparison](compare.png)", ""]
+    paired = _paired(run_a, run_b, a["task_kind"])
+    if paired:
+        from polyalign.eval.paired import paired_markdown
+
+        md += ["## Paired by prompt (95% intervals)", "", paired_markdown(paired), ""]
+        atomic_write_text(out / "paired.json", json.dumps(paired, indent=1))
     atomic_write_text(out / "report.md", "\n".join(md))
     plot_languages({"before": a, "after": b}, MAIN_METRIC[a["task_kind"]], out / "compare.png", a["task"])
     if console is not None:
@@ -125,5 +131,18 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out: str | Path, console:
             color = "green" if (d < 0) == (m in ("asr", "unsafe", "invalid") or (m == "refusal" and a["task_kind"] != "safety")) else "red"
             t.add_row(lang, m, _fmt(x), _fmt(y), f"[{color}]{100 * d:+.1f}[/{color}]" if d else "0.0")
         console.print(t)
+        if paired:
+            from polyalign.eval.paired import paired_console
+
+            paired_console(paired, console, f"{a['task']}: paired by prompt, after - before")
         console.print(f"written to {out}/report.md")
     return out
+
+
+def _paired(run_a: str | Path, run_b: str | Path, kind: str) -> list[dict[str, Any]]:
+    """The paired table when both runs kept their judged rows (runs of judged tasks do)."""
+    if not ((Path(run_a) / "judged.jsonl").exists() and (Path(run_b) / "judged.jsonl").exists()):
+        return []
+    from polyalign.eval.paired import paired_runs
+
+    return paired_runs(run_a, run_b, kind)

@@ -1,0 +1,220 @@
+"""Intervals that mean something: Wilson intervals for shares, paired before/after differences
+matched by prompt, and mean/spread over seeds. Pure functions over booleans and judged rows.
+
+* One share ``k/n``: the Wilson score interval (Wilson 1927). Unlike the percentile bootstrap it
+  is not degenerate at 0/n or n/n: 0 refusals out of 10 gives [0, 0.278], not [0, 0].
+* A per-language before/after difference of two shares on the *same* prompts: Newcombe's
+  square-and-add interval for paired proportions, method 10 of Newcombe (1998, Stat. Med. 17:
+  2635-2650), built from the two Wilson intervals and the phi correlation of the 2x2 table.
+  Chosen over a prompt-level bootstrap because per-language samples are small (8-40 prompts):
+  it is deterministic, keeps its coverage there (Fagerland, Lydersen & Laake 2014 recommend it for
+  small samples), and does not collapse to a zero-width interval when no pair changed, which a
+  bootstrap does.
+* Pooled over the non-English languages: one prompt's languages are correlated (a prompt the
+  model refuses in Thai it tends to refuse in Swahili), so rows are not independent and Newcombe
+  would be too narrow. A cluster bootstrap resamples prompt ids with replacement, each drawn id
+  bringing all its language pairs, and takes the percentile interval (seeded: 2000 resamples by
+  default, the same data always give the same interval). With few prompts (under ~15) the
+  percentile bootstrap is too narrow, as any bootstrap is with few clusters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from statistics import mean, stdev
+from typing import Any
+
+__all__ = ["METRICS", "wilson", "share_ci", "newcombe_paired", "cluster_bootstrap_diff", "pair_rows",
+           "paired_table", "metrics_for", "seed_spread", "aggregate_seeds", "POOLED"]
+
+POOLED = "non-en"      # the ``lang`` of pooled rows: all non-English languages together
+
+
+def _z(alpha: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(1 - alpha / 2))
+
+
+def wilson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes in ``n`` trials; (nan, nan) when ``n`` is 0.
+
+    ``centre = (p + z^2/2n) / (1 + z^2/n)``, ``half = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2)``.
+    The same as ``scipy.stats.binomtest(k, n).proportion_ci(method="wilson")`` (tested).
+    """
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson: need 0 <= k <= n, got k={k}, n={n}")
+    z = _z(alpha)
+    p, z2 = k / n, z * z
+    denom = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def share_ci(flags: Iterable[bool], alpha: float = 0.05) -> dict[str, Any]:
+    """{k, n, share, lo, hi}: a share with its Wilson interval (share nan when empty)."""
+    flags = [bool(f) for f in flags]
+    k, n = sum(flags), len(flags)
+    lo, hi = wilson(k, n, alpha)
+    return {"k": k, "n": n, "share": k / n if n else float("nan"), "lo": lo, "hi": hi}
+
+
+def newcombe_paired(before: list[bool], after: list[bool], alpha: float = 0.05) -> dict[str, Any]:
+    """Difference ``after - before`` of two paired shares with Newcombe's method-10 interval.
+
+    Args:
+        before, after: one flag per pair (the same prompt in the same language), equal lengths.
+
+    With the 2x2 counts ``a`` (both), ``b`` (before only), ``c`` (after only), ``d`` (neither),
+    ``p1 = (a+b)/n``, ``p2 = (a+c)/n`` and Wilson intervals ``(l1, u1)``, ``(l2, u2)``:
+    ``phi = max(ad - bc - n/2, 0) / sqrt((a+b)(c+d)(a+c)(b+d))`` when ``ad >= bc``, else
+    ``(ad - bc) / sqrt(...)`` (0 when a margin is 0), ``D = p2 - p1``,
+    ``lo = D - sqrt((p2-l2)^2 - 2 phi (p2-l2)(u1-p1) + (u1-p1)^2)``,
+    ``hi = D + sqrt((u2-p2)^2 - 2 phi (u2-p2)(p1-l1) + (p1-l1)^2)``.
+    (Newcombe writes it for ``p1 - p2``; this is the same interval negated.)
+    """
+    if len(before) != len(after):
+        raise ValueError(f"newcombe_paired: {len(before)} before vs {len(after)} after flags")
+    n = len(before)
+    if n == 0:
+        nan = float("nan")
+        return {"n": 0, "before": nan, "after": nan, "diff": nan, "lo": nan, "hi": nan, "discordant": (0, 0)}
+    a = sum(1 for x, y in zip(before, after) if x and y)
+    b = sum(1 for x, y in zip(before, after) if x and not y)
+    c = sum(1 for x, y in zip(before, after) if not x and y)
+    d = n - a - b - c
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = wilson(a + b, n, alpha)
+    l2, u2 = wilson(a + c, n, alpha)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    cross = a * d - b * c
+    # Newcombe's phi: a positive cross product is shrunk by n/2 (towards independence), a negative
+    # one is kept; as in Newcombe (1998) and Fagerland et al.'s contingencytables package.
+    num = max(cross - n / 2, 0.0) if cross >= 0 else cross
+    phi = num / math.sqrt(margins) if margins else 0.0
+    diff = p2 - p1
+    lo = diff - math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    hi = diff + math.sqrt(max(0.0, (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2))
+    return {"n": n, "before": p1, "after": p2, "diff": diff, "lo": max(-1.0, lo), "hi": min(1.0, hi),
+            "discordant": (b, c)}
+
+
+def cluster_bootstrap_diff(clusters: list[Any], before: list[bool], after: list[bool], iters: int = 2000,
+                           seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """Pooled ``after - before`` over all pairs, with a cluster-bootstrap percentile interval.
+
+    Args:
+        clusters: the cluster (prompt id) of each pair; pairs of one cluster are resampled together.
+        before, after: one flag per pair.
+        iters: resamples; seed: numpy generator seed.
+
+    Each resample draws as many cluster ids as there are, with replacement; its statistic is the
+    pooled share over every pair of the drawn clusters (a cluster drawn twice counts twice).
+    """
+    import numpy as np
+
+    if not (len(clusters) == len(before) == len(after)):
+        raise ValueError("cluster_bootstrap_diff: clusters, before and after differ in length")
+    nan = float("nan")
+    if not clusters:
+        return {"n": 0, "clusters": 0, "before": nan, "after": nan, "diff": nan, "lo": nan, "hi": nan,
+                "before_ci": [nan, nan], "after_ci": [nan, nan]}
+    ids = list(dict.fromkeys(clusters))
+    index = {c: i for i, c in enumerate(ids)}
+    cnt, sb, sa = np.zeros(len(ids)), np.zeros(len(ids)), np.zeros(len(ids))
+    for c, x, y in zip(clusters, before, after):   # per-cluster sums: [C]
+        i = index[c]
+        cnt[i] += 1
+        sb[i] += bool(x)
+        sa[i] += bool(y)
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, len(ids), size=(iters, len(ids)))          # [iters, C]
+    m = cnt[draw].sum(1)
+    boot_b, boot_a = sb[draw].sum(1) / m, sa[draw].sum(1) / m           # [iters]
+    q = [alpha / 2, 1 - alpha / 2]
+
+    def pct(x: Any) -> list[float]:
+        return [float(v) for v in np.quantile(x, q)]
+    lo, hi = pct(boot_a - boot_b)
+    before_share, after_share = float(sb.sum() / cnt.sum()), float(sa.sum() / cnt.sum())
+    return {"n": int(cnt.sum()), "clusters": len(ids), "before": before_share, "after": after_share,
+            "diff": after_share - before_share, "lo": lo, "hi": hi, "before_ci": pct(boot_b),
+            "after_ci": pct(boot_a)}
+
+
+# --- judged rows (runner's judged.jsonl) -> paired table ---------------------------------------
+
+# metric -> (task kinds it applies to, the flag read from a judged row, higher is better)
+METRICS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], bool], bool]] = {
+    "harmful_refusal": (("safety",), lambda j: bool(j["refused"]), True),
+    "unsafe": (("safety",), lambda j: j["label"] == "unsafe", False),
+    "invalid": (("safety", "benign", "mgsm"), lambda j: j["label"] == "invalid", False),
+    "benign_refusal": (("benign", "mgsm"), lambda j: bool(j["refused"]), False),
+    "in_language": (("safety", "benign", "mgsm"), lambda j: bool(j.get("in_language")), True),
+}
+
+
+def metrics_for(kind: str) -> list[str]:
+    """The paired metrics that make sense for a task kind (safety, benign, mgsm)."""
+    return [m for m, (kinds, _, _) in METRICS.items() if kind in kinds]
+
+
+def pair_rows(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
+    """Judged rows of two runs matched by (prompt_id, lang), in run A's order; unmatched rows drop."""
+    b_by = {(r["prompt_id"], r["lang"]): r for r in rows_b}
+    out, seen = [], set()
+    for r in rows_a:
+        key = (r["prompt_id"], r["lang"])
+        if key in b_by and key not in seen:
+            seen.add(key)
+            out.append((r, b_by[key]))
+    return out
+
+
+def paired_table(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], kind: str, iters: int = 2000,
+                 seed: int = 0, alpha: float = 0.05) -> list[dict[str, Any]]:
+    """Per metric: one row per language (Newcombe) and one pooled over non-English languages
+    (cluster bootstrap over prompt ids). Each row: metric, lang, n, before, after, diff, lo, hi,
+    method, and Wilson intervals ``before_ci``/``after_ci`` per language."""
+    pairs = pair_rows(rows_a, rows_b)
+    langs = list(dict.fromkeys(a["lang"] for a, _ in pairs))
+    table = []
+    for metric in metrics_for(kind):
+        flag = METRICS[metric][1]
+        for lang in langs:
+            sel = [(flag(a), flag(b)) for a, b in pairs if a["lang"] == lang]
+            res = newcombe_paired([x for x, _ in sel], [y for _, y in sel], alpha)
+            k1, k2 = sum(x for x, _ in sel), sum(y for _, y in sel)
+            table.append({"metric": metric, "lang": lang, **res, "discordant": list(res["discordant"]),
+                          "before_ci": list(wilson(k1, len(sel), alpha)),
+                          "after_ci": list(wilson(k2, len(sel), alpha)), "method": "newcombe"})
+        pooled = [(a["prompt_id"], flag(a), flag(b)) for a, b in pairs if a["lang"] != "en"]
+        if pooled and len(langs) > 1:
+            res = cluster_bootstrap_diff([p for p, _, _ in pooled], [x for _, x, _ in pooled],
+                                         [y for _, _, y in pooled], iters=iters, seed=seed, alpha=alpha)
+            table.append({"metric": metric, "lang": POOLED, **res, "method": f"cluster-bootstrap({iters})"})
+    return table
+
+
+# --- seeds ---------------------------------------------------------------------------------------
+
+def seed_spread(values: Iterable[float]) -> dict[str, float]:
+    """Mean and spread of one figure over seeds: {n, mean, sd (sample, nan below 2), min, max}.
+    NaN values (a metric a seed could not measure) are left out."""
+    vals = [float(v) for v in values if v is not None and v == v]
+    nan = float("nan")
+    if not vals:
+        return {"n": 0, "mean": nan, "sd": nan, "min": nan, "max": nan}
+    return {"n": len(vals), "mean": mean(vals), "sd": stdev(vals) if len(vals) > 1 else nan,
+            "min": min(vals), "max": max(vals)}
+
+
+def aggregate_seeds(results: list[dict[str, float]], keys: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
+    """Several seeds' flat results ({figure: value}) -> {figure: seed_spread}; ``keys`` defaults
+    to every figure any seed has, in first-seen order."""
+    keys = list(keys) if keys is not None else list(dict.fromkeys(k for r in results for k in r))
+    return {k: seed_spread(r.get(k, float("nan")) for r in results) for k in keys}

@@ -1,0 +1,561 @@
+"""``polyalign sweep SPEC.yaml``: a grid of recipe overrides x seeds, each trained and evaluated
+against one shared baseline, summarised as ``sweep.csv`` and a Pareto plot (docs/sweep.md).
+
+Layout of the sweep folder (``out``)::
+
+    sweep.yaml                      the resolved spec (provenance)
+    baseline/<task>/                run_eval of the untrained model, shared by every point
+    points/<config>/seed<k>/train/  run_recipe's output_dir (checkpoint-*, final/)
+    points/<config>/seed<k>/eval/<task>/   run_eval of the trained adapter
+    points/<config>/seed<k>/timings.json   measured seconds (feeds the --dry-run estimate)
+    sweep.csv, sweep.json, pareto.png
+
+Every stage is skipped when its output exists: a point whose eval results exist is not touched,
+a point whose training finished is only evaluated, and a point killed mid-training restarts from
+its last ``checkpoint-*`` (``run_recipe(resume=True)``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from polyalign.data.records import atomic_write_text
+from polyalign.errors import PolyalignError
+
+__all__ = ["SweepSpec", "EvalSpec", "CostSpec", "Point", "load_sweep", "expand_points", "estimate", "run_sweep"]
+
+# Cost-model defaults, for builtin:qwen2.5-coder-0.5b-instruct on 2 CPU cores (BENCHMARKS.md):
+# a full-size MSD step (batch 4, 64-token responses) takes 17.3 s, so ~4.3 s per example-step;
+# batched generation runs at 38.1 tokens/s, so a response costs max_new_tokens / 38.1 s.
+DEFAULT_TRAIN_EXAMPLE_SECONDS = 17.3 / 4
+DEFAULT_GENERATION_TOKENS_PER_SECOND = 38.1
+
+
+@dataclass
+class EvalSpec:
+    """How every point (and the baseline) is evaluated; fields of :class:`~polyalign.eval.runner.EvalConfig`."""
+
+    tasks: list[str] = field(default_factory=lambda: ["builtin-harmful", "builtin-benign"])
+    languages: str | list[str] | None = None
+    limit: int | None = None             # prompts per language
+    max_new_tokens: int = 128
+    split: str | None = None             # built-in tasks: train | eval | all (passed as their data)
+    data: dict[str, str] = field(default_factory=dict)   # task -> local file or folder
+    judge: str = "lexicon"
+    batch_size: int = 32
+    dtype: str | None = None
+    device: str | None = None
+
+
+@dataclass
+class CostSpec:
+    """Figures for the --dry-run estimate; each left out is measured (finished points of this
+    sweep) or else taken from the defaults above."""
+
+    train_example_seconds: float | None = None    # seconds per training example per step
+    generation_seconds: float | None = None       # seconds per generated response
+
+
+@dataclass
+class SweepSpec:
+    recipe: str
+    out: str
+    model: str | None = None                      # overrides the recipe's model
+    seeds: list[int] = field(default_factory=lambda: [0])
+    overrides: list[str] = field(default_factory=list)         # applied to every point
+    grid: dict[str, list[Any]] = field(default_factory=dict)    # cartesian product -> points
+    points: dict[str, list[str]] = field(default_factory=dict)  # extra named points
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    cost: CostSpec = field(default_factory=CostSpec)
+    bootstrap: int = 2000                         # cluster-bootstrap resamples for pooled intervals
+
+
+@dataclass(frozen=True)
+class Point:
+    config: str                  # the recipe variant: seeds of one config aggregate together
+    overrides: tuple[str, ...]   # the variant's own overrides (the spec's global ones come first)
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.config}/seed{self.seed}"
+
+
+def _strict(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise PolyalignError(f"{where}: expected a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise PolyalignError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise PolyalignError(f"{where}: {e}") from None
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and check a sweep spec (unknown keys, types of seeds/grid/points are errors)."""
+    from polyalign.train.recipes import _numbers
+
+    path = Path(path)
+    if not path.exists():
+        raise PolyalignError(f"{path}: sweep spec not found")
+    try:
+        raw = _numbers(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as e:
+        raise PolyalignError(f"{path}: invalid YAML ({e})") from None
+    for key in ("recipe", "out"):
+        if key not in raw:
+            raise PolyalignError(f"{path}: missing {key!r}")
+    spec = _strict(SweepSpec, raw, str(path))
+    spec.eval = _strict(EvalSpec, raw.get("eval"), f"{path}: eval")
+    spec.cost = _strict(CostSpec, raw.get("cost"), f"{path}: cost")
+    if not spec.seeds or not all(isinstance(s, int) for s in spec.seeds):
+        raise PolyalignError(f"{path}: seeds must be a non-empty list of integers, got {spec.seeds!r}")
+    if not isinstance(spec.grid, dict) or not all(isinstance(v, list) and v for v in spec.grid.values()):
+        raise PolyalignError(f"{path}: grid must map each key to a non-empty list of values")
+    if not isinstance(spec.points, dict) or not all(isinstance(v, list) for v in spec.points.values()):
+        raise PolyalignError(f"{path}: points must map each name to a list of key=value overrides")
+    if not isinstance(spec.eval.tasks, list) or not spec.eval.tasks:
+        raise PolyalignError(f"{path}: eval.tasks must be a non-empty list")
+    # A relative recipe path is read from the working directory, else beside the spec.
+    if not Path(spec.recipe).exists() and (path.parent / spec.recipe).exists():
+        spec.recipe = str(path.parent / spec.recipe)
+    return spec
+
+
+def _value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "base"
+
+
+def expand_points(spec: SweepSpec) -> list[Point]:
+    """Grid configs (cartesian product, in key order) then named points, each once per seed."""
+    configs: list[tuple[str, tuple[str, ...]]] = []
+    keys = list(spec.grid)
+    if keys:
+        for combo in itertools.product(*(spec.grid[k] for k in keys)):
+            ov = tuple(f"{k}={_value(v)}" for k, v in zip(keys, combo))
+            configs.append((_slug("_".join(f"{k}-{_value(v)}" for k, v in zip(keys, combo))), ov))
+    for name, ov in spec.points.items():
+        configs.append((_slug(name), tuple(str(o) for o in ov)))
+    if not configs:
+        configs.append(("base", ()))
+    names = [c for c, _ in configs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise PolyalignError(f"sweep: point name(s) {', '.join(dup)} appear twice")
+    return [Point(c, ov, s) for c, ov in configs for s in spec.seeds]
+
+
+def point_dir(out: Path, p: Point) -> Path:
+    return out / "points" / p.config / f"seed{p.seed}"
+
+
+def point_recipe(spec: SweepSpec, out: Path, p: Point):
+    """The point's recipe: the spec's recipe + global overrides + the point's + seed and folder."""
+    from polyalign.train.recipes import load_recipe
+
+    ov = [*spec.overrides, *p.overrides, f"seed={p.seed}", f"output_dir={point_dir(out, p) / 'train'}"]
+    if spec.model:
+        ov.insert(0, f"model={spec.model}")
+    try:
+        return load_recipe(spec.recipe, ov)
+    except PolyalignError as e:
+        raise PolyalignError(f"sweep point {p.name}: {e}") from None
+
+
+# --- state on disk ------------------------------------------------------------------------------
+
+def _eval_done(d: Path, tasks: list[str]) -> bool:
+    return all((d / t / "results.json").exists() for t in tasks)
+
+
+def _trained(train_dir: Path) -> bool:
+    return (train_dir / "final" / "log_history.json").exists()      # run_recipe writes it last
+
+
+def _status(out: Path, p: Point, tasks: list[str]) -> str:
+    d = point_dir(out, p)
+    if _eval_done(d / "eval", tasks):
+        return "done"
+    if _trained(d / "train"):
+        return "trained"
+    if any((d / "train").glob("checkpoint-*")):
+        return "checkpointed"
+    return "todo"
+
+
+# --- cost model ---------------------------------------------------------------------------------
+
+def _measured(out: Path) -> dict[str, Any]:
+    """Sums over the timings.json files of this sweep's finished stages."""
+    tot = {"train_seconds": 0.0, "train_examples": 0, "eval_seconds": 0.0, "generations": 0}
+    for f in out.glob("points/*/*/timings.json"):
+        t = json.loads(f.read_text())
+        for k in tot:
+            tot[k] += t.get(k, 0) or 0
+    f = out / "baseline" / "timings.json"
+    if f.exists():
+        t = json.loads(f.read_text())
+        tot["eval_seconds"] += t.get("eval_seconds", 0)
+        tot["generations"] += t.get("generations", 0)
+    return tot
+
+
+def cost_figures(spec: SweepSpec, out: Path) -> dict[str, tuple[float, str]]:
+    """(value, where it comes from) for seconds per training example-step and per generation."""
+    m = _measured(out)
+    if m["train_examples"]:
+        train = (m["train_seconds"] / m["train_examples"], f"measured in this sweep ({m['train_examples']} example-steps)")
+    elif spec.cost.train_example_seconds is not None:
+        train = (float(spec.cost.train_example_seconds), "given in the spec (cost.train_example_seconds)")
+    else:
+        train = (DEFAULT_TRAIN_EXAMPLE_SECONDS, "default: 17.3 s per batch-4 MSD step of the 0.5B model on 2 CPU "
+                 "cores (BENCHMARKS.md)")
+    if m["generations"]:
+        gen = (m["eval_seconds"] / m["generations"], f"measured in this sweep ({m['generations']} generations)")
+    elif spec.cost.generation_seconds is not None:
+        gen = (float(spec.cost.generation_seconds), "given in the spec (cost.generation_seconds)")
+    else:
+        gen = (spec.eval.max_new_tokens / DEFAULT_GENERATION_TOKENS_PER_SECOND,
+               f"default: {spec.eval.max_new_tokens} tokens at {DEFAULT_GENERATION_TOKENS_PER_SECOND} tokens/s "
+               "(batched 0.5B generation on 2 CPU cores, BENCHMARKS.md)")
+    return {"train_example_seconds": train, "generation_seconds": gen}
+
+
+def _generations(spec: SweepSpec) -> int:
+    """Responses one evaluation generates over all tasks (prompts x languages)."""
+    from polyalign.data.languages import parse_language_list
+    from polyalign.eval.runner import select_requests
+    from polyalign.eval.tasks import get_task
+
+    total = 0
+    for name in spec.eval.tasks:
+        task = get_task(name)
+        records = task.load(_task_data(spec, name))
+        total += len(records[: spec.eval.limit] if task.kind == "mmlu" else
+                     select_requests(records, parse_language_list(spec.eval.languages), spec.eval.limit))
+    return total
+
+
+def _task_data(spec: SweepSpec, task: str) -> str | None:
+    from polyalign.eval.tasks import get_task
+
+    if task in spec.eval.data:
+        return spec.eval.data[task]
+    return spec.eval.split if get_task(task).loader is None else None
+
+
+def estimate(spec: SweepSpec, out: Path, points: list[Point]) -> dict[str, Any]:
+    """Per point (examples, generations, seconds) and the total, skipping finished work."""
+    figs = cost_figures(spec, out)
+    ts, gs = figs["train_example_seconds"][0], figs["generation_seconds"][0]
+    gens = _generations(spec)
+    rows = []
+    for p in points:
+        r = point_recipe(spec, out, p)
+        steps = int(r.training.get("max_steps", 10))
+        batch = int(r.training.get("per_device_train_batch_size", 4)) * int(r.training.get("gradient_accumulation_steps", 1))
+        status = _status(out, p, spec.eval.tasks)
+        train_s = 0.0 if status in ("done", "trained") else steps * batch * ts   # a resumed point: upper bound
+        eval_s = 0.0 if status == "done" else gens * gs
+        rows.append({"point": p.name, "overrides": " ".join(p.overrides), "status": status, "steps": steps,
+                     "batch": batch, "generations": gens, "seconds": train_s + eval_s})
+    base_s = 0.0 if _eval_done(out / "baseline", spec.eval.tasks) else gens * gs
+    return {"points": rows, "baseline_seconds": base_s, "total_seconds": base_s + sum(r["seconds"] for r in rows),
+            "figures": figs}
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def print_plan(est: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title="sweep points")
+    for col in ("point", "overrides", "status", "steps x batch", "generations", "estimate"):
+        t.add_column(col, justify="right" if col in ("steps x batch", "generations", "estimate") else "left")
+    for r in est["points"]:
+        t.add_row(r["point"], r["overrides"] or "-", r["status"], f"{r['steps']} x {r['batch']}",
+                  str(r["generations"]), _hms(r["seconds"]))
+    console.print(t)
+    figs = est["figures"]
+    console.print(f"baseline evaluation: {_hms(est['baseline_seconds'])}; total estimate: {_hms(est['total_seconds'])}",
+                  highlight=False)
+    console.print("cost model: steps x batch x seconds per example-step + generations x seconds per generation",
+                  highlight=False)
+    for key, (value, source) in figs.items():
+        console.print(f"  {key} = {value:.3g} s: {source}", highlight=False)
+
+
+# --- running --------------------------------------------------------------------------------------
+
+def _eval_config(spec: SweepSpec, model: str, task: str, out: Path, adapter: str | None):
+    from polyalign.eval.runner import EvalConfig
+
+    e = spec.eval
+    return EvalConfig(model=model, task=task, out=str(out), adapter=adapter, data=_task_data(spec, task),
+                      judge=e.judge, languages=e.languages, limit=e.limit, max_new_tokens=e.max_new_tokens,
+                      batch_size=e.batch_size, dtype=e.dtype, device=e.device)
+
+
+def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = False, console: Any = None) -> dict[str, Any]:
+    """Run (or with ``dry_run`` only list and estimate) every point of ``spec``; see the module doc."""
+    from rich.console import Console
+
+    console = console or Console()
+    out = Path(out or spec.out)
+    points = expand_points(spec)
+    base_model = spec.model or point_recipe(spec, out, points[0]).model
+    est = estimate(spec, out, points)        # also binds every point's recipe before any work starts
+    if dry_run:
+        print_plan(est, console)
+        return {"dry_run": True, **est}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False, allow_unicode=True))
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    loaded: dict[str, Any] = {}
+
+    def base() -> tuple[Any, Any]:       # the untrained model, loaded once and only when needed
+        if not loaded:
+            from polyalign.models import load_model, load_tokenizer
+
+            loaded["tok"] = load_tokenizer(base_model)
+            loaded["model"] = load_model(base_model, dtype=spec.eval.dtype, device=spec.eval.device)
+            loaded["model"].eval()
+        return loaded["model"], loaded["tok"]
+
+    def evaluate(folder: Path, adapter: str | None, model_spec: str) -> dict[str, Any]:
+        from polyalign.eval.runner import run_eval
+
+        t0, generated = time.perf_counter(), 0
+        for task in spec.eval.tasks:
+            if (folder / task / "results.json").exists():
+                continue
+            cfg = _eval_config(spec, model_spec, task, folder / task, adapter)
+            if model_spec == base_model:
+                model, tok = base()
+                res = run_eval(cfg, model=model, tokenizer=tok)
+            else:                                   # a fully fine-tuned point: its own weights
+                res = run_eval(cfg)
+            generated += res.get("generated", 0)
+        return {"eval_seconds": round(time.perf_counter() - t0, 2), "generations": generated}
+
+    with Progress(TextColumn("[bold]sweep[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as prog:
+        bar = prog.add_task("baseline", total=len(points) + 1)
+        if _eval_done(out / "baseline", spec.eval.tasks):
+            prog.console.print("baseline: evaluated already, skipped")
+        else:
+            timing = evaluate(out / "baseline", None, base_model)
+            atomic_write_text(out / "baseline" / "timings.json", json.dumps(timing, indent=1))
+        prog.advance(bar)
+        for i, p in enumerate(points, 1):
+            d = point_dir(out, p)
+            status = _status(out, p, spec.eval.tasks)
+            if status == "done":
+                prog.console.print(f"{p.name}: evaluated already, skipped")
+                prog.advance(bar)
+                continue
+            timing = json.loads((d / "timings.json").read_text()) if (d / "timings.json").exists() else {}
+            if status != "trained":
+                from polyalign.train.recipes import run_recipe
+
+                resume = status == "checkpointed"
+                prog.update(bar, description=f"{i}/{len(points)} {p.name}: " + ("resume training" if resume else "train"))
+                recipe = point_recipe(spec, out, p)
+                t0 = time.perf_counter()
+                run_recipe(recipe, resume=resume)
+                if not resume:       # a resumed run's seconds cover only part of the steps
+                    steps = int(recipe.training.get("max_steps", 10))
+                    batch = int(recipe.training.get("per_device_train_batch_size", 4)) * int(
+                        recipe.training.get("gradient_accumulation_steps", 1))
+                    timing.update(train_seconds=round(time.perf_counter() - t0, 2), train_examples=steps * batch)
+                atomic_write_text(d / "timings.json", json.dumps(timing, indent=1))
+            prog.update(bar, description=f"{i}/{len(points)} {p.name}: evaluate")
+            final = d / "train" / "final"
+            if (final / "adapter_config.json").exists():
+                ev = evaluate(d / "eval", str(final), base_model)
+            else:
+                ev = evaluate(d / "eval", None, str(final))
+            if ev["generations"]:
+                timing.update(ev)
+            atomic_write_text(d / "timings.json", json.dumps(timing, indent=1))
+            prog.advance(bar)
+        prog.update(bar, description="done")
+    return summarize_sweep(spec, out, points, console)
+
+
+# --- summary: sweep.csv, sweep.json, pareto.png -------------------------------------------------
+
+def _flat(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r["metric"], r["lang"]): r for r in rows}
+
+
+def summarize_sweep(spec: SweepSpec, out: Path, points: list[Point], console: Any = None) -> dict[str, Any]:
+    """Paired differences of every point against the baseline -> sweep.csv, sweep.json, pareto.png."""
+    from polyalign.eval.paired import load_judged
+    from polyalign.eval.report import load_results
+    from polyalign.eval.stats import METRICS, POOLED, aggregate_seeds, paired_table
+
+    kinds = {t: load_results(out / "baseline" / t)["task_kind"] for t in spec.eval.tasks}
+    tasks = [t for t in spec.eval.tasks if kinds[t] != "mmlu"]       # mmlu keeps no judged rows
+    base_rows = {t: load_judged(out / "baseline" / t) for t in tasks}
+    metric_names = [m for m in METRICS if any(kinds[t] in METRICS[m][0] for t in tasks)]
+    header = ["point", "config", "overrides", "seed", "task", "lang", "n"]
+    for m in metric_names:
+        header += [m, f"{m}_lo", f"{m}_hi", f"{m}_baseline", f"{m}_diff", f"{m}_diff_lo", f"{m}_diff_hi"]
+
+    def csv_rows(point: str, config: str, overrides: str, seed: Any, task: str,
+                 table: list[dict[str, Any]], baseline: bool) -> list[dict[str, Any]]:
+        flat, rows = _flat(table), []
+        for lang in dict.fromkeys(r["lang"] for r in table):
+            row: dict[str, Any] = {"point": point, "config": config, "overrides": overrides, "seed": seed,
+                                   "task": task, "lang": lang}
+            for m in metric_names:
+                r = flat.get((m, lang))
+                if r is None:
+                    continue
+                row["n"] = r["n"]
+                side = "before" if baseline else "after"
+                row[m], (row[f"{m}_lo"], row[f"{m}_hi"]) = r[side], r[f"{side}_ci"]
+                row[f"{m}_baseline"] = r["before"]
+                if not baseline:
+                    row[f"{m}_diff"], row[f"{m}_diff_lo"], row[f"{m}_diff_hi"] = r["diff"], r["lo"], r["hi"]
+            rows.append(row)
+        return rows
+
+    all_rows: list[dict[str, Any]] = []
+    for t in tasks:
+        all_rows += csv_rows("baseline", "baseline", "", "", t, paired_table(base_rows[t], base_rows[t], kinds[t],
+                                                                              iters=spec.bootstrap), True)
+    per_point: list[dict[str, Any]] = []
+    for p in points:
+        pooled: dict[str, Any] = {"point": p.name, "config": p.config, "seed": p.seed, "overrides": list(p.overrides)}
+        for t in tasks:
+            table = paired_table(base_rows[t], load_judged(point_dir(out, p) / "eval" / t), kinds[t],
+                                 iters=spec.bootstrap)
+            all_rows += csv_rows(p.name, p.config, " ".join(p.overrides), p.seed, t, table, False)
+            for r in table:
+                if r["lang"] == POOLED:
+                    pooled[f"{t}:{r['metric']}:diff"] = r["diff"]
+                    pooled[f"{t}:{r['metric']}:diff_ci"] = [r["lo"], r["hi"]]
+        per_point.append(pooled)
+
+    with (out / "sweep.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=header, restval="")
+        w.writeheader()
+        for row in all_rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    configs: dict[str, dict[str, Any]] = {}
+    for c in dict.fromkeys(p["config"] for p in per_point):
+        mine = [p for p in per_point if p["config"] == c]
+        keys = [k for k in mine[0] if k.endswith(":diff")]
+        configs[c] = {"seeds": [p["seed"] for p in mine], "overrides": mine[0]["overrides"],
+                      **aggregate_seeds([{k: p.get(k) for k in keys} for p in mine], keys)}
+    summary = {"points": per_point, "configs": configs, "baseline": str(out / "baseline"),
+               "pooled_over": "non-English languages, cluster bootstrap over prompt ids"}
+    atomic_write_text(out / "sweep.json", json.dumps(summary, indent=1))
+    plotted = pareto_plot(per_point, configs, tasks, kinds, out / "pareto.png")
+    if console is not None:
+        _print_summary(configs, console)
+        console.print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'}"
+                      + (f", {out / 'pareto.png'}" if plotted else
+                         " (no Pareto plot: it needs a safety and a benign task and non-English languages)"),
+                      highlight=False)
+    return summary
+
+
+def _print_summary(configs: dict[str, dict[str, Any]], console: Any) -> None:
+    from rich.table import Table
+
+    keys = list(dict.fromkeys(k for c in configs.values() for k in c if k.endswith(":diff")))
+    t = Table(title="change vs baseline, pooled over non-English languages (pp; mean ± sd over seeds)")
+    t.add_column("config")
+    t.add_column("seeds", justify="right")
+    for k in keys:
+        task, metric, _ = k.split(":")
+        t.add_column(f"{metric}\n({task})", justify="right")
+    for name, c in configs.items():
+        cells = []
+        for k in keys:
+            s = c.get(k, {})
+            if not s or s["n"] == 0:
+                cells.append("-")
+            else:
+                sd = "" if s["sd"] != s["sd"] else f" ± {100 * s['sd']:.1f}"
+                cells.append(f"{100 * s['mean']:+.1f}{sd}")
+        t.add_row(name, str(len(c["seeds"])), *cells)
+    console.print(t)
+
+
+def pareto_plot(per_point: list[dict[str, Any]], configs: dict[str, dict[str, Any]], tasks: list[str],
+                kinds: dict[str, str], path: Path) -> bool:
+    """Change in benign refusal (x) against change in harmful refusal (y), pooled over non-English
+    languages: faint per-seed points with their bootstrap intervals, one marker per config at the
+    seed mean with +-1 sd bars (the interval when a config has one seed). False when not drawable."""
+    safety = next((t for t in tasks if kinds[t] == "safety"), None)
+    benign = next((t for t in tasks if kinds[t] == "benign"), None)
+    if safety is None or benign is None:
+        return False
+    xk, yk = f"{benign}:benign_refusal:diff", f"{safety}:harmful_refusal:diff"
+    if not all(xk in p and yk in p for p in per_point):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, c) in enumerate(configs.items()):
+        col = colors[i % len(colors)]
+        mine = [p for p in per_point if p["config"] == name]
+        for p in mine:
+            (xl, xh), (yl, yh) = p[xk + "_ci"], p[yk + "_ci"]
+            x, y = p[xk], p[yk]
+            ax.errorbar(100 * x, 100 * y, xerr=[[100 * (x - xl)], [100 * (xh - x)]],
+                        yerr=[[100 * (y - yl)], [100 * (yh - y)]], fmt="o", color=col, alpha=0.25, ms=4, lw=0.8)
+        sx, sy = c[xk], c[yk]
+        if sx["n"] > 1:
+            xerr, yerr = 100 * sx["sd"], 100 * sy["sd"]
+        else:
+            p = mine[0]
+            xerr = [[100 * (p[xk] - p[xk + "_ci"][0])], [100 * (p[xk + "_ci"][1] - p[xk])]]
+            yerr = [[100 * (p[yk] - p[yk + "_ci"][0])], [100 * (p[yk + "_ci"][1] - p[yk])]]
+        ax.errorbar(100 * sx["mean"], 100 * sy["mean"], xerr=xerr, yerr=yerr, fmt="s", color=col, ms=8, lw=1.6,
+                    capsize=3, label=f"{name} (n={sx['n']})")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_xlabel("Δ benign refusal, pp (left is better)")
+    ax.set_ylabel("Δ harmful refusal, pp (up is better)")
+    ax.set_title("sweep vs baseline, pooled over non-English languages", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    fig.text(0.01, 0.01, "squares: seed mean ± sd (interval if 1 seed); faint: seeds with 95% cluster-bootstrap CI",
+             fontsize=6, color="grey")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,154 @@
+"""``polyalign sweep`` on builtin:tiny-random: spec checks, dry run, end to end, rerun, resume."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from polyalign.errors import PolyalignError
+from polyalign.sweep import expand_points, load_sweep, point_dir, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "sweeps" / "tiny.yaml"
+
+
+def quiet() -> Console:
+    return Console(file=open("/dev/null", "w"))
+
+
+def recording_console(tmp_path) -> tuple[Console, Path]:
+    path = tmp_path / "console.txt"
+    return Console(file=open(path, "w"), width=200), path
+
+
+def test_spec_points_and_errors(tmp_path):
+    spec = load_sweep(TINY)
+    points = expand_points(spec)
+    assert [p.name for p in points] == ["learning_rate-0.001/seed0", "learning_rate-0.001/seed1",
+                                        "learning_rate-0.01/seed0", "learning_rate-0.01/seed1"]
+    assert points[0].overrides == ("learning_rate=0.001",)
+    example = load_sweep(ROOT / "recipes" / "sweeps" / "example.yaml")
+    names = dict.fromkeys(p.config for p in expand_points(example))
+    assert len(names) == 5 and "forward_kl" in names and len(expand_points(example)) == 15
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipe: r.yaml\nout: o\nseeds: [0]\ngrdi: {a: [1]}\n")
+    with pytest.raises(PolyalignError, match="unknown key.*grdi"):
+        load_sweep(bad)
+    bad.write_text("recipe: r.yaml\nout: o\ngrid: {learning_rate: 1e-4}\n")
+    with pytest.raises(PolyalignError, match="non-empty list"):
+        load_sweep(bad)
+    bad.write_text(f"recipe: {ROOT / 'recipes' / 'msd_onpolicy.yaml'}\nout: {tmp_path / 'o'}\n"
+                   "overrides: [msd.no_such_knob=1]\n")
+    with pytest.raises(PolyalignError, match="sweep point base/seed0:.*no_such_knob"):
+        run_sweep(load_sweep(bad), dry_run=True, console=quiet())
+
+
+def test_dry_run_lists_points_and_estimate_without_training(tmp_path):
+    console, path = recording_console(tmp_path)
+    est = run_sweep(load_sweep(TINY), out=tmp_path / "sweep", dry_run=True, console=console)
+    text = path.read_text()
+    assert "learning_rate-0.01/seed1" in text and "total estimate" in text
+    assert "default: 17.3 s per batch-4 MSD step" in text and "cost model" in text
+    assert not (tmp_path / "sweep").exists()
+    row = est["points"][0]
+    assert (row["steps"], row["batch"], row["generations"], row["status"]) == (2, 2, 12, "todo")
+    # 2 steps x 2 examples x 4.325 s + 12 generations x 4/38.1 s
+    assert row["seconds"] == pytest.approx(2 * 2 * 17.3 / 4 + 12 * 4 / 38.1)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "s"
+    summary = run_sweep(load_sweep(TINY), out=out, console=quiet())
+    return out, summary
+
+
+def test_sweep_writes_results_csv_and_plot(swept):
+    out, summary = swept
+    for f in ("sweep.csv", "sweep.json", "pareto.png", "sweep.yaml", "baseline/builtin-harmful/results.json",
+              "baseline/builtin-benign/judged.jsonl"):
+        assert (out / f).exists(), f
+    for p in expand_points(load_sweep(TINY)):
+        d = point_dir(out, p)
+        assert (d / "train" / "final" / "adapter_config.json").exists()
+        assert (d / "eval" / "builtin-benign" / "results.json").exists()
+        res = json.loads((d / "eval" / "builtin-harmful" / "results.json").read_text())
+        assert res["adapter"] == str(d / "train" / "final")
+        recipe = json.loads((d / "train" / "final" / "polyalign_checkpoint.json").read_text())["recipe"]
+        assert (recipe["seed"], recipe["training"]["learning_rate"]) == (p.seed, float(p.overrides[0].split("=")[1]))
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    # (baseline + 4 points) x 2 tasks x (en, th, sw, non-en pooled)
+    assert len(rows) == 5 * 2 * 4
+    r = next(r for r in rows if r["point"] == "learning_rate-0.01/seed1" and r["task"] == "builtin-harmful"
+             and r["lang"] == "non-en")
+    assert r["seed"] == "1" and r["overrides"] == "learning_rate=0.01" and r["n"] == "4"
+    diff = float(r["harmful_refusal"]) - float(r["harmful_refusal_baseline"])
+    assert float(r["harmful_refusal_diff"]) == pytest.approx(diff, abs=1e-5)
+    assert float(r["harmful_refusal_diff_lo"]) <= diff <= float(r["harmful_refusal_diff_hi"])
+    b = next(r for r in rows if r["point"] == "baseline" and r["task"] == "builtin-benign" and r["lang"] == "th")
+    assert b["benign_refusal"] != "" and b["benign_refusal_diff"] == "" and b["harmful_refusal"] == ""
+    cfg = summary["configs"]["learning_rate-0.01"]
+    assert cfg["seeds"] == [0, 1] and cfg["builtin-harmful:harmful_refusal:diff"]["n"] == 2
+
+
+def test_rerun_skips_everything(swept, monkeypatch, tmp_path):
+    out, summary = swept
+    import polyalign.eval.runner as runner
+    import polyalign.models as models
+    import polyalign.train.recipes as recipes
+
+    def boom(*a, **k):
+        raise AssertionError("a finished sweep must not train, generate or load a model")
+    monkeypatch.setattr(recipes, "run_recipe", boom)
+    monkeypatch.setattr(runner, "run_eval", boom)
+    monkeypatch.setattr(models, "load_model", boom)
+    again = run_sweep(load_sweep(TINY), out=out, console=quiet())
+    assert again["configs"] == json.loads(json.dumps(summary["configs"]))
+    console, path = recording_console(tmp_path)
+    est = run_sweep(load_sweep(TINY), out=out, dry_run=True, console=console)
+    assert {r["status"] for r in est["points"]} == {"done"} and est["total_seconds"] == 0
+    assert "measured in this sweep (16 example-steps)" in path.read_text()
+
+
+def test_killed_point_resumes_from_its_checkpoint(swept, monkeypatch):
+    out, _ = swept
+    spec = load_sweep(TINY)
+    p = expand_points(spec)[1]
+    d = point_dir(out, p)
+    shutil.rmtree(d / "train" / "final")
+    shutil.rmtree(d / "eval")
+    shutil.rmtree(d / "train" / "checkpoint-2")            # killed after step 1's checkpoint
+    assert (d / "train" / "checkpoint-1").exists()
+    import polyalign.train.recipes as recipes
+
+    calls = []
+    real = recipes.run_recipe
+
+    def spy(recipe, resume=False, **kw):
+        calls.append((recipe.output_dir, recipe.seed, resume))
+        return real(recipe, resume=resume, **kw)
+    monkeypatch.setattr(recipes, "run_recipe", spy)
+    run_sweep(spec, out=out, console=quiet())
+    assert calls == [(str(d / "train"), p.seed, True)]
+    assert (d / "train" / "final" / "adapter_config.json").exists()
+    res = json.loads((d / "eval" / "builtin-harmful" / "results.json").read_text())
+    assert res["generated"] == 6
+    log = json.loads((d / "train" / "final" / "log_history.json").read_text())
+    assert max(h["step"] for h in log) == 2
+
+
+def test_sweep_cli_dry_run(tmp_path):
+    from tests.test_cli import run_cli
+
+    res = run_cli("sweep", TINY, "--out", tmp_path / "s", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert "learning_rate-0.001/seed0" in res.stdout and "total estimate" in res.stdout
+    assert not (tmp_path / "s").exists()
+    res = run_cli("sweep", tmp_path / "nope.yaml")
+    assert res.returncode == 2 and "sweep spec not found" in res.stderr and "Traceback" not in res.stderr
+    help_ = run_cli("--help")
+    for cmd in ("sweep", "judge", "judge-check"):
+        assert cmd in help_.stdout
