@@ -96,7 +96,7 @@ class HFGenerator:
         import torch
 
         from polyalign.models.chat import render_prompt
-        from polyalign.models.sampling import explicit_generation, sampling_kwargs
+        from polyalign.models.sampling import sampling_kwargs
 
         prompts = [render_prompt(self.tok, t, settings.system) for t in texts]
         old_side = self.tok.padding_side
@@ -106,10 +106,10 @@ class HFGenerator:
         finally:
             self.tok.padding_side = old_side
         device = next(self.model.parameters()).device
-        gen_kwargs = sampling_kwargs(settings.max_new_tokens, settings.do_sample, settings.temperature,
-                                     settings.top_p, settings.top_k, settings.repetition_penalty,
-                                     pad_token_id=self.tok.pad_token_id)
-        with torch.no_grad(), explicit_generation(self.model):
+        gen_kwargs = sampling_kwargs(settings.max_new_tokens, settings.temperature if settings.do_sample else 0.0,
+                                     settings.top_p, pad_token_id=self.tok.pad_token_id, top_k=settings.top_k,
+                                     repetition_penalty=settings.repetition_penalty)
+        with torch.no_grad():
             out = self.model.generate(input_ids=enc["input_ids"].to(device),
                                       attention_mask=enc["attention_mask"].to(device), **gen_kwargs)
         new = out[:, enc["input_ids"].shape[1]:]

@@ -1,51 +1,52 @@
-"""Generation with exactly the settings asked for.
+"""Every generation setting of generation (training-time sampling and evaluation), explicit.
 
-``model.generate`` fills every setting left at transformers' global default from the model's own
-``generation_config``: Qwen2.5 ships ``repetition_penalty=1.05``, ``top_k=20``, ``top_p=0.8``,
-``temperature=0.7``. A penalty also penalises the query's own tokens, so an evaluation that asks for
-greedy decoding, or an on-policy sample that asks for temperature 1, silently gets something else.
-:func:`explicit_generation` swaps in a config holding only the special-token ids for the duration of
-the call, and :func:`sampling_kwargs` spells out every setting that changes which tokens are drawn.
+``model.generate`` merges three layers: the arguments given, then the model's own
+``generation_config`` (``generation_config.json`` of the checkpoint: Qwen ships
+``repetition_penalty=1.05``, ``top_k=20``, ...), then library defaults (``top_k=50``). Overriding
+temperature and top_p alone therefore samples y from a distribution nobody asked for: a repetition
+penalty also penalises the query's own tokens. MSD's y must come from ``q`` as configured
+(METHODS.md section 2) and evaluation must be the greedy decoding it claims, so every setting that changes the next-token distribution or the stopping
+rule is passed here, with its neutral value unless the config asks otherwise.
+
+They go in as keyword arguments, not as a ``GenerationConfig`` object: transformers (5.x) fills any
+``None`` field of a passed config from the model's config, so "off" (``None``) could not be
+expressed that way; keyword arguments are applied last and win, ``None`` included.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 
-@contextlib.contextmanager
-def explicit_generation(model: Any) -> Iterator[Any]:
-    """Within the block, ``model.generate`` sees no sampling defaults but the special-token ids."""
-    from transformers import GenerationConfig
+def sampling_kwargs(max_new_tokens: int, temperature: float, top_p: float = 1.0, pad_token_id: int | None = None,
+                    eos_token_ids: list[int] | None = None, top_k: int | None = None,
+                    repetition_penalty: float = 1.0) -> dict[str, Any]:
+    """``generate`` keyword arguments for plain ancestral sampling (``temperature == 0``: greedy).
 
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    old = target.generation_config
-    keep = {k: getattr(old, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
-                                                "decoder_start_token_id")}
-    target.generation_config = GenerationConfig(**{k: v for k, v in keep.items() if v is not None})
-    try:
-        yield model
-    finally:
-        target.generation_config = old
-
-
-def sampling_kwargs(max_new_tokens: int, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
-                    top_k: int | None = None, repetition_penalty: float = 1.0, pad_token_id: int | None = None,
-                    eos_token_id: int | list[int] | None = None) -> dict[str, Any]:
-    """Every ``generate`` argument that decides which tokens come out, stated explicitly.
-
-    Greedy (``do_sample=False``) ignores temperature/top-p/top-k; sampling uses exactly the given
-    ones (top_k ``None`` = the whole vocabulary). ``repetition_penalty`` is 1.0 (none) unless asked.
+    Args:
+        max_new_tokens: length cap of y.
+        temperature: softmax temperature; 0 decodes greedily.
+        top_p: nucleus mass (1.0 = off).
+        pad_token_id, eos_token_ids: padding and the tokens that end y (None: the model's EOS).
+        top_k: sampling only; None = the whole vocabulary.
+        repetition_penalty: 1.0 (none) unless asked for.
     """
-    kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "use_cache": True,
-                          "repetition_penalty": repetition_penalty, "no_repeat_ngram_size": 0,
-                          "pad_token_id": pad_token_id}
-    if do_sample:
-        kw.update(temperature=temperature, top_p=top_p, top_k=top_k)
-    else:
-        kw.update(temperature=None, top_p=None, top_k=None)
-    if eos_token_id is not None:
-        kw["eos_token_id"] = eos_token_id
-    return kw
+    greedy = temperature == 0
+    return {
+        # what y is drawn from
+        "do_sample": not greedy, "num_beams": 1, "temperature": None if greedy else temperature,
+        "top_p": None if greedy else top_p, "top_k": None if greedy else top_k, "min_p": None, "top_h": None, "typical_p": None,
+        "epsilon_cutoff": None, "eta_cutoff": None,
+        # no penalties, biases or forced / suppressed tokens
+        "repetition_penalty": repetition_penalty, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+        "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "sequence_bias": None,
+        "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+        "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "guidance_scale": None,
+        "watermarking_config": None, "renormalize_logits": False, "remove_invalid_values": False,
+        # when y stops
+        "max_new_tokens": max_new_tokens, "min_new_tokens": None, "min_length": 0, "max_length": None,
+        "max_time": None, "stop_strings": None, "pad_token_id": pad_token_id,
+        **({"eos_token_id": eos_token_ids} if eos_token_ids is not None else {}),
+        # one sequence per prompt, with the KV cache
+        "num_return_sequences": 1, "use_cache": True,
+    }

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from trl.models.utils import unwrap_model_for_generation
 
 from polyalign.data.languages import get_language
 from polyalign.data.records import BENIGN_CATEGORIES, ParallelRecord, atomic_write_text
@@ -39,11 +40,11 @@ from polyalign.losses.msd import (
 )
 from polyalign.models.adapters import is_peft
 from polyalign.models.chat import prompt_ids
+from polyalign.models.sampling import sampling_kwargs
 from polyalign.train.batching import left_pad, response_batch, response_logits, trim_generation
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.mlc_term import MLCTerm, accumulation_scale, variant_inputs
 from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE, LANGUAGE_HINT, MSDConfig
-from polyalign.train.sampling import sampling_kwargs
 
 log = logging.getLogger(__name__)
 GATE_FILE = "teacher_gate.json"
@@ -176,8 +177,9 @@ class MSDTrainer(Trainer):
         kwargs = sampling_kwargs(max_new_tokens or self.msd.max_new_tokens, 0.0 if greedy else self.msd.temperature,
                                  self.msd.top_p, tok.pad_token_id, sorted(self.eos_ids))
         ctx = self.teacher_context(model) if from_teacher else contextlib.nullcontext(model)
-        with ctx as gen_model:
-            gen_model = self.accelerator.unwrap_model(gen_model)
+        # TRL's unwrap gathers ZeRO-3 / FSDP shards for generate (a sharded module cannot generate)
+        # and unwraps DDP; on one process it is a plain unwrap.
+        with ctx as wrapped, unwrap_model_for_generation(wrapped, self.accelerator) as gen_model:
             was_training = gen_model.training
             gen_model.eval()
             out = gen_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
