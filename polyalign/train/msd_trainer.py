@@ -19,6 +19,7 @@ from transformers import Trainer
 from polyalign.data.records import ParallelRecord
 from polyalign.losses.msd import (
     dpsw_raw_weights,
+    fused_token_divergence,
     mean_over_valid,
     normalize_weights,
     reduce_sequences,
@@ -26,7 +27,13 @@ from polyalign.losses.msd import (
 )
 from polyalign.models.adapters import is_peft
 from polyalign.models.chat import prompt_ids
-from polyalign.train.batching import left_pad, response_batch, response_logits, trim_generation
+from polyalign.train.batching import (
+    left_pad,
+    response_batch,
+    response_hidden,
+    response_logits,
+    trim_generation,
+)
 from polyalign.train.msd_config import MSDConfig
 
 
@@ -134,18 +141,48 @@ class MSDTrainer(Trainer):
         s_batch = {k: v.to(device) for k, v in response_batch(student_prompts, responses, pad).items()}
         t_batch = {k: v.to(device) for k, v in response_batch(teacher_prompts, responses, pad).items()}
         mask = s_batch["response_mask"]                                          # [B, R]
-        student_logits = response_logits(model, s_batch)                        # [B, R, V]
-        with torch.no_grad(), self.teacher_context(model) as teacher:
-            teacher_logits = response_logits(teacher, t_batch)                   # [B, R, V]
         # msd_loss, spelled out so the per-token divergence and raw DPSW weights (two passes over the
         # vocabulary) are computed once and reused for the logs.
-        d = token_divergence(student_logits, teacher_logits, self.msd.divergence, self.msd.jsd_beta)   # [B, R]
-        raw = dpsw_raw_weights(student_logits, teacher_logits, self.msd.top_k)                         # [B, R]
+        student_out, d, raw = self._token_divergence(model, s_batch, t_batch, fused=not return_outputs)  # [B, R]
         w = normalize_weights(raw, mask) if self.msd.dpsw else mask.to(d.dtype)
         per_seq, valid = reduce_sequences(d, w, mask)
-        loss = mean_over_valid(per_seq, valid, student_logits)
+        loss = mean_over_valid(per_seq, valid, student_out)
         self._record(examples, d.detach(), raw, mask, time.perf_counter() - start)
-        return (loss, {"student_logits": student_logits}) if return_outputs else loss
+        return (loss, {"student_logits": student_out}) if return_outputs else loss
+
+    def _token_divergence(self, model: Any, s_batch: dict, t_batch: dict, fused: bool):
+        """(student output, D [B, R], raw DPSW weights [B, R]). Fused (``msd.fused_lm_head``, where the
+        head allows it): from the final hidden states, output [B, R, H], no [B, R, V] logits held;
+        otherwise from full logits, output the student logits [B, R, V] (``fused=False``: what
+        ``return_outputs`` hands out)."""
+        cfg = self.msd
+        with self.teacher_context(model) as teacher:
+            heads = (self._linear_head(model), self._linear_head(teacher)) if fused and cfg.fused_lm_head else None
+        if heads is None or None in heads:
+            student_logits = response_logits(model, s_batch)                    # [B, R, V]
+            with torch.no_grad(), self.teacher_context(model) as teacher:
+                teacher_logits = response_logits(teacher, t_batch)               # [B, R, V]
+            d = token_divergence(student_logits, teacher_logits, cfg.divergence, cfg.jsd_beta)
+            return student_logits, d, dpsw_raw_weights(student_logits, teacher_logits, cfg.top_k)
+        h_s = response_hidden(model, s_batch, heads[0])                          # [B, R, H]
+        with torch.no_grad(), self.teacher_context(model) as teacher:
+            h_t = response_hidden(teacher, t_batch, heads[1])                    # [B, R, H]
+        d, raw = fused_token_divergence(h_s, h_t, heads[0].weight, heads[0].bias, cfg.divergence, cfg.jsd_beta,
+                                        cfg.top_k, teacher_weight=heads[1].weight, teacher_bias=heads[1].bias)
+        return h_s, d, raw
+
+    def _linear_head(self, module: Any) -> torch.nn.Linear | None:
+        """The LM head when logits are exactly ``head(final hidden state)``; None (unfused path) for a
+        head that is not a plain Linear (LoRA on lm_head, quantised), logit soft-capping or scaling in
+        the config, or weights sharded outside the forward (ZeRO-3, FSDP)."""
+        m = self.accelerator.unwrap_model(module)
+        head, cfg = m.get_output_embeddings(), getattr(m, "config", None)
+        capped = any(getattr(cfg, a, None) not in (None, 1, 1.0)
+                     for a in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        if type(head) is not torch.nn.Linear or capped or self.is_fsdp_enabled:
+            return None
+        w = head.weight
+        return None if hasattr(w, "ds_id") or w.numel() == 0 else head   # ZeRO-3 partitions it outside the forward
 
     @torch.no_grad()
     def _record(self, examples, d, raw, mask, seconds: float) -> None:
