@@ -7,7 +7,8 @@ states [B, T, H] and head [V, H], gradient w.r.t. the student hidden states (the
 * fused:   ``fused_token_divergence`` (logits a chunk of rows at a time, [N, H] saved for backward).
 
 Each measurement runs in a fresh subprocess (sides alternate within a repetition) so that its peak
-resident memory (``ru_maxrss``) is its own; memory is reported above the inputs' footprint.
+resident memory (``ru_maxrss``) is its own; memory is reported above the inputs' footprint. The time
+ratio is of wall-clock medians; CPU seconds are printed too (less sensitive to a shared machine).
 
     python benchmarks/fused_divergence.py                               # [4, 512], H 896, V 151936 (Qwen2.5-0.5B), fp32
     python benchmarks/fused_divergence.py --shape 2,8 --vocab 1000      # smoke
@@ -31,7 +32,8 @@ SIDES = ("fused", "unfused")
 
 
 def measure(side: str, shape: tuple[int, int], hidden: int, vocab: int) -> dict[str, float]:
-    """One forward + backward of ``side`` in this process: seconds, loss, peak RSS (MiB) before / after."""
+    """One forward + backward of ``side`` in this process: wall and CPU seconds, loss, peak RSS (MiB)
+    after building the inputs and after the step."""
     from polyalign.losses.msd import (
         fused_token_divergence,
         mean_over_valid,
@@ -48,7 +50,7 @@ def measure(side: str, shape: tuple[int, int], hidden: int, vocab: int) -> dict[
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, : T // 4] = False                                     # some padding
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if side == "fused":
         d, raw = fused_token_divergence(h_s, h_t, weight)
         per_seq, valid = reduce_sequences(d, normalize_weights(raw, mask), mask)
@@ -58,9 +60,9 @@ def measure(side: str, shape: tuple[int, int], hidden: int, vocab: int) -> dict[
             teacher_logits = h_t @ weight.T                          # [B, T, V]
         loss = msd_loss(h_s @ weight.T, teacher_logits, mask)
     loss.backward()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "loss": float(loss), "inputs_mib": base, "peak_mib": peak,
+    return {"seconds": seconds, "cpu_seconds": cpu, "loss": float(loss.detach()), "inputs_mib": base, "peak_mib": peak,
             "grad_norm": float(h_s.grad.norm())}
 
 
@@ -93,7 +95,7 @@ def main() -> None:
           f"unfused {u['grad_norm']:.6f}")
     for s in SIDES:
         m = med[s]
-        print(f"# {s}: {m['seconds']:.2f} s, peak RSS {m['peak_mib']:.0f} MiB "
+        print(f"# {s}: {m['seconds']:.2f} s ({m['cpu_seconds']:.2f} s CPU), peak RSS {m['peak_mib']:.0f} MiB "
               f"({m['peak_mib'] - m['inputs_mib']:.0f} MiB above the inputs)")
     print(f"ratio fused_vs_unfused_time {f['seconds'] / u['seconds']:.3f}")
     print(f"ratio fused_vs_unfused_peak_memory {(f['peak_mib'] - f['inputs_mib']) / (u['peak_mib'] - u['inputs_mib']):.3f}")
