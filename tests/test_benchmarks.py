@@ -73,3 +73,13 @@ def test_divergence_benchmark_runs():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert float(res.stdout.split("ratio divergence_time_vs_trl_sdft ")[1]) > 0
+
+
+def test_fused_divergence_runs_and_both_sides_agree():
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "fused_divergence.py"), "--shape", "2,8", "--hidden", "16",
+                          "--vocab", "1000", "--reps", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ratios = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("ratio ")]
+    assert ratios == ["fused_vs_unfused_time", "fused_vs_unfused_peak_memory"]
+    losses = next(line for line in res.stdout.splitlines() if line.startswith("# loss")).split()
+    assert losses[3] == losses[5].rstrip(";")                       # "# loss fused X unfused X;"

@@ -13,6 +13,9 @@ yields the closed-form gradient w.r.t. the student logits, kept (in the logits' 
 
 with g = dD/dp_S:  reverse KL: log p_S - log p_T (+1, cancels);  forward KL: -p_T / p_S;
 JSD: (1 - beta) * (log p_S - log m). The teacher gets no gradient.
+
+:func:`fused_token_divergence` starts one step earlier, from the final hidden states and the LM head,
+so that not even the [N, V] logits exist: see its docstring.
 """
 
 from __future__ import annotations
@@ -23,8 +26,15 @@ import torch
 from torch import Tensor
 
 KINDS = ("reverse_kl", "forward_kl", "jsd")
-CHUNK_ROWS = 256
-WEIGHT_FLOOR = 1e-6  # teacher weights below this are rounding noise (1 - H/log K of a uniform top-K)  # rows of [chunk, V] live at once: 256 x 151,936 x 4 B = 155 MB per temporary
+CHUNK_ROWS = 256     # rows of [chunk, V] live at once: 256 x 151,936 x 4 B = 155 MB per temporary
+WEIGHT_FLOOR = 1e-6  # teacher weights below this are rounding noise (1 - H/log K of a uniform top-K)
+
+
+def _check_kind(kind: str, beta: float) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "jsd" and not 0 < beta < 1:
+        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -87,16 +97,26 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str =
     ``reverse_kl`` = KL(p_S || p_T) (the paper's default), ``forward_kl`` = KL(p_T || p_S),
     ``jsd`` = beta KL(p_T || m) + (1 - beta) KL(p_S || m), m = (1 - beta) p_S + beta p_T.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if kind == "jsd" and not 0 < beta < 1:
-        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
+    _check_kind(kind, beta)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} differ")
     lead, V = student_logits.shape[:-1], student_logits.shape[-1]
     d = _ChunkedDivergence.apply(student_logits.reshape(-1, V), teacher_logits.detach().reshape(-1, V),
                                  kind, beta, CHUNK_ROWS)
     return d.reshape(lead)
+
+
+def _dpsw_rows(s: Tensor, t: Tensor, k: int) -> Tensor:
+    """Rows of logits [n, V] -> raw DPSW weights [n], K = k <= V (see :func:`dpsw_raw_weights`)."""
+    dt = _compute_dtype(s)
+    top_logits, top_idx = t.to(dt).topk(k, dim=-1)          # [n, k]; top_idx[:, 0] = y*
+    lp = torch.log_softmax(top_logits, -1)                   # renormalised top-K
+    entropy = -(lp.exp() * lp).sum(-1)
+    w_t = 1 - entropy / math.log(k) if k > 1 else torch.ones_like(entropy)
+    w_t = torch.where(w_t < WEIGHT_FLOOR, torch.zeros_like(w_t), w_t)  # rounding noise of a uniform top-K
+    s = s.to(dt)
+    p_star = (s.gather(-1, top_idx[:, :1]).squeeze(-1) - torch.logsumexp(s, -1)).exp()   # p_S(y*)
+    return w_t * (1 - p_star)
 
 
 @torch.no_grad()
@@ -107,20 +127,103 @@ def dpsw_raw_weights(student_logits: Tensor, teacher_logits: Tensor, top_k: int 
     w^S = 1 - p_S(y*_t), y* = teacher argmax (positions the student gets wrong count more).
     """
     V = student_logits.shape[-1]
-    k = min(top_k, V)
-    dt = _compute_dtype(student_logits)
-    out = torch.empty(student_logits.shape[:-1], device=student_logits.device, dtype=dt).reshape(-1)
+    out = torch.empty(student_logits.shape[:-1], device=student_logits.device,
+                      dtype=_compute_dtype(student_logits)).reshape(-1)
     s2, t2 = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
     for i in range(0, s2.shape[0], CHUNK_ROWS):
-        t = t2[i:i + CHUNK_ROWS].to(dt)
-        top_logits, top_idx = t.topk(k, dim=-1)             # [n, k]; top_idx[:, 0] = y*
-        lp = torch.log_softmax(top_logits, -1)               # renormalised top-K
-        entropy = -(lp.exp() * lp).sum(-1)
-        w_t = 1 - entropy / math.log(k) if k > 1 else torch.ones_like(entropy)
-        w_t = torch.where(w_t < WEIGHT_FLOOR, torch.zeros_like(w_t), w_t)  # rounding noise of a uniform top-K
-        p_star = torch.log_softmax(s2[i:i + CHUNK_ROWS].to(dt), -1).gather(-1, top_idx[:, :1]).squeeze(-1).exp()
-        out[i:i + CHUNK_ROWS] = w_t * (1 - p_star)
+        out[i:i + CHUNK_ROWS] = _dpsw_rows(s2[i:i + CHUNK_ROWS], t2[i:i + CHUNK_ROWS], min(top_k, V))
     return out.reshape(student_logits.shape[:-1])
+
+
+class _FusedDivergence(torch.autograd.Function):
+    """LM head + divergence + DPSW weights, chunk by chunk over rows; see :func:`fused_token_divergence`."""
+
+    @staticmethod
+    def forward(ctx, h_s, h_t, weight, bias, t_weight, t_bias, kind, beta, k, chunk):   # h: [N, H], weight: [V, H]
+        recompute = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]    # the head itself is trained
+        grad_h = torch.empty_like(h_s) if ctx.needs_input_grad[0] and not recompute else None
+        d = torch.empty(h_s.shape[0], dtype=_compute_dtype(h_s), device=h_s.device)
+        raw = torch.empty_like(d)
+        for i in range(0, h_s.shape[0], chunk):
+            s = torch.nn.functional.linear(h_s[i:i + chunk], weight, bias)            # [n, V], the model's dtype
+            t = torch.nn.functional.linear(h_t[i:i + chunk], t_weight, t_bias)
+            d[i:i + chunk], g = _divergence_rows(s, t, kind, beta, grad_h is not None)
+            raw[i:i + chunk] = _dpsw_rows(s, t, k)
+            if grad_h is not None:
+                grad_h[i:i + chunk] = g.to(weight.dtype) @ weight                     # dD/dh = dD/ds @ W, [n, H]
+        ctx.mark_non_differentiable(raw)
+        ctx.args = (kind, beta, chunk, recompute)
+        ctx.save_for_backward(*((h_s, h_t, weight, bias, t_weight, t_bias) if recompute else (grad_h,)))
+        return d, raw
+
+    @staticmethod
+    def backward(ctx, grad_d, _grad_raw):
+        kind, beta, chunk, recompute = ctx.args
+        none = (None,) * 8
+        if not recompute:
+            (grad_h,) = ctx.saved_tensors
+            return (None if grad_h is None else (grad_h * grad_d[:, None]).to(grad_h.dtype)), *none, None
+        h_s, h_t, weight, bias, t_weight, t_bias = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        grad_h = torch.empty_like(h_s) if need_h else None
+        acc = _compute_dtype(weight)                      # the [V, H] sum over chunks accumulates in fp32
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        for i in range(0, h_s.shape[0], chunk):           # second pass: logits and dD/ds again, per chunk
+            s = torch.nn.functional.linear(h_s[i:i + chunk], weight, bias)
+            t = torch.nn.functional.linear(h_t[i:i + chunk], t_weight, t_bias)
+            _, g = _divergence_rows(s, t, kind, beta, True)
+            g = (g * grad_d[i:i + chunk, None].to(g.dtype)).to(weight.dtype)          # dL/ds, [n, V]
+            if need_h:
+                grad_h[i:i + chunk] = g @ weight
+            if need_w:
+                grad_w += g.T @ h_s[i:i + chunk]
+            if need_b:
+                grad_b += g.sum(0)
+        return (grad_h, None, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), *none[:6])
+
+
+def fused_token_divergence(h_student: Tensor, h_teacher: Tensor, weight: Tensor, bias: Tensor | None = None,
+                           kind: str = "reverse_kl", beta: float = 0.5, top_k: int = 32,
+                           teacher_weight: Tensor | None = None, teacher_bias: Tensor | None = None,
+                           chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """(D [...], raw DPSW weights [...]) from final hidden states, with the LM head fused in.
+
+    Equals ``token_divergence(s, t, kind, beta)`` and ``dpsw_raw_weights(s, t, top_k)`` for the logits
+    s = h_student @ weight^T + bias and t = h_teacher @ teacher_weight^T + teacher_bias (teacher head
+    defaults to the student's: LoRA's adapter-disabled teacher), but the logits exist only ``chunk``
+    rows (default CHUNK_ROWS) at a time. Each chunk computes the logits in the model's dtype (as the
+    model's own head does), D and the DPSW weights in fp32 (at least) and, when h_student requires
+    grad, dD/dh = (dD/ds) @ weight, [n, H]. That [N, H] gradient is the one tensor saved for
+    backward, which multiplies it by the incoming gradient: memory O(N H + chunk V), not O(N V).
+
+    When ``weight`` or ``bias`` requires grad (full fine-tuning of an untied head, or of tied
+    embeddings), the forward saves the inputs instead and backward recomputes each chunk's logits
+    and dD/ds to give the gradients w.r.t. h_student, weight and bias (six [N, H] x [H, V] matmuls in
+    all, against four unfused); the [V, H] weight gradient accumulates over chunks in fp32.
+    The teacher side gets no gradient. The raw weights are constants (no gradient), as in DPSW.
+
+    Args:
+        h_student, h_teacher: [..., H] post-norm final hidden states (what the LM head consumes).
+        weight: [V, H] LM head weight (``model.get_output_embeddings().weight``); bias: [V] or None.
+        kind, beta: as in :func:`token_divergence`.  top_k: K of :func:`dpsw_raw_weights`.
+        teacher_weight, teacher_bias: the frozen teacher's head when it differs (a reference copy).
+    """
+    _check_kind(kind, beta)
+    if h_student.shape != h_teacher.shape or weight.dim() != 2 or weight.shape[1] != h_student.shape[-1]:
+        raise ValueError(f"need h_student = h_teacher [..., H] and weight [V, H], got {tuple(h_student.shape)}, "
+                         f"{tuple(h_teacher.shape)}, {tuple(weight.shape)}")
+    if teacher_weight is None:
+        teacher_weight, teacher_bias = weight, bias
+    if teacher_weight.shape != weight.shape:
+        raise ValueError(f"teacher head {tuple(teacher_weight.shape)} differs from {tuple(weight.shape)}")
+    lead, H = h_student.shape[:-1], h_student.shape[-1]
+    t_bias = None if teacher_bias is None else teacher_bias.detach()
+    d, raw = _FusedDivergence.apply(h_student.reshape(-1, H), h_teacher.detach().reshape(-1, H), weight, bias,
+                                    teacher_weight.detach(), t_bias, kind, beta, min(top_k, weight.shape[0]),
+                                    chunk or CHUNK_ROWS)
+    return d.reshape(lead), raw.reshape(lead)
 
 
 @torch.no_grad()
@@ -148,7 +251,8 @@ def reduce_sequences(d: Tensor, w: Tensor, mask: Tensor) -> tuple[Tensor, Tensor
 
 
 def mean_over_valid(per_seq: Tensor, valid: Tensor, student_logits: Tensor) -> Tensor:
-    """Mean over sequences with at least one response position; 0 (graph kept) when there is none."""
+    """Mean over sequences with at least one response position; 0 (graph kept) when there is none.
+    ``student_logits`` is any student tensor in the graph (the hidden states on the fused path)."""
     if not valid.any():
         return (student_logits.sum() * 0).to(per_seq.dtype)   # keeps the graph, contributes nothing
     return per_seq[valid].mean()

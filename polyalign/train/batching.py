@@ -45,6 +45,26 @@ def response_logits(model, batch: dict[str, Tensor]) -> Tensor:
     return out.logits[:, :-1]
 
 
+def response_hidden(model, batch: dict[str, Tensor], head) -> Tensor:
+    """Final hidden states before each response token, [B, R, H]: ``head`` of them is :func:`response_logits`.
+
+    The model runs its normal forward (so DDP / DeepSpeed wrappers see one) with ``output_hidden_states``;
+    the last hidden state is post-norm, what the LM head consumes. The head itself runs at one position
+    only (``logits_to_keep=1``), whose logits check that ``head`` alone reproduces the model's: a model
+    that post-processes logits (soft-capping, scaling) raises instead of training on the wrong ones.
+    """
+    R = batch["response_mask"].shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=1, output_hidden_states=True, use_cache=False)
+    h = out.hidden_states[-1]                                   # [B, T, H]
+    with torch.no_grad():
+        want, got = out.logits[:, -1].float(), head(h[:, -1]).float()       # [B, V]
+        if not (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-4:
+            raise ValueError("the LM head alone does not reproduce the model's logits (soft-capping or scaling?): "
+                             "set msd.fused_lm_head: false")
+    return h[:, -(R + 1):-1]
+
+
 def trim_generation(new_tokens: Tensor, eos_ids: set[int], pad_id: int) -> list[list[int]]:
     """Generated ids [B, N] -> per row, the tokens up to and including the first EOS."""
     out = []

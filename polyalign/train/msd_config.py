@@ -55,6 +55,10 @@ class MSDConfig:
         jsd_beta: mixture weight of JSD (0.5).
         dpsw: Dual-Perspective Safety Weighting of tokens (on; helps in every setting of the paper).
         top_k: K of the teacher-entropy term (32; 16/32/64 searched, 32 best).
+        fused_lm_head: compute the LM head inside the divergence, chunk by chunk from the final
+            hidden states, so no [B, R, V] logits (V = 151,936 for Qwen) are held for student or
+            teacher (on; same loss and gradients). Models whose head is not a plain Linear or whose
+            logits are soft-capped or scaled, and ZeRO-3 / FSDP-sharded heads, use full logits.
     Contexts:
         teacher_template: the teacher's user turn; must contain ``{english_query}``, and
             ``{target_query}`` where the teacher should also see the original query (the paper's).
@@ -91,6 +95,7 @@ class MSDConfig:
     jsd_beta: float = 0.5
     dpsw: bool = True
     top_k: int = 32
+    fused_lm_head: bool = True
     teacher_template: str = TEACHER_TEMPLATE
     teacher_language: str = "en"
     student_languages: list[str] = field(default_factory=lambda: ["zh", "ar", "bn"])

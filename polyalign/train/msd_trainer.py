@@ -33,6 +33,7 @@ from polyalign.eval.judges import refusal_phrase
 from polyalign.eval.langid import in_language
 from polyalign.losses.msd import (
     dpsw_raw_weights,
+    fused_token_divergence,
     normalize_weights,
     reduce_sequences,
     token_divergence,
@@ -41,7 +42,13 @@ from polyalign.losses.msd import (
 from polyalign.models.adapters import is_peft
 from polyalign.models.chat import prompt_ids
 from polyalign.models.sampling import sampling_kwargs
-from polyalign.train.batching import left_pad, response_batch, response_logits, trim_generation
+from polyalign.train.batching import (
+    left_pad,
+    response_batch,
+    response_hidden,
+    response_logits,
+    trim_generation,
+)
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.mlc_term import MLCTerm, accumulation_scale, variant_inputs
 from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE, LANGUAGE_HINT, MSDConfig
@@ -220,13 +227,6 @@ class MSDTrainer(Trainer):
         return kept
 
     # ---------------------------------------------------------------- loss
-    def _logits(self, model: Any, s_batch: dict[str, Any], t_batch: dict[str, Any]):
-        """Student logits (with grad) and frozen-teacher logits (without) over the response window, [B, R, V]."""
-        student_logits = response_logits(model, s_batch)                        # [B, R, V]
-        with torch.no_grad(), self.teacher_context(model) as teacher:
-            teacher_logits = response_logits(teacher, t_batch)                   # [B, R, V]
-        return student_logits, teacher_logits
-
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
         start = time.perf_counter()
@@ -240,22 +240,54 @@ class MSDTrainer(Trainer):
         s_batch = {k: v.to(device) for k, v in response_batch(student_prompts, responses, pad).items()}
         t_batch = {k: v.to(device) for k, v in response_batch(teacher_prompts, responses, pad).items()}
         mask = s_batch["response_mask"]                                          # [B, R]
-        student_logits, teacher_logits = self._logits(model, s_batch, t_batch)
         # msd_loss, spelled out so the per-token divergence and raw DPSW weights (two passes over the
         # vocabulary) are computed once and reused for the logs.
-        d = token_divergence(student_logits, teacher_logits, self.msd.divergence, self.msd.jsd_beta)   # [B, R]
-        raw = dpsw_raw_weights(student_logits, teacher_logits, self.msd.top_k)                         # [B, R]
+        student_out, d, raw = self._token_divergence(model, s_batch, t_batch, fused=not return_outputs)  # [B, R]
         w = normalize_weights(raw, mask) if self.msd.dpsw else mask.to(d.dtype)
         per_seq, valid = reduce_sequences(d, w, mask)                                                  # [B], [B]
         # Benign sequences count benign_weight times (1: the plain batch mean).
         benign = torch.tensor([e["benign"] for e in examples], device=device)
         seq_weight = torch.where(benign, self.msd.benign_weight, 1.0)
-        loss = weighted_mean_over_valid(per_seq, valid, seq_weight, student_logits)
+        loss = weighted_mean_over_valid(per_seq, valid, seq_weight, student_out)
         if self.mlc_term is not None and model.training:
             loss = loss + self._mlc(model, examples, num_items_in_batch)
         self._record(examples, responses, d.detach(), raw, mask, per_seq.detach(), valid, benign,
                      time.perf_counter() - start)
-        return (loss, {"student_logits": student_logits}) if return_outputs else loss
+        return (loss, {"student_logits": student_out}) if return_outputs else loss
+
+    def _token_divergence(self, model: Any, s_batch: dict, t_batch: dict, fused: bool):
+        """(student output, D [B, R], raw DPSW weights [B, R]). Fused (``msd.fused_lm_head``, where the
+        head allows it): from the final hidden states, output [B, R, H], no [B, R, V] logits held;
+        otherwise from full logits, output the student logits [B, R, V] (``fused=False``: what
+        ``return_outputs`` hands out)."""
+        cfg = self.msd
+        with self.teacher_context(model) as teacher:
+            heads = (self._linear_head(model), self._linear_head(teacher)) if fused and cfg.fused_lm_head else None
+        if heads is None or None in heads:
+            student_logits = response_logits(model, s_batch)                    # [B, R, V]
+            with torch.no_grad(), self.teacher_context(model) as teacher:
+                teacher_logits = response_logits(teacher, t_batch)               # [B, R, V]
+            d = token_divergence(student_logits, teacher_logits, cfg.divergence, cfg.jsd_beta)
+            return student_logits, d, dpsw_raw_weights(student_logits, teacher_logits, cfg.top_k)
+        h_s = response_hidden(model, s_batch, heads[0])                          # [B, R, H]
+        with torch.no_grad(), self.teacher_context(model) as teacher:
+            h_t = response_hidden(teacher, t_batch, heads[1])                    # [B, R, H]
+        d, raw = fused_token_divergence(h_s, h_t, heads[0].weight, heads[0].bias, cfg.divergence, cfg.jsd_beta,
+                                        cfg.top_k, teacher_weight=heads[1].weight, teacher_bias=heads[1].bias)
+        return h_s, d, raw
+
+    def _linear_head(self, module: Any) -> torch.nn.Linear | None:
+        """The LM head when logits are exactly ``head(final hidden state)``; None (unfused path) for a
+        head that is not a plain Linear (LoRA on lm_head, quantised), logit soft-capping or scaling in
+        the config, or weights sharded outside the forward (ZeRO-3, FSDP)."""
+        m = self.accelerator.unwrap_model(module)
+        head, cfg = m.get_output_embeddings(), getattr(m, "config", None)
+        capped = any(getattr(cfg, a, None) not in (None, 1, 1.0)
+                     for a in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        if type(head) is not torch.nn.Linear or capped or self.is_fsdp_enabled:
+            return None
+        w = head.weight
+        return None if hasattr(w, "ds_id") or w.numel() == 0 else head   # ZeRO-3 partitions it outside the forward
 
     def _mlc(self, model: Any, examples: list[dict[str, Any]], num_items_in_batch: Any) -> torch.Tensor | float:
         """lambda * L_MLC on its schedule (scaled like the MSD loss under accumulation), else 0."""
