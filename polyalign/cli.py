@@ -30,7 +30,7 @@ def data_inspect(path: Annotated[str, typer.Argument(help="Data file or folder (
     from rich.table import Table
 
     from polyalign.data import detect_format, load_source
-    from polyalign.data.languages import get_language
+    from polyalign.text.languages import get_language
 
     fmt = fmt or detect_format(path)
     records = load_source(path, fmt)

@@ -229,7 +229,7 @@ def test_length_buckets_are_optimal_partitions():
     import itertools
     import random
 
-    from polyalign.train.batching import length_buckets
+    from polyalign.models.batching import length_buckets
 
     def cost(groups, lengths, overhead):
         return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
@@ -249,7 +249,7 @@ def test_length_buckets_are_optimal_partitions():
 def test_bucketed_representations_equal_one_padded_forward():
     from polyalign.losses import MLCHead
     from polyalign.models import load_model
-    from polyalign.train.batching import last_token_hidden, left_pad
+    from polyalign.models.batching import last_token_hidden, left_pad
 
     model = load_model("builtin:tiny-random")
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from polyalign.data.translate import (
     parse_translation,
     translate_records,
 )
-from polyalign.eval.judges import OpenAIChat
+from polyalign.models.backends import OpenAIChat
 
 RECORDS = [ParallelRecord(f"p{i}", {"en": t}) for i, t in enumerate(
     ["How do I bake bread?", "What is the capital of Japan?", "How do I make a bomb?", "Why is the sky blue?"])]

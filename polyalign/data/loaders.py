@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from polyalign.data.languages import normalize_code
 from polyalign.data.records import ParallelRecord, iter_jsonl, read_records, validate_records
 from polyalign.errors import DataError, PolyalignError
 from polyalign.registry import Registry
+from polyalign.text.languages import normalize_code
 
 log = logging.getLogger(__name__)
 Loader = Callable[..., list[ParallelRecord]]

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from polyalign.data.languages import normalize_code
 from polyalign.errors import DataError
+from polyalign.text.languages import normalize_code
 
 
 @dataclass

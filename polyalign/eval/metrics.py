@@ -10,7 +10,7 @@ import itertools
 import random
 from statistics import mean, pvariance
 
-from polyalign.data.languages import TIERS, get_language
+from polyalign.text.languages import TIERS, get_language
 
 HIGHER_IS_BETTER = {"asr": False, "unsafe": False, "invalid": False, "over_refusal": False, "variance": False,
                     "safe": True, "fidelity": True, "accuracy": True, "pag": True, "refusal": None}

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from polyalign.data.languages import parse_language_list
 from polyalign.data.records import ParallelRecord, atomic_write_text
 from polyalign.errors import PolyalignError
 from polyalign.eval import metrics
@@ -22,8 +21,9 @@ from polyalign.eval.generation import (
     generate_cached,
 )
 from polyalign.eval.judges import JudgeItem, build_judge
-from polyalign.eval.langid import in_language
 from polyalign.eval.tasks import get_task
+from polyalign.text.langid import in_language
+from polyalign.text.languages import parse_language_list
 
 SCHEMA_VERSION = 1
 

@@ -7,11 +7,10 @@ its prompts or scoring change. ``--data`` points any task at a local file or fol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
+from polyalign.data.builtin import builtin_benchmark
 from polyalign.data.loaders import MULTIJAIL_HUB, load_source
-from polyalign.data.records import ParallelRecord, read_records
+from polyalign.data.records import ParallelRecord
 from polyalign.errors import PolyalignError
 from polyalign.registry import Registry
 
@@ -57,20 +56,6 @@ _add(Task("xstest", "benign", "xstest", None, "1", "XSTest's 250 safe prompts: s
 _add(Task("benign-parallel", "benign", "jsonl", None, "1", "any canonical parallel JSONL of benign prompts"))
 _add(Task("mgsm", "mgsm", "mgsm", None, "1", "MGSM folder: numeric exact match and refusal rate"))
 _add(Task("mmlu", "mmlu", "mmlu", None, "1", "MMLU folder: 5-shot log-likelihood accuracy"))
-
-
-def builtin_benchmark(category: str | None = None, split: str | None = None) -> list[ParallelRecord]:
-    """The project's own parallel benchmark (``polyalign/resources/benchmark.jsonl``).
-
-    Records carry ``meta.split`` (train | eval, disjoint) and ``category`` (harmful | benign).
-    """
-    path = resources.files("polyalign") / "resources" / "benchmark.jsonl"
-    with resources.as_file(path) as p:
-        records = read_records(Path(p))
-    if split not in (None, "train", "eval", "all"):
-        raise PolyalignError(f"built-in benchmark split must be train, eval or all, got {split!r}")
-    return [r for r in records
-            if (category is None or r.category == category) and split in (None, "all", r.meta.get("split"))]
 
 
 def get_task(name: str) -> Task:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from polyalign.data.languages import normalize_code
+from polyalign.text.languages import normalize_code
 
 
 @dataclass

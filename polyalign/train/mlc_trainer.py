@@ -21,8 +21,8 @@ import torch
 
 from polyalign.data.records import ParallelRecord
 from polyalign.losses.mlc import MLCHead, mean_pairwise_cosine, mlc_loss, top_singular_share
+from polyalign.models.batching import left_pad, length_buckets
 from polyalign.models.chat import prompt_ids
-from polyalign.train.batching import left_pad, length_buckets
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.preference_trainer import reference_free_trainer_class
 

@@ -25,8 +25,8 @@ from polyalign.losses.msd import (
     token_divergence,
 )
 from polyalign.models.adapters import is_peft
+from polyalign.models.batching import left_pad, response_batch, response_logits, trim_generation
 from polyalign.models.chat import prompt_ids
-from polyalign.train.batching import left_pad, response_batch, response_logits, trim_generation
 from polyalign.train.msd_config import MSDConfig
 
 

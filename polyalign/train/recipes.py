@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from polyalign.data.builtin import load_prompts
 from polyalign.errors import PolyalignError
 from polyalign.models.adapters import LoraSettings
 from polyalign.train.msd_config import MSDConfig
@@ -127,23 +128,6 @@ def validate_recipe(r: Recipe, where: str) -> None:
     unknown = sorted(set(r.training) - allowed)
     if unknown:
         raise PolyalignError(f"{where}: training: unknown TrainingArguments field(s) {', '.join(unknown)}")
-
-
-def load_prompts(source: str, fmt: str | None, split: str, limit: int | None):
-    from polyalign.data import load_source, split_records
-
-    if source.startswith("builtin:"):
-        from polyalign.eval.tasks import builtin_benchmark
-
-        category = source.split(":", 1)[1]
-        if category not in ("harmful", "benign", "all"):
-            raise PolyalignError(f"unknown built-in prompt set {source!r}; use builtin:harmful|benign|all")
-        records = builtin_benchmark(None if category == "all" else category, split="train")
-    else:
-        records = load_source(source, fmt)
-        if split != "all":
-            records = split_records(records)[split]
-    return records[:limit] if limit else records
 
 
 def training_arguments(r: Recipe, resume_dir: str | None = None):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import unicodedata
 from functools import lru_cache
 
-from polyalign.data.languages import LANGUAGES, get_language
+from polyalign.text.languages import LANGUAGES, get_language
 
 # Unicode block ranges per ISO 15924 script (the ones the language registry uses).
 _RANGES = {
