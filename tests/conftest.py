@@ -35,7 +35,8 @@ def _isolated_cache(request, tmp_path, monkeypatch):
 
 class _Stub(BaseHTTPRequestHandler):
     """OpenAI-compatible stub on loopback: ``script`` says what each successive call returns,
-    as (status, content); content that starts with 'RAW:' is sent as the raw response body."""
+    as (status, content) or (status, content, headers); content that starts with 'RAW:' is sent
+    as the raw response body."""
 
     script: list = []
     seen_auth: list = []
@@ -46,8 +47,10 @@ class _Stub(BaseHTTPRequestHandler):
         assert body["messages"][0]["role"] == "system"
         _Stub.seen_auth.append(self.headers.get("Authorization"))
         _Stub.requests.append(body)
-        status, content = _Stub.script.pop(0) if _Stub.script else (200, "safe")
+        status, content, *headers = _Stub.script.pop(0) if _Stub.script else (200, "safe")
         self.send_response(status)
+        for name, value in (headers[0] if headers else {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if status == 200:
             payload = content[4:] if content.startswith("RAW:") else json.dumps(

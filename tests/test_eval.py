@@ -107,7 +107,7 @@ def test_llm_judge_over_http(stub_server, tmp_path, monkeypatch, caplog):
     _Stub.script = [(429, ""), (500, ""), (200, "Unsafe"), (200, "RAW:{not json"), (200, "Safe."),
                     (200, "I cannot decide")]
     _Stub.seen_auth = []
-    judge = LLMJudge(OpenAIChat("m", stub_server.url, backoff=0.01), "llm:openai:m", tmp_path / "verdicts.jsonl")
+    judge = LLMJudge(OpenAIChat("m", stub_server.url), "llm:openai:m", tmp_path / "verdicts.jsonl")
     items = [JudgeItem("q1", "r1", "en"), JudgeItem("q2", "Sorry, I can't.", "en"), JudgeItem("q3", "r3", "th")]
     v = judge.judge(items)
     assert [x.label for x in v] == ["unsafe", "safe", "invalid"] and v[2].reason.startswith("unparsed")
@@ -122,14 +122,30 @@ def test_llm_judge_over_http(stub_server, tmp_path, monkeypatch, caplog):
 
 def test_llm_judge_unreachable_and_client_error(stub_server):
     _Stub = stub_server.handler
-    chat = OpenAIChat("m", "http://127.0.0.1:9/v1", max_retries=1, backoff=0.01, timeout=2)
+    chat = OpenAIChat("m", "http://127.0.0.1:9/v1", max_retries=1, timeout=2)
     with pytest.raises(PolyalignError, match="failed after 2 tries: unreachable"):
         chat.complete("s", "u")
     _Stub.script = [(401, "")]
     with pytest.raises(PolyalignError, match="HTTP 401"):
-        OpenAIChat("m", stub_server.url, max_retries=3, backoff=0.01).complete("s", "u")
+        OpenAIChat("m", stub_server.url, max_retries=3).complete("s", "u")
     with pytest.raises(PolyalignError, match="unknown judge"):
         build_judge("gpt4")
+
+def test_openai_backend_honours_retry_after(stub_server):
+    import time
+
+    stub_server.handler.script = [(429, "", {"Retry-After": "2"}), (200, "safe")]
+    start = time.monotonic()
+    assert OpenAIChat("m", stub_server.url).complete("s", "u") == "safe"
+    assert time.monotonic() - start >= 2.0      # without the header the client waits about 0.5 s
+
+
+def test_openai_backend_without_the_client_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openai", None)      # `import openai` now raises ImportError
+    with pytest.raises(PolyalignError, match=r"pip install 'polyalign\[openai\]'"):
+        OpenAIChat("m", "http://127.0.0.1:9/v1")
 
 # ---------------------------------------------------------------- generation
 

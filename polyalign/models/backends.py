@@ -3,11 +3,8 @@ local Hugging Face chat model. Judges and translators both use them."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import urllib.error
-import urllib.request
 from typing import Protocol
 
 from polyalign.errors import PolyalignError
@@ -18,47 +15,51 @@ class ChatBackend(Protocol):
 
 
 class OpenAIChat:
-    """OpenAI-compatible ``/chat/completions`` over HTTP with retries and backoff.
+    """An OpenAI-compatible ``/chat/completions`` endpoint through the ``openai`` client.
 
-    The key comes from ``api_key_env`` and is sent only in the Authorization header: never logged,
-    never written to any file.
+    The client retries 408/409/429/5xx and connection errors with exponential backoff and honours
+    the server's ``Retry-After``; we add one thing it lacks: a 200 whose body is not a chat
+    completion is retried too. The key comes from ``$api_key_env`` and goes only into the client's
+    Authorization header: never logged, never written to a file, never part of an error message.
+    Needs the optional extra: ``pip install 'polyalign[openai]'``.
     """
 
     def __init__(self, model: str, base_url: str, api_key_env: str = "POLYALIGN_API_KEY", max_retries: int = 4,
-                 timeout: float = 60.0, backoff: float = 1.0, min_interval: float = 0.0):
-        self.model, self.base_url = model, base_url.rstrip("/")
-        self.api_key_env, self.max_retries, self.timeout, self.backoff = api_key_env, max_retries, timeout, backoff
+                 timeout: float = 60.0, min_interval: float = 0.0):
+        try:
+            import openai
+        except ImportError:
+            raise PolyalignError("the OpenAI-compatible judge/translator needs the openai client: "
+                                 "pip install 'polyalign[openai]'") from None
+        self.model, self.base_url, self.max_retries = model, base_url.rstrip("/"), max_retries
         self.min_interval, self._last = min_interval, 0.0
+        # A local endpoint may need no key; the client insists on one, so a placeholder stands in.
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=os.environ.get(api_key_env) or "no-key",
+                                    max_retries=max_retries, timeout=timeout)
 
     def complete(self, system: str, user: str, temperature: float = 0.0) -> str:
-        body = json.dumps({"model": self.model, "temperature": temperature,
-                           "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        last_err = ""
-        for attempt in range(self.max_retries + 1):
+        import openai
+
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        for _ in range(self.max_retries + 1):
             wait = self.min_interval - (time.monotonic() - self._last)
             if wait > 0:
                 time.sleep(wait)
             self._last = time.monotonic()
-            req = urllib.request.Request(f"{self.base_url}/chat/completions", body.encode(), headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    data = json.loads(resp.read().decode("utf-8"))
-                return str(data["choices"][0]["message"]["content"])
-            except urllib.error.HTTPError as e:
-                last_err = f"HTTP {e.code}"
-                if e.code not in (408, 409, 429) and e.code < 500:
-                    break  # a client error will not go away by retrying
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last_err = f"unreachable ({getattr(e, 'reason', e)})"
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-                last_err = "malformed response body"
-            if attempt < self.max_retries:
-                time.sleep(self.backoff * 2**attempt)
-        raise PolyalignError(f"chat endpoint {self.base_url} failed after {self.max_retries + 1} tries: {last_err}")
+                resp = self.client.chat.completions.create(model=self.model, messages=messages,
+                                                           temperature=temperature)
+                return str(resp.choices[0].message.content)
+            except openai.APIStatusError as e:
+                last_err = f"HTTP {e.status_code}"
+                break                            # the client already retried what retrying can fix
+            except openai.APIConnectionError as e:
+                last_err = f"unreachable ({type(e).__name__})"
+                break
+            except (openai.APIResponseValidationError, AttributeError, IndexError, TypeError):
+                last_err = "malformed response body"  # a garbled 200: ask again
+        tries = self.max_retries + 1
+        raise PolyalignError(f"chat endpoint {self.base_url} failed after {tries} tries: {last_err}")
 
 
 class HFChat:
