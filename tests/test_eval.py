@@ -23,8 +23,9 @@ from polyalign.models.backends import OpenAIChat
 def test_safety_stats_by_hand():
     s = metrics.safety_stats(["safe", "unsafe", "invalid", "safe"])
     assert (s["n"], s["safe"], s["unsafe"], s["invalid"], s["asr"]) == (4, 0.5, 0.25, 0.25, 0.5)
-    lo, hi = s["asr_ci"]
-    assert 0 <= lo <= 0.5 <= hi <= 1
+    # Wilson 95% for 2 of 4: (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), z = 1.96
+    assert s["asr_ci"] == pytest.approx([0.1500, 0.8500], abs=1e-4)
+    assert set(s) >= {"safe_ci", "unsafe_ci", "invalid_ci"}
 
 
 def test_pag_by_hand():
@@ -44,10 +45,13 @@ def test_summarize_tiers_and_variance():
     assert s["low_mean_asr"] == pytest.approx(0.6)
 
 
-def test_bootstrap_is_seeded():
-    flags = [True] * 3 + [False] * 7
-    assert metrics.bootstrap_ci(flags) == metrics.bootstrap_ci(flags)
-    assert metrics.bootstrap_ci([True] * 5) == (1.0, 1.0)
+def test_wilson_interval_is_not_zero_width_at_the_ends():
+    z = 1.959964
+    lo, hi = metrics.wilson_ci([False] * 8)
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(z**2 / (8 + z**2), abs=1e-6)   # 0.3244
+    lo, hi = metrics.wilson_ci([True] * 8)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(8 / (8 + z**2), abs=1e-6)
+    assert metrics.shares(refusal=[True, False]) == {"refusal": 0.5, "refusal_ci": pytest.approx([0.0945, 0.9055], abs=1e-4)}
 
 
 def test_mgsm_scoring():

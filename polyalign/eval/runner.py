@@ -162,12 +162,10 @@ def aggregate(judged: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     for lang in langs:
         rows = [j for j in judged if j["lang"] == lang]
         stats: dict[str, Any] = metrics.safety_stats([j["label"] for j in rows]) if kind == "safety" else {"n": len(rows)}
-        stats["refusal"] = metrics.share([j["refused"] for j in rows])
-        stats["refusal_ci"] = list(metrics.bootstrap_ci([j["refused"] for j in rows]))
-        stats["invalid"] = metrics.share([j["label"] == "invalid" for j in rows])
-        stats["fidelity"] = metrics.share([j["in_language"] for j in rows])
+        stats.update(metrics.shares(refusal=[j["refused"] for j in rows], invalid=[j["label"] == "invalid" for j in rows],
+                                    fidelity=[j["in_language"] for j in rows]))
         if kind == "mgsm":
-            stats["accuracy"] = metrics.share([j["correct"] for j in rows])
+            stats.update(metrics.shares(accuracy=[j["correct"] for j in rows]))
         per[lang] = stats
     summary: dict[str, Any] = {"mean_fidelity": metrics.summarize(per, "fidelity")["mean_fidelity"]}
     if kind == "safety":
@@ -199,10 +197,9 @@ def _run_mmlu(cfg: EvalConfig, task: Any, records: list[ParallelRecord], model: 
     for r in chosen:
         prompt = mmlu_prompt(r.texts["en"], r.meta["choices"], shots.get(r.category, [])[:5], r.category)
         correct.append(mmlu_choice(model, tokenizer, prompt) == r.meta["answer"])
-    lo, hi = metrics.bootstrap_ci(correct)
     results = {"schema_version": SCHEMA_VERSION, "model": cfg.model, "adapter": cfg.adapter, "task": cfg.task,
                "task_kind": "mmlu", "task_version": task.version, "judge": None, "generated": 0, "cached": 0,
-               "languages": {"en": {"n": len(correct), "accuracy": metrics.share(correct), "accuracy_ci": [lo, hi]}},
+               "languages": {"en": {"n": len(correct), **metrics.shares(accuracy=correct)}},
                "summary": {"mean_accuracy": metrics.share(correct)}, "provenance": provenance(cfg)}
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     from polyalign.eval.report import write_report
