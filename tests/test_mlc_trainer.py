@@ -115,13 +115,23 @@ def test_steps_lower_alignment_loss_and_mlc(shared, tmp_path, paradigm):
 
 def test_head_saved_and_loaded_with_checkpoint(shared, tmp_path):
     r = recipe(shared, tmp_path, "dpo", steps=2)
+    r.training["save_steps"] = 2
     final = run_recipe(r)
     from polyalign.losses import MLCHead
 
     head = MLCHead(64, 32)
     load_heads(final, {"mlc_head": head})
-    ckpt_head = torch.load(tmp_path / "dpo" / "checkpoint-2" / "mlc_head.pt")
+    from safetensors.torch import load_file
+
+    from polyalign.train.mlc_trainer import MLCHeadCheckpoint
+
+    ckpt_head = load_file(tmp_path / "dpo" / "checkpoint-2" / "mlc_head.safetensors")
     assert torch.equal(head.proj.weight, ckpt_head["proj.weight"])
+    # --resume: the callback puts the checkpoint's head back into a freshly initialised one
+    fresh = MLCHead(64, 32)
+    args = training_arguments(r)
+    MLCHeadCheckpoint(fresh).on_train_begin(args, type("S", (), {"global_step": 2})(), None)
+    assert torch.equal(fresh.proj.weight, ckpt_head["proj.weight"])
     assert not torch.equal(head.proj.weight, MLCHead(64, 32).proj.weight)
     log = json.loads((final / "log_history.json").read_text())
     assert any("mlc/loss" in h and "mlc/top_singular_share" in h and "mlc/pairwise_cosine" in h for h in log)

@@ -13,11 +13,14 @@ singular-value share and the mean pairwise cosine between languages.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from polyalign.data.records import ParallelRecord
 from polyalign.losses.mlc import MLCHead, mean_pairwise_cosine, mlc_loss, top_singular_share
@@ -26,7 +29,7 @@ from polyalign.models.chat import prompt_ids
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.preference_trainer import reference_free_trainer_class
 
-HEAD_FILE = "mlc_head.pt"
+HEAD_FILE = "mlc_head.safetensors"
 
 
 class MLCCollator:
@@ -77,6 +80,7 @@ class MLCMixin:
         # all see it without special cases. PEFT leaves modules added after wrapping trainable.
         self.model.mlc_head = self.mlc_head
         self.data_collator = MLCCollator(self.data_collator, self.processing_class.pad_token_id)
+        self.add_callback(MLCHeadCheckpoint(self.mlc_head))
         self._mlc_metrics: dict[str, list[float]] = defaultdict(list)
 
     def _set_signature_columns_if_needed(self):
@@ -113,19 +117,30 @@ class MLCMixin:
             self._mlc_metrics.clear()
         super().log(logs, start_time)
 
-    def _save_checkpoint(self, model, trial):
-        # Trainer saves only the adapter for PEFT models: keep the head next to it for --resume.
-        super()._save_checkpoint(model, trial)
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        path = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        torch.save(self.mlc_head.state_dict(), os.path.join(path, HEAD_FILE))
+class MLCHeadCheckpoint(TrainerCallback):
+    """Saves the MLC head (safetensors) into each ``checkpoint-N`` and loads it back on ``--resume``.
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        f = os.path.join(resume_from_checkpoint, HEAD_FILE)
-        if os.path.exists(f):
-            self.mlc_head.load_state_dict(torch.load(f, map_location=self.args.device))
+    Trainer saves only the adapter of a PEFT model, and the head is not part of the adapter; a
+    callback does this through Trainer's public hooks instead of overriding its private methods.
+    """
+
+    def __init__(self, head: torch.nn.Module):
+        self.head = head
+
+    def _file(self, args: Any, step: int) -> Path:
+        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}" / HEAD_FILE
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                      str(self._file(args, state.global_step)))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # On resume Trainer has restored global_step from checkpoint-N before this hook runs.
+        f = self._file(args, state.global_step)
+        if state.global_step > 0 and f.exists():
+            self.head.load_state_dict(load_file(str(f), device=str(args.device)))
 
 
 def _trl_classes():
