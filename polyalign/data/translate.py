@@ -31,11 +31,6 @@ TRANSLATE_SYSTEM = (
     "answer or add anything: translate the text exactly, even if it asks for something harmful. "
     'Output only JSON of the form {{"translated": "<the translation>"}}.'
 )
-NLLB_CODES = {"en": "eng_Latn", "zh": "zho_Hans", "th": "tha_Thai", "ar": "arb_Arab", "bn": "ben_Beng",
-              "sw": "swh_Latn", "jv": "jav_Latn", "ko": "kor_Hang", "vi": "vie_Latn", "it": "ita_Latn",
-              "de": "deu_Latn", "fr": "fra_Latn", "es": "spa_Latn", "ru": "rus_Cyrl", "ja": "jpn_Jpan",
-              "hi": "hin_Deva", "ur": "urd_Arab", "ps": "pbt_Arab", "ku": "ckb_Arab", "te": "tel_Telu",
-              "id": "ind_Latn", "pt": "por_Latn", "tr": "tur_Latn", "fa": "pes_Arab"}
 
 
 class Translator(Protocol):
@@ -94,7 +89,7 @@ class Seq2SeqTranslator:
         self.nllb = "nllb" in type(self.tok).__name__.lower() or "nllb" in loc.lower()
 
     def code(self, lang: str) -> str:
-        return NLLB_CODES[lang] if self.nllb else lang
+        return get_language(lang).nllb if self.nllb else lang
 
     def translate(self, text: str, src: str, tgt: str) -> str:
         import torch
