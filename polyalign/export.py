@@ -53,5 +53,8 @@ def export_merged(adapter: str | Path, out: str | Path, base_spec: str | None = 
         conv = shutil.which("convert_hf_to_gguf.py")
         if conv is None:
             raise PolyalignError("GGUF export needs llama.cpp's convert_hf_to_gguf.py on PATH")
-        subprocess.run([conv, str(out), "--outfile", str(out / "model.gguf")], check=True)
+        done = subprocess.run([conv, str(out), "--outfile", str(out / "model.gguf")], capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise PolyalignError(f"GGUF export: convert_hf_to_gguf.py failed ({last})")
     return out

@@ -26,3 +26,13 @@ def test_bar_chart_writes_one_png_with_a_panel_per_entry(tmp_path):
     bar_chart(one, [("a", series)])
     bar_chart(two, [("a", series), ("b", series)])
     assert Image.open(two).width > 1.5 * Image.open(one).width
+
+
+def test_model_card_carries_the_results_tables():
+    """`polyalign export --results RUN` puts each run's per-language table into the card."""
+    from polyalign.export import model_card
+
+    res = {"task": "builtin-harmful", "judge": "lexicon", "languages": {"en": {"asr": 0.25, "refusal": 0.75}}}
+    card = model_card({"base_model": "m", "recipe": {"method": "msd"}}, [res])
+    assert "## builtin-harmful (judge: lexicon)" in card
+    assert "| language | asr | refusal |\n|---|---|---|\n| en | 25.0% | 75.0% |" in card

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from polyalign.data.records import ParallelRecord, atomic_write_text
-from polyalign.errors import PolyalignError
+from polyalign.errors import PolyalignError, require_positive
 from polyalign.eval import metrics
 from polyalign.eval.generation import (
     GenerationCache,
@@ -37,15 +37,20 @@ class EvalConfig:
     task: str = "builtin-harmful"
     out: str = "runs/eval"
     adapter: str | None = None
-    data: str | None = None
+    data: str | None = None              # always a path (file, or the folder a data set ships as)
+    split: str | None = None             # built-in: train | eval | all (default eval); files: train | dev | test
+    columns: str | dict[str, str] | None = None   # own CSV/JSONL: "en=question,th=q_th"
     judge: str = "lexicon"
     languages: str | list[str] | None = None
     limit: int | None = None             # prompts per language
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None    # None: the task's default (Task.max_new_tokens)
     batch_size: int = 32                 # 2 CPU cores: 10.9x batch-1 decode tokens/s (decode_scaling.py)
     backend: str = "hf"                  # hf | vllm
     system: str | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_positive(limit=self.limit, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
 
 
 def select_requests(records: list[ParallelRecord], languages: list[str] | None, limit: int | None) -> list[GenRequest]:
@@ -89,7 +94,7 @@ def run_eval(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     languages = parse_language_list(cfg.languages)
-    records = task.load(cfg.data)
+    records = task.load(cfg.data, cfg.split, cfg.columns)
 
     if model is None:
         from polyalign.models import load_tokenizer, load_with_adapter
@@ -102,7 +107,7 @@ def run_eval(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[
     from polyalign.models.loading import weights_fingerprint
 
     requests = select_requests(records, languages, cfg.limit)
-    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, system=cfg.system)
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, system=cfg.system)
     if cfg.backend == "vllm":
         from polyalign.eval.generation import VLLMGenerator
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,12 @@ class Recipe:
 
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
-    for k in keys[:-1]:
-        d = d.setdefault(k, {}) if isinstance(d.get(k, {}), dict) else d[k]
+    for i, k in enumerate(keys[:-1]):
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            where = ".".join(keys[:i + 1])
+            raise PolyalignError(f"override {dotted}: {where} is {'null' if d is None else repr(d)} in this recipe, "
+                                 f"so it has no keys to set; give the whole section, e.g. {where}={{...}}")
     d[keys[-1]] = value
 
 
@@ -95,10 +100,25 @@ def _strict(cls: type, values: dict[str, Any] | None, where: str) -> Any:
         raise PolyalignError(f"{where}: {e}") from None
 
 
+def shipped_recipes() -> list[str]:
+    """Names of the recipes inside the package (``polyalign/recipes/*.yaml``)."""
+    return sorted(p.name[:-5] for p in resources.files("polyalign").joinpath("recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def resolve_recipe(spec: str | Path) -> Path:
+    """A YAML path, or the name of a shipped recipe (``msd_onpolicy``), which works from a wheel too."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if name in shipped_recipes() and (len(path.parts) == 1 or path.parent.name == "recipes"):
+        return Path(str(resources.files("polyalign").joinpath("recipes", f"{name}.yaml")))
+    raise PolyalignError(f"{spec}: recipe not found (a YAML path, or one of: {', '.join(shipped_recipes())})")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
-    if not path.exists():
-        raise PolyalignError(f"{path}: recipe not found")
+    path = resolve_recipe(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
