@@ -11,11 +11,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("POLYALIGN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+def require_shared(path: Path, env: dict[str, str]) -> Path:
+    """``path`` if it exists; otherwise skip locally but FAIL under ``CI=true``: CI must not turn
+    every data test into a silent skip because ../shared was not laid next to the clone."""
+    if not path.exists():
+        message = f"shared data not found at {path} (set POLYALIGN_SHARED_DATA)"
+        if env.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {message}; data tests must run in CI", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    if not SHARED.exists():
-        pytest.skip(f"shared data not found at {SHARED}")
-    return SHARED
+    return require_shared(SHARED, dict(os.environ))
 
 
 @pytest.fixture(scope="session")
