@@ -24,6 +24,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--continuous", action="store_true")
     args = p.parse_args()
+    from polyalign.data.builtin import builtin_benchmark
     from polyalign.eval.generation import (
         GenerationCache,
         GenerationSettings,
@@ -31,7 +32,6 @@ def main() -> None:
         HFGenerator,
         generate_cached,
     )
-    from polyalign.eval.tasks import builtin_benchmark
     from polyalign.models import load_model, load_tokenizer
     from polyalign.models.chat import render_prompt
 

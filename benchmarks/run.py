@@ -52,7 +52,7 @@ def peak_memory_mb() -> float:
 
 def fixed_batch(tok, batch: int, resp_len: int, seed: int = 0):
     """Student/teacher prompts from the built-in benchmark and fixed random responses."""
-    from polyalign.eval.tasks import builtin_benchmark
+    from polyalign.data.builtin import builtin_benchmark
     from polyalign.models.chat import prompt_ids
     from polyalign.train.msd_config import TEACHER_TEMPLATE
 
@@ -68,7 +68,7 @@ def fixed_batch(tok, batch: int, resp_len: int, seed: int = 0):
 def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
     """One side of the MSD comparison: (step function, model FLOPs per step, tokens per step)."""
     from polyalign.models import LoraSettings, attach_lora, load_model, load_tokenizer
-    from polyalign.train.batching import response_batch
+    from polyalign.models.batching import response_batch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"
@@ -89,7 +89,7 @@ def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
 
     def step() -> None:
         from polyalign.losses.msd import msd_loss
-        from polyalign.train.batching import response_logits
+        from polyalign.models.batching import response_logits
 
         if kind == "ours":
             student_logits = response_logits(policy, s)
@@ -182,7 +182,7 @@ def trl_sdft_side(model_spec: str, tok, student_p, teacher_p, responses, batch: 
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     from polyalign.models import LoraSettings, load_model, lora_config
-    from polyalign.train.batching import left_pad
+    from polyalign.models.batching import left_pad
 
     cfg = SDFTConfig(output_dir=tempfile.mkdtemp(prefix="polyalign-bench-sdft-"), per_device_train_batch_size=batch,
                      num_generations=1, teacher_model_kind="base", distillation_mode="full_logits",
@@ -278,6 +278,7 @@ def bench_generation(model_spec: str, n_prompts: int, max_new_tokens: int, seque
     import inspect
     import tempfile
 
+    from polyalign.data.builtin import builtin_benchmark
     from polyalign.eval.generation import (
         GenerationCache,
         GenerationSettings,
@@ -285,7 +286,6 @@ def bench_generation(model_spec: str, n_prompts: int, max_new_tokens: int, seque
         HFGenerator,
         generate_cached,
     )
-    from polyalign.eval.tasks import builtin_benchmark
     from polyalign.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer(model_spec), load_model(model_spec)

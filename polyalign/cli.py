@@ -24,19 +24,22 @@ Languages = Annotated[str | None, typer.Option(help="Comma-separated ISO 639-1 c
 Dtype = Annotated[str | None, typer.Option(
     help="auto | float32 | bfloat16 | float16. auto: bf16 on CUDA with bf16 or a CPU with AVX512-BF16/AMX, else fp32.")]
 Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N. auto: CUDA when present.")]
+Columns = Annotated[str | None, typer.Option(help="Your own CSV/JSONL: language=column pairs, e.g. "
+                                                  "'en=question,th=q_th' (implies --format generic).")]
 
 
 @data_app.command("inspect")
 def data_inspect(path: Annotated[str, typer.Argument(help="Data file or folder (XSafety, MultiJail, MLC PKU, ...).")],
-                 fmt: Annotated[str | None, typer.Option("--format", help="Loader name; default: detected.")] = None):
+                 fmt: Annotated[str | None, typer.Option("--format", help="Loader name; default: detected.")] = None,
+                 columns: Columns = None):
     """Print a languages x count table (and categories) for any supported source."""
     from rich.table import Table
 
     from polyalign.data import detect_format, load_source
-    from polyalign.data.languages import get_language
+    from polyalign.text.languages import get_language
 
-    fmt = fmt or detect_format(path)
-    records = load_source(path, fmt)
+    fmt = "generic" if columns else fmt or detect_format(path)
+    records = load_source(path, fmt, columns)
     counts: dict[str, int] = {}
     for r in records:
         for lang in r.texts:
@@ -64,7 +67,7 @@ def data_convert(path: Annotated[str, typer.Argument(help="Source file or folder
                  fmt: Annotated[str | None, typer.Option("--format", help="Loader name; default: detected.")] = None,
                  languages: Languages = None,
                  split: Annotated[str | None, typer.Option(help="Keep only train, dev or test (by prompt id).")] = None,
-                 seed: int = 0):
+                 seed: int = 0, columns: Columns = None):
     """Write canonical parallel JSONL ({id, category, texts: {lang: text}, meta})."""
     from polyalign.data import (
         load_source,
@@ -74,7 +77,7 @@ def data_convert(path: Annotated[str, typer.Argument(help="Source file or folder
         write_records,
     )
 
-    records = select_languages(load_source(path, fmt), parse_language_list(languages))
+    records = select_languages(load_source(path, fmt, columns), parse_language_list(languages))
     if split:
         if split not in ("train", "dev", "test"):
             raise PolyalignError(f"--split must be train, dev or test, got {split!r}")
@@ -96,8 +99,10 @@ def data_make_responses(
 ):
     """Generate English responses with the model itself (its English safety is already good), turning
     a parallel prompt set into SFT+MLC data with no external API. Resumable."""
+    from polyalign.errors import require_positive
     from polyalign.train.make_responses import make_responses
 
+    require_positive(limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
     n = make_responses(path, out, model, fmt=fmt, languages=languages, limit=limit,
                        max_new_tokens=max_new_tokens, batch_size=batch_size)
     console.print(f"{out}: {n} rows")
@@ -119,7 +124,9 @@ def data_translate(
 
     from polyalign.data import load_source
     from polyalign.data.translate import build_translator, translate_records
+    from polyalign.errors import require_positive
 
+    require_positive(limit=limit)
     records = load_source(path, fmt)[: limit or None]
     report = translate_records(records, to, build_translator(translator), out,
                                build_translator(back_translator) if back_translator else None)
@@ -135,7 +142,7 @@ def data_translate(
 
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(ctx: typer.Context,
-          recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/msd_onpolicy.yaml.")],
+          recipe: Annotated[str, typer.Argument(help="YAML recipe path, or a shipped recipe's name: msd_onpolicy, mlc_dpo, ...")],
           model: Annotated[str | None, typer.Option(help="Override the recipe's model spec.")] = None,
           output_dir: Annotated[Path | None, typer.Option(help="Override the recipe's output folder.")] = None,
           resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the output folder.")] = False,
@@ -158,14 +165,17 @@ def train(ctx: typer.Context,
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Option(help="Model spec: builtin:NAME, folder, .gguf or hub id.")],
-    task: Annotated[str, typer.Option(help="Task name (see `polyalign eval --list-tasks`).")] = "builtin-harmful",
+    task: Annotated[str, typer.Option(help="Task name (`polyalign tasks` lists them).")] = "builtin-harmful",
     out: Annotated[Path, typer.Option(help="Run folder: results.json, generations.jsonl, report.md, plot.")] = Path("runs/eval"),
     adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder trained by polyalign.")] = None,
-    data: Annotated[str | None, typer.Option(help="Point the task at a local file or folder.")] = None,
+    data: Annotated[str | None, typer.Option(help="Path: point the task at a local file or the folder a data set ships as.")] = None,
+    split: Annotated[str | None, typer.Option(help="Built-in tasks: train | eval | all (default eval); "
+                                                   "files: train | dev | test by prompt id.")] = None,
+    columns: Columns = None,
     judge: Annotated[str, typer.Option(help="lexicon | llm:SPEC | guard:SPEC.")] = "lexicon",
     languages: Languages = None,
     limit: Annotated[int | None, typer.Option(help="At most N prompts per language.")] = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Default: the task's own (mgsm 384, others 64).")] = None,
     batch_size: int = 32,
     backend: Annotated[str, typer.Option(help="hf | vllm")] = "hf",
     dtype: Dtype = None,
@@ -174,7 +184,8 @@ def eval_cmd(
     """Generate (resumable cache), judge, and write results.json, report.md and a per-language plot."""
     from polyalign.eval.runner import EvalConfig, run_eval
 
-    cfg = EvalConfig(model=model, adapter=str(adapter) if adapter else None, task=task, data=data, judge=judge,
+    cfg = EvalConfig(model=model, adapter=str(adapter) if adapter else None, task=task, data=data, split=split,
+                     columns=columns, judge=judge,
                      languages=languages, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
                      backend=backend, out=str(out), dtype=dtype, device=device)
     results = run_eval(cfg)
@@ -189,7 +200,9 @@ def list_tasks():
     from polyalign.eval.judges import JUDGES
     from polyalign.eval.tasks import TASKS
 
-    console.print("tasks: " + ", ".join(TASKS.names()))
+    for name in TASKS.names():
+        t = TASKS.get(name)
+        console.print(f"{name:18s} {t.kind:7s} max_new_tokens {t.max_new_tokens:<4d} {t.description}", highlight=False)
     console.print("judges: " + ", ".join(JUDGES.names()))
 
 
@@ -277,11 +290,16 @@ def demo(quick: Annotated[bool, typer.Option(help="Smaller run (~5 min on 2 CPU 
 @app.command("export")
 def export(adapter: Annotated[Path, typer.Argument(help="Adapter folder trained by polyalign.")],
            out: Annotated[Path, typer.Option(help="Merged safetensors model folder to write.")],
-           model: Annotated[str | None, typer.Option(help="Base model spec; default: from the checkpoint.")] = None):
+           model: Annotated[str | None, typer.Option(help="Base model spec; default: from the checkpoint.")] = None,
+           results: Annotated[list[Path] | None, typer.Option(
+               "--results", help="Evaluation run folder whose per-language table goes into the model card "
+                                 "(repeat for several).")] = None,
+           gguf: Annotated[bool, typer.Option(help="Also write model.gguf (needs llama.cpp's convert_hf_to_gguf.py "
+                                                   "on PATH).")] = False):
     """Merge a LoRA adapter into its base model and save a safetensors folder with a model card."""
     from polyalign.export import export_merged
 
-    console.print(f"wrote {export_merged(adapter, out, model)}")
+    console.print(f"wrote {export_merged(adapter, out, model, results=results, gguf=gguf)}")
 
 
 def main() -> None:

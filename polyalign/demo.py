@@ -143,26 +143,13 @@ def demo_rows(before: dict, after: dict) -> list[dict[str, Any]]:
 
 
 def write_demo_report(out: Path, before: dict, after: dict, plan: DemoPlan, timings: dict, console: Any) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from rich.table import Table
+    from polyalign.eval.report import bar_chart, render_table
 
     rows = demo_rows(before, after)
-
-    def pct(x: float) -> str:
-        return f"{100 * x:.0f}%"
     trained = set(plan.train_languages)
-    table = Table(title="polyalign demo: before -> after MSD (built-in eval split)")
-    for col in ("lang", "ASR", "invalid", "over-refusal (benign)", "benign answers in language"):
-        table.add_column(col, justify="left" if col == "lang" else "right")
-    for r in rows:
-        mark = "" if r["lang"] in trained or r["lang"] == "en" else " (unseen)"
-        table.add_row(r["lang"] + mark, f"{pct(r['asr_before'])} -> {pct(r['asr_after'])}",
-                      f"{pct(r['invalid_before'])} -> {pct(r['invalid_after'])}",
-                      f"{pct(r['over_refusal_before'])} -> {pct(r['over_refusal_after'])}",
-                      f"{pct(r['fidelity_before'])} -> {pct(r['fidelity_after'])}")
+    header = ["lang", "ASR", "invalid", "over-refusal (benign)", "benign answers in language"]
+    cells = [[r["lang"] + ("" if r["lang"] in trained or r["lang"] == "en" else " (unseen)"),
+              *[_change(r, k) for k in ("asr", "invalid", "over_refusal", "fidelity")]] for r in rows]
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "lang"}
     summary = {"rows": rows, "mean": mean, "timings": timings}
     md = ["# polyalign demo", "", f"Model `{before['builtin-harmful']['model']}`, MSD on-policy + LoRA, "
@@ -171,37 +158,27 @@ def write_demo_report(out: Path, before: dict, after: dict, plan: DemoPlan, timi
     atomic_write_text(out / "report.md", "\n".join(md))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
 
-    langs = [r["lang"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(langs) + 3), 3.6))
-    for ax, key, title in ((axes[0], "asr", "attack success rate (harmful, lower is better)"),
-                           (axes[1], "over_refusal", "over-refusal (benign, lower is better)")):
-        x = range(len(langs))
-        ax.bar([i - 0.2 for i in x], [100 * r[f"{key}_before"] for r in rows], 0.4, label="before")
-        ax.bar([i + 0.2 for i in x], [100 * r[f"{key}_after"] for r in rows], 0.4, label="after MSD")
-        ax.set_xticks(list(x), langs)
-        ax.set_ylim(0, 100)
-        ax.set_ylabel("%")
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "demo.png", dpi=120)
-    plt.close(fig)
-    console.print(table)
+    def series(key: str) -> dict[str, dict[str, float]]:
+        return {"before": {r["lang"]: 100 * r[f"{key}_before"] for r in rows},
+                "after MSD": {r["lang"]: 100 * r[f"{key}_after"] for r in rows}}
+    bar_chart(out / "demo.png", [("attack success rate (harmful, lower is better)", series("asr")),
+                                 ("over-refusal (benign, lower is better)", series("over_refusal"))])
+    console.print(render_table(header, cells, "polyalign demo: before -> after MSD (built-in eval split)", "rich"))
     console.print(f"report: {out / 'report.md'}  plot: {out / 'demo.png'}")
     return summary
 
 
+def _change(r: dict[str, float], key: str, arrow: str = "->") -> str:
+    return f"{100 * r[f'{key}_before']:.0f}% {arrow} {100 * r[f'{key}_after']:.0f}%"
+
+
 def demo_markdown(summary: dict[str, Any]) -> str:
     """The before -> after table of a demo summary (``summary.json``) as Markdown."""
-    def pct(x: float) -> str:
-        return f"{100 * x:.0f}%"
+    from polyalign.eval.report import render_table
 
-    def cells(r: dict[str, float]) -> str:
-        return " | ".join(f"{pct(r[f'{k}_before'])} → {pct(r[f'{k}_after'])}" for k in
-                          ("harmful_refusal", "asr", "invalid", "over_refusal", "fidelity"))
-    lines = ["| lang | harmful refused | ASR | invalid | benign refused (over-refusal) | benign answers in language |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['lang']} | {cells(r)} |" for r in summary["rows"]]
-    lines += [f"| **mean** | {cells(summary['mean'])} |", "",
-              "stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings"].items())]
-    return "\n".join(lines)
+    keys = ("harmful_refusal", "asr", "invalid", "over_refusal", "fidelity")
+    header = ["lang", "harmful refused", "ASR", "invalid", "benign refused (over-refusal)", "benign answers in language"]
+    rows = [[r["lang"], *[_change(r, k, "→") for k in keys]] for r in summary["rows"]]
+    rows.append(["**mean**", *[_change(summary["mean"], k, "→") for k in keys]])
+    return "\n".join([render_table(header, rows), "",
+                      "stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings"].items())])

@@ -29,3 +29,11 @@ class DataError(PolyalignError):
 
 class ModelError(PolyalignError):
     """A model spec that cannot be resolved or a model file that failed verification."""
+
+
+def require_positive(**values: int | None) -> None:
+    """Sizes and counts given by the user must be >= 1 when set (``--limit -3`` used to mean "all
+    but three"); raises one line naming the option."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise PolyalignError(f"--{name.replace('_', '-')} must be a positive number, got {value}")

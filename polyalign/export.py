@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from polyalign.errors import PolyalignError
+from polyalign.eval.report import language_rows, render_table
 
 
 def model_card(info: dict[str, Any], results: list[dict[str, Any]]) -> str:
@@ -16,13 +17,10 @@ def model_card(info: dict[str, Any], results: list[dict[str, Any]]) -> str:
              f"Base model: `{info.get('base_model')}`. Merged from a LoRA adapter trained with polyalign.", "",
              "## Training recipe", "", "```json", json.dumps(recipe, indent=1, default=str), "```", ""]
     for res in results:
-        lines += [f"## {res['task']} (judge: {res.get('judge')})", "", "| language | " +
-                  " | ".join(k for k in ("asr", "refusal", "invalid", "fidelity") if k in next(iter(res["languages"].values()))) + " |"]
-        keys = [k for k in ("asr", "refusal", "invalid", "fidelity") if k in next(iter(res["languages"].values()))]
-        lines.append("|---" * (len(keys) + 1) + "|")
-        for lang, s in res["languages"].items():
-            lines.append(f"| {lang} | " + " | ".join(f"{100 * s[k]:.1f}%" for k in keys) + " |")
-        lines.append("")
+        first = next(iter(res["languages"].values()))
+        cols = [(k, k) for k in ("asr", "refusal", "invalid", "fidelity", "accuracy") if k in first]
+        lines += [f"## {res['task']} (judge: {res.get('judge')})", "",
+                  render_table(["language", *[label for _, label in cols]], language_rows(res["languages"], cols)), ""]
     return "\n".join(lines)
 
 
@@ -55,5 +53,8 @@ def export_merged(adapter: str | Path, out: str | Path, base_spec: str | None = 
         conv = shutil.which("convert_hf_to_gguf.py")
         if conv is None:
             raise PolyalignError("GGUF export needs llama.cpp's convert_hf_to_gguf.py on PATH")
-        subprocess.run([conv, str(out), "--outfile", str(out / "model.gguf")], check=True)
+        done = subprocess.run([conv, str(out), "--outfile", str(out / "model.gguf")], capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise PolyalignError(f"GGUF export: convert_hf_to_gguf.py failed ({last})")
     return out

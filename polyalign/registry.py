@@ -14,8 +14,8 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, hint: str = ""):
+        self.kind, self.hint = kind, hint      # hint: where the user can see the names, e.g. a command
         self._items: dict[str, T | str] = {}
 
     def register(self, name: str, obj: T | str | None = None) -> Callable[[T], T] | None:
@@ -38,7 +38,8 @@ class Registry(Generic[T]):
         if name not in self._items:
             close = difflib.get_close_matches(name, list(self._items), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise PolyalignError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}.{hint}")
+            where = f" ({self.hint})" if self.hint else ""
+            raise PolyalignError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}{where}.{hint}")
         item = self._items[name]
         if isinstance(item, str) and ":" in item:
             module, attr = item.split(":", 1)

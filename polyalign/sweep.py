@@ -242,7 +242,7 @@ def cost_figures(spec: SweepSpec, out: Path) -> dict[str, tuple[float, str]]:
 
 def _generations(spec: SweepSpec) -> int:
     """Responses one evaluation generates over all tasks (prompts x languages)."""
-    from polyalign.data.languages import parse_language_list
+    from polyalign.text import parse_language_list
     from polyalign.eval.runner import select_requests
     from polyalign.eval.tasks import get_task
 

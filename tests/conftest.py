@@ -11,11 +11,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("POLYALIGN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+def require_shared(path: Path, env: dict[str, str]) -> Path:
+    """``path`` if it exists; otherwise skip locally but FAIL under ``CI=true``: CI must not turn
+    every data test into a silent skip because ../shared was not laid next to the clone."""
+    if not path.exists():
+        message = f"shared data not found at {path} (set POLYALIGN_SHARED_DATA)"
+        if env.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {message}; data tests must run in CI", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    if not SHARED.exists():
-        pytest.skip(f"shared data not found at {SHARED}")
-    return SHARED
+    return require_shared(SHARED, dict(os.environ))
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +44,8 @@ def _isolated_cache(request, tmp_path, monkeypatch):
 
 class _Stub(BaseHTTPRequestHandler):
     """OpenAI-compatible stub on loopback: ``script`` says what each successive call returns,
-    as (status, content); content that starts with 'RAW:' is sent as the raw response body."""
+    as (status, content) or (status, content, headers); content that starts with 'RAW:' is sent
+    as the raw response body."""
 
     script: list = []
     seen_auth: list = []
@@ -46,8 +56,10 @@ class _Stub(BaseHTTPRequestHandler):
         assert body["messages"][0]["role"] == "system"
         _Stub.seen_auth.append(self.headers.get("Authorization"))
         _Stub.requests.append(body)
-        status, content = _Stub.script.pop(0) if _Stub.script else (200, "safe")
+        status, content, *headers = _Stub.script.pop(0) if _Stub.script else (200, "safe")
         self.send_response(status)
+        for name, value in (headers[0] if headers else {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if status == 200:
             payload = content[4:] if content.startswith("RAW:") else json.dumps(

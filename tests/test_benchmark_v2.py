@@ -62,7 +62,7 @@ def test_every_text_is_in_its_languages_script(records):
 
 
 def test_language_id_agrees_where_it_is_confident(records):
-    from polyalign.eval.langid import identify
+    from polyalign.text import identify
 
     wrong = [(r["id"], lang, *identify(text)) for r in records for lang, text in r["texts"].items()]
     confident_wrong = [w for w in wrong if w[2] != w[1] and w[3] >= 0.9]

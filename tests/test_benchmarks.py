@@ -46,7 +46,7 @@ def test_trl_sdft_baseline_computes_the_msd_loss():
 
     from polyalign.losses.msd import msd_loss
     from polyalign.models import LoraSettings, attach_lora, load_model, load_tokenizer
-    from polyalign.train.batching import response_batch, response_logits
+    from polyalign.models.batching import response_batch, response_logits
 
     spec = importlib.util.spec_from_file_location("bench_run", SCRIPT)
     bench = importlib.util.module_from_spec(spec)

@@ -42,6 +42,14 @@ def test_convert_writes_canonical_jsonl(shared, tmp_path):
     (("data", "inspect", "/no/such/file.csv"), "/no/such/file.csv: file not found"),
     (("data", "convert", "{shared}/mgsm", "--out", "{tmp}/o.jsonl", "--languages", "xx"), "unknown language code 'xx'"),
     (("eval", "--model", "builtin:nope", "--out", "{tmp}/e"), "unknown built-in model 'nope'"),
+    (("eval", "--model", "builtin:tiny-random", "--limit", "-3", "--out", "{tmp}/e"),
+     "--limit must be a positive number, got -3"),
+    (("eval", "--model", "builtin:tiny-random", "--task", "xstets", "--out", "{tmp}/e"), "`polyalign tasks` lists them"),
+    (("eval", "--model", "builtin:tiny-random", "--data", "eval", "--out", "{tmp}/e"), "use --split eval"),
+    (("data", "inspect", "{shared}/mlc_pku"), "several candidate files"),
+    (("data", "inspect", "{shared}/advbench/harmful_behaviors.csv", "--format", "generic"),
+     "--format generic needs --columns"),
+    (("train", "msd_qwen7b_full", "lora.r=8"), "lora is null in this recipe"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(args, message, shared, tmp_path):
     args = [a.format(shared=shared, tmp=tmp_path) for a in args]
@@ -49,3 +57,22 @@ def test_bad_input_one_line_exit_2_nothing_written(args, message, shared, tmp_pa
     assert res.returncode == 2
     assert message in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_own_csv_with_columns(tmp_path):
+    mine = tmp_path / "mine.csv"
+    mine.write_text("question,q_th\nHow are you?,สบายดีไหม\nWhere is it?,อยู่ที่ไหน\n")
+    res = run_cli("data", "inspect", mine, "--columns", "en=question,th=q_th")
+    assert res.returncode == 0, res.stderr
+    assert "generic: 2 prompts" in res.stdout and "Thai" in res.stdout
+    out = tmp_path / "mine.jsonl"
+    res = run_cli("data", "convert", mine, "--out", out, "--columns", "en=question,th=q_th")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(out.read_text().splitlines()[1])["texts"] == {"en": "Where is it?", "th": "อยู่ที่ไหน"}
+
+
+def test_xstest_folder_and_export_options(shared):
+    res = run_cli("data", "inspect", shared / "xstest")
+    assert res.returncode == 0 and "xstest: 250 prompts" in res.stdout
+    res = run_cli("export", "--help")
+    assert "--results" in res.stdout and "--gguf" in res.stdout

@@ -5,10 +5,10 @@ import json
 import pytest
 
 from polyalign.data import load_source, read_records, split_records, write_records
-from polyalign.data.languages import get_language, normalize_code, parse_language_list
 from polyalign.data.loaders import detect_format, load_generic, load_multijail, load_xsafety
 from polyalign.data.records import ParallelRecord
 from polyalign.errors import DataError, PolyalignError
+from polyalign.text.languages import get_language, normalize_code, parse_language_list
 
 
 def test_xsafety_real_folder(shared):

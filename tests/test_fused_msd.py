@@ -11,9 +11,9 @@ from polyalign.losses.msd import (
     reduce_sequences,
 )
 from polyalign.models import LoraSettings, attach_lora, load_model, load_tokenizer
+from polyalign.models.batching import response_batch, response_hidden, response_logits
 from polyalign.models.chat import prompt_ids
 from polyalign.train import msd_trainer as trainer_mod
-from polyalign.train.batching import response_batch, response_hidden, response_logits
 from polyalign.train.msd_config import MSDConfig
 from polyalign.train.msd_trainer import MSDTrainer, build_msd_examples
 from polyalign.train.recipes import Recipe, load_prompts, training_arguments

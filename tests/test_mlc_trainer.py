@@ -47,9 +47,33 @@ def test_config_validation():
     assert MLCConfig(paradigm="simpo", beta=2.5).beta == 2.5
 
 
+def reference_loss(logits, inputs, paradigm):
+    """SimPO / ORPO from full float64 logits with an explicit loop over sequences and tokens: an
+    implementation independent of TRL's fused LM head and of polyalign's trainer."""
+    from polyalign.losses.preference import orpo_loss, simpo_loss
+
+    logits = logits.double()
+    logps, lens = [], []
+    for i in range(len(inputs["input_ids"])):
+        total, n = 0.0, 0
+        for t in range(1, inputs["input_ids"].shape[1]):
+            if inputs["completion_mask"][i, t]:
+                total += float(torch.log_softmax(logits[i, t - 1], -1)[inputs["input_ids"][i, t]])
+                n += 1
+        logps.append(total)
+        lens.append(n)
+    lp, ln = torch.tensor(logps, dtype=torch.float64), torch.tensor(lens, dtype=torch.float64)
+    cfg = MLCConfig(paradigm=paradigm)
+    if paradigm == "simpo":
+        return float(simpo_loss(*lp.chunk(2), *ln.chunk(2), cfg.beta, cfg.simpo_gamma))
+    return float(orpo_loss(*lp.chunk(2), *ln.chunk(2), cfg.beta))
+
+
 @pytest.mark.parametrize("paradigm", PARADIGMS)
 def test_lambda_zero_reproduces_plain_trl(shared, tmp_path, paradigm):
-    """weight 0: the MLC trainer's losses equal plain TRL's on the same data, seed and steps."""
+    """weight 0: the MLC trainer's losses equal the trainer without MLC on the same data, seed and
+    steps (TRL's own DPOTrainer / SFTTrainer). SimPO/ORPO have no stable TRL trainer, so there the
+    first step's loss is also checked against :func:`reference_loss` on the initial weights."""
     import dataclasses
 
     from datasets import Dataset
@@ -80,6 +104,11 @@ def test_lambda_zero_reproduces_plain_trl(shared, tmp_path, paradigm):
     else:
         trainer = SFTTrainer(model=model, args=SFTConfig(**base, max_length=384, completion_only_loss=True),
                              train_dataset=Dataset.from_list(rows), processing_class=tok)
+    if paradigm in ("simpo", "orpo"):
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])   # step 1 = all rows
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert ours[0] == pytest.approx(reference_loss(logits, batch, paradigm), abs=2e-4)   # logs keep 4 digits
     trainer.train()
     plain = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert ours == pytest.approx(plain, rel=1e-6)
@@ -95,6 +124,12 @@ def test_steps_lower_alignment_loss_and_mlc(shared, tmp_path, paradigm):
     trainer = build_mlc_trainer(r, model, tok, records, training_arguments(r))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
 
+    with torch.no_grad():
+        model.eval()
+        raw_before = float(mlc_loss(prompt_representations(
+            model, torch.nn.Identity(), {k: v for k, v in batch.items() if k.startswith("mlc_")}, None)))
+        model.train()
+
     def measure():
         model.eval()
         with torch.no_grad():
@@ -105,23 +140,45 @@ def test_steps_lower_alignment_loss_and_mlc(shared, tmp_path, paradigm):
             out = align, float(mlc_loss(reps))
         model.train()
         return out
-    head_before = trainer.mlc_head.proj.weight.detach().clone()
+    import copy
+
+    head_before = copy.deepcopy(trainer.mlc_head)
     align0, mlc0 = measure()
     trainer.train()
     align1, mlc1 = measure()
     assert align1 < align0 and mlc1 < mlc0, (align0, align1, mlc0, mlc1)
-    assert not torch.equal(head_before, trainer.mlc_head.proj.weight)          # the head is trained
+    assert not torch.equal(head_before.proj.weight, trainer.mlc_head.proj.weight)   # the head is trained
+    # The trained head's bias alone could make every representation collinear. Through the
+    # *initial* head (and with no head at all) the model's own states must have moved together.
+    model.eval()
+    with torch.no_grad():
+        mlc_inputs = {k: v for k, v in batch.items() if k.startswith("mlc_")}
+        fixed = float(mlc_loss(prompt_representations(model, head_before, mlc_inputs, None)))
+        raw = float(mlc_loss(prompt_representations(model, torch.nn.Identity(), mlc_inputs, None)))
+    model.train()
+    assert fixed < mlc0, (mlc0, fixed)
+    assert raw < raw_before, (raw_before, raw)
 
 
 def test_head_saved_and_loaded_with_checkpoint(shared, tmp_path):
     r = recipe(shared, tmp_path, "dpo", steps=2)
+    r.training["save_steps"] = 2
     final = run_recipe(r)
     from polyalign.losses import MLCHead
 
     head = MLCHead(64, 32)
     load_heads(final, {"mlc_head": head})
-    ckpt_head = torch.load(tmp_path / "dpo" / "checkpoint-2" / "mlc_head.pt")
+    from safetensors.torch import load_file
+
+    from polyalign.train.mlc_trainer import MLCHeadCheckpoint
+
+    ckpt_head = load_file(tmp_path / "dpo" / "checkpoint-2" / "mlc_head.safetensors")
     assert torch.equal(head.proj.weight, ckpt_head["proj.weight"])
+    # --resume: the callback puts the checkpoint's head back into a freshly initialised one
+    fresh = MLCHead(64, 32)
+    args = training_arguments(r)
+    MLCHeadCheckpoint(fresh).on_train_begin(args, type("S", (), {"global_step": 2})(), None)
+    assert torch.equal(fresh.proj.weight, ckpt_head["proj.weight"])
     assert not torch.equal(head.proj.weight, MLCHead(64, 32).proj.weight)
     log = json.loads((final / "log_history.json").read_text())
     assert any("mlc/loss" in h and "mlc/top_singular_share" in h and "mlc/pairwise_cosine" in h for h in log)
@@ -131,7 +188,6 @@ def test_head_saved_and_loaded_with_checkpoint(shared, tmp_path):
 def test_reference_free_loss_matches_full_logits_reference(shared, tmp_path, paradigm):
     """SimPO/ORPO through TRL's fused LM head equal the formula on full float64 log-softmax logits,
     and full fine-tuning loads no reference copy."""
-    from polyalign.losses.preference import orpo_loss, simpo_loss
     from polyalign.train.mlc_trainer import build_mlc_trainer
 
     r = recipe(shared, tmp_path, paradigm)
@@ -145,22 +201,7 @@ def test_reference_free_loss_matches_full_logits_reference(shared, tmp_path, par
     with torch.no_grad():
         ours = float(trainer.compute_loss(model, dict(inputs)))
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.double()
-    logps, lens = [], []
-    for i in range(len(inputs["input_ids"])):                       # explicit loop over sequences and tokens
-        total, n = 0.0, 0
-        for t in range(1, inputs["input_ids"].shape[1]):
-            if inputs["completion_mask"][i, t]:
-                total += float(torch.log_softmax(logits[i, t - 1], -1)[inputs["input_ids"][i, t]])
-                n += 1
-        logps.append(total)
-        lens.append(n)
-    lp, ln = torch.tensor(logps, dtype=torch.float64), torch.tensor(lens, dtype=torch.float64)
-    cfg = MLCConfig(paradigm=paradigm)
-    if paradigm == "simpo":
-        expect = simpo_loss(*lp.chunk(2), *ln.chunk(2), cfg.beta, cfg.simpo_gamma)
-    else:
-        expect = orpo_loss(*lp.chunk(2), *ln.chunk(2), cfg.beta)
-    assert ours == pytest.approx(float(expect), rel=1e-4)
+    assert ours == pytest.approx(reference_loss(logits, inputs, paradigm), rel=1e-4)
 
 
 def test_probe_reports_similarity_before_and_after(shared, tmp_path):
@@ -184,7 +225,23 @@ def test_probe_reports_similarity_before_and_after(shared, tmp_path):
     saved = json.loads(out.read_text())
     assert saved["prompts"] == 6 and set(saved["base"]["cosine_to_en"]) == {"zh", "sw"}
     assert saved["base"]["pairwise_cosine"] != saved["adapter"]["pairwise_cosine"]
-    assert all(-1 <= v <= 1 for r in ("base", "adapter") for v in saved[r]["cosine_to_en"].values())
+    # cos(lang, en) is the mean over prompts of the cosine of last-token states: recompute it directly
+    from polyalign.data.builtin import load_prompts
+    from polyalign.eval.probe import representations
+    from polyalign.models import load_model, load_tokenizer
+
+    recs = [r for r in load_prompts("builtin:harmful", None, "all", None) if all(x in r.texts for x in ("en", "zh", "sw"))][:6]
+    reps = representations(load_model("builtin:tiny-random"), load_tokenizer("builtin:tiny-random"),
+                           [[r.texts[x] for x in ("en", "zh", "sw")] for r in recs])
+    direct = torch.nn.functional.cosine_similarity(reps[:, 2].double(), reps[:, 0].double(), dim=-1).mean()
+    assert saved["base"]["cosine_to_en"]["sw"] == pytest.approx(float(direct), abs=1e-6)
+
+    half = tmp_path / "half.jsonl"                  # zh identical to en, sw not: exactly 1 vs below 1
+    write_records(half, [ParallelRecord(id=str(i), texts={"en": f"How do I do thing {i}?", "zh": f"How do I do thing {i}?",
+                                                          "sw": f"Ninafanyaje kitu {i}?"}) for i in range(3)])
+    rows = run_probe("builtin:tiny-random", None, str(half), "en,zh,sw", 8, None, Console(quiet=True))
+    assert rows["base"]["cosine_to_en"]["zh"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["base"]["cosine_to_en"]["sw"] < 0.999
 
 
 def test_make_responses_turns_prompts_into_sft_mlc_data(tmp_path):
@@ -229,7 +286,7 @@ def test_length_buckets_are_optimal_partitions():
     import itertools
     import random
 
-    from polyalign.train.batching import length_buckets
+    from polyalign.models.batching import length_buckets
 
     def cost(groups, lengths, overhead):
         return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
@@ -249,7 +306,7 @@ def test_length_buckets_are_optimal_partitions():
 def test_bucketed_representations_equal_one_padded_forward():
     from polyalign.losses import MLCHead
     from polyalign.models import load_model
-    from polyalign.train.batching import last_token_hidden, left_pad
+    from polyalign.models.batching import last_token_hidden, left_pad
 
     model = load_model("builtin:tiny-random")
     torch.manual_seed(0)

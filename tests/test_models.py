@@ -114,7 +114,7 @@ def test_lora_checkpoint_roundtrip_with_head(tmp_path):
 @pytest.mark.real_model
 def test_real_model_answers_benign_and_refuses_harmful():
     from polyalign.eval.generation import GenerationSettings, HFGenerator
-    from polyalign.eval.judges import refusal_phrase
+    from polyalign.text.refusal import refusal_phrase
 
     spec = "builtin:qwen2.5-coder-0.5b-instruct"
     gen = HFGenerator(load_model(spec), load_tokenizer(spec), batch_size=2)

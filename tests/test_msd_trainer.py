@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from polyalign.models import LoraSettings, attach_lora, load_model, load_tokenizer
+from polyalign.models.batching import left_pad, response_batch, response_logits
 from polyalign.models.chat import prompt_ids
-from polyalign.train.batching import left_pad, response_batch, response_logits
 from polyalign.train.msd_config import MSDConfig
 from polyalign.train.msd_trainer import MSDTrainer, build_msd_examples
 from polyalign.train.recipes import DataSettings, Recipe, load_prompts, run_recipe, training_arguments

@@ -7,7 +7,9 @@ import pytest
 from polyalign.errors import PolyalignError
 from polyalign.train.recipes import load_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "polyalign" / "recipes").glob("*.yaml"))
+BY_NAME = {p.stem: p for p in RECIPES}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
@@ -16,11 +18,16 @@ def test_recipe_binds(path):
     assert r.method in ("msd", "mlc") and r.output_dir
 
 
-def test_overrides_and_unknown_keys():
-    path = RECIPES[0]
-    r = load_recipe(path, ["max_steps=7", "msd.mode=off_policy", "data.limit=3"]) if "msd" in path.name else None
-    if r is not None:
+@pytest.mark.parametrize("name", ["msd_onpolicy", "mlc_dpo"])
+def test_overrides_and_unknown_keys(name):
+    path = BY_NAME[name]
+    if name.startswith("msd"):
+        r = load_recipe(path, ["max_steps=7", "msd.mode=off_policy", "data.limit=3"])
         assert r.training["max_steps"] == 7 and r.msd["mode"] == "off_policy" and r.data.limit == 3
+        assert load_recipe(path).msd["mode"] == "on_policy"              # the override did the change
+    else:
+        r = load_recipe(path, ["max_steps=7", "mlc.weight=0", "data.limit=3"])
+        assert r.training["max_steps"] == 7 and r.mlc["weight"] == 0 and r.data.limit == 3
     with pytest.raises(PolyalignError, match="unknown TrainingArguments"):
         load_recipe(path, ["lerning_rate=1e-4"])
     with pytest.raises(PolyalignError, match="unknown key"):
@@ -59,7 +66,7 @@ def test_limit_is_a_seeded_stratified_sample():
     """Loaders group records by category: the first N rows would be the first categories only."""
     from collections import Counter
 
-    from polyalign.train.recipes import stratified_sample
+    from polyalign.data.builtin import stratified_sample
 
     recs = _records({"a": 10, "b": 10, "c": 2})
     got = stratified_sample(recs, 9, seed=0)
@@ -72,8 +79,8 @@ def test_limit_is_a_seeded_stratified_sample():
 
 
 def test_category_filter_and_unknown_category(tmp_path):
+    from polyalign.data.builtin import load_prompts
     from polyalign.data.records import write_records
-    from polyalign.train.recipes import load_prompts
 
     path = tmp_path / "p.jsonl"
     write_records(path, _records({"a": 4, "b": 4}))
@@ -86,7 +93,7 @@ def test_xsafety_limit_covers_every_category(shared):
     """The recipes' XSafety limit of 400 used to be Crimes, Ethics and Goal_Hijacking only."""
     from collections import Counter
 
-    from polyalign.train.recipes import load_prompts
+    from polyalign.data.builtin import load_prompts
 
     got = Counter(r.category for r in load_prompts(str(shared / "xsafety"), None, "train", 400))
     assert len(got) == 14 and max(got.values()) - min(got.values()) <= 1
@@ -117,3 +124,25 @@ def test_msd_mlc_recipe_and_unused_mlc_keys():
     with pytest.raises(PolyalignError, match="paradigm not used with method msd"):
         load_recipe(path, ["mlc.paradigm=dpo"])
     assert msd_mlc_config(None, MSDConfig()) is None
+
+
+def test_override_into_a_null_section_is_one_line():
+    with pytest.raises(PolyalignError, match=r"override lora.r: lora is null in this recipe.*lora=\{\.\.\.\}"):
+        load_recipe(BY_NAME["msd_qwen7b_full"], ["lora.r=8"])
+    r = load_recipe(BY_NAME["msd_qwen7b_full"], ["lora={r: 8, alpha: 16}"])         # the whole section works
+    assert r.lora == {"r": 8, "alpha": 16}
+
+
+def test_recipes_by_name_and_in_the_wheel(tmp_path, monkeypatch):
+    """`polyalign train msd_onpolicy` works from any folder; pyproject ships the recipes folder."""
+    import tomllib
+
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("msd_onpolicy").method == "msd"
+    assert load_recipe("recipes/mlc_dpo.yaml").mlc["paradigm"] == "dpo"     # the README's path, from anywhere
+    with pytest.raises(PolyalignError, match="recipe not found .* one of: .*msd_onpolicy"):
+        load_recipe("msd_onpolicyy")
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["polyalign"]
+    shipped = {p.name for g in globs for p in (ROOT / "polyalign").glob(g)}
+    assert {p.name for p in RECIPES} <= shipped and "benchmark.jsonl" in shipped
+    assert (ROOT / "recipes" / "msd_onpolicy.yaml").resolve() == BY_NAME["msd_onpolicy"]   # compat path

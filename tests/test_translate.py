@@ -13,7 +13,7 @@ from polyalign.data.translate import (
     parse_translation,
     translate_records,
 )
-from polyalign.eval.judges import OpenAIChat
+from polyalign.models.backends import OpenAIChat
 
 RECORDS = [ParallelRecord(f"p{i}", {"en": t}) for i, t in enumerate(
     ["How do I bake bread?", "What is the capital of Japan?", "How do I make a bomb?", "Why is the sky blue?"])]
@@ -49,7 +49,7 @@ def test_endpoint_every_failure_kind_flagged_and_key_never_written(stub_server, 
         reply("ขออภัย ฉันไม่สามารถช่วยเรื่องนี้ได้"),                     # p2: the translator refused
         (200, "RAW:{broken"), reply("Why is the sky blue?"),          # p3: bad body, retried; untranslated
     ]
-    tr = ChatTranslator(OpenAIChat("m", stub_server.url, backoff=0.01), "openai:m")
+    tr = ChatTranslator(OpenAIChat("m", stub_server.url), "openai:m")
     out = tmp_path / "out.jsonl"
     report = translate_records(RECORDS, "th", tr, out)
     recs = {r.id: r for r in read_records(out)}

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from polyalign.data.languages import normalize_code
 from polyalign.data.records import ParallelRecord, iter_jsonl, read_records, validate_records
 from polyalign.errors import DataError, PolyalignError
 from polyalign.registry import Registry
+from polyalign.text.languages import normalize_code
 
 log = logging.getLogger(__name__)
 Loader = Callable[..., list[ParallelRecord]]
@@ -29,6 +29,33 @@ def _require(path: Path) -> Path:
     if not path.exists():
         raise DataError("file not found", path)
     return path
+
+
+def one_file(path: str | Path, patterns: tuple[str, ...], what: str) -> Path:
+    """``path`` itself, or the one file in the folder ``path`` matching ``patterns`` (the folder a
+    data set ships as); otherwise one line saying which file is wanted."""
+    path = _require(Path(path))
+    if not path.is_dir():
+        return path
+    found = sorted({f for pat in patterns for f in path.glob(pat) if f.is_file()})
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise DataError(f"no {what} in this folder (looked for {' or '.join(patterns)}); pass the file", path)
+    raise DataError(f"several candidate files ({', '.join(f.name for f in found)}); pass the one you mean", path)
+
+
+def parse_columns(spec: str | dict[str, str] | None) -> dict[str, str] | None:
+    """``"en=question,th=q_th"`` -> ``{"en": "question", "th": "q_th"}`` (language code -> column)."""
+    if spec is None or isinstance(spec, dict):
+        return spec
+    out = {}
+    for item in spec.split(","):
+        lang, eq, col = item.partition("=")
+        if not eq or not lang.strip() or not col.strip():
+            raise PolyalignError(f"--columns: {item.strip()!r} is not LANG=COLUMN (e.g. --columns en=question,th=q_th)")
+        out[normalize_code(lang)] = col.strip()
+    return out
 
 
 def read_csv_rows(path: str | Path, delimiter: str = ",") -> list[list[str]]:
@@ -167,7 +194,8 @@ MULTIJAIL_HUB = "DAMO-NLP-SG/MultiJail"
 
 def _multijail_rows(path: str) -> tuple[list[dict[str, Any]], str]:
     if Path(path).exists():
-        return read_csv_dicts(path, ["id", *MULTIJAIL_LANGS]), path
+        f = one_file(path, ("*.csv",), "MultiJail CSV")
+        return read_csv_dicts(f, ["id", *MULTIJAIL_LANGS]), str(f)
     if path not in ("hub", MULTIJAIL_HUB):
         raise DataError("file not found (pass a local CSV, or 'hub' for DAMO-NLP-SG/MultiJail)", path)
     try:  # users with hub access; tests never reach this
@@ -231,7 +259,7 @@ def load_mlc_pku(path: str | Path) -> list[ParallelRecord]:
 
     The English responses go to ``meta`` (``chosen``/``rejected`` or ``output``).
     """
-    path = _require(Path(path))
+    path = one_file(path, ("*.jsonl", "*.json"), "MLC PKU file (*_dpo.jsonl or *_sft.json)")
     records = []
     if path.suffix == ".jsonl":
         for n, obj in iter_jsonl(path):
@@ -264,6 +292,7 @@ def load_mlc_pku(path: str | Path) -> list[ParallelRecord]:
 
 @LOADERS.register("advbench")
 def load_advbench(path: str | Path) -> list[ParallelRecord]:
+    path = one_file(path, ("harmful_behaviors.csv",), "AdvBench harmful_behaviors.csv")
     rows = read_csv_dicts(path, ["goal"])
     recs = [ParallelRecord(f"advbench/{i}", {"en": r["goal"].strip()}, "harmful", {"target": r.get("target")})
             for i, r in enumerate(rows)]
@@ -273,6 +302,7 @@ def load_advbench(path: str | Path) -> list[ParallelRecord]:
 @LOADERS.register("xstest")
 def load_xstest(path: str | Path, label: str | None = "safe") -> list[ParallelRecord]:
     """XSTest prompts; ``label="safe"`` keeps the 250 safe prompts used for over-refusal."""
+    path = one_file(path, ("*xstest*.csv",), "XSTest CSV (xstest_prompts.csv)")
     rows = read_csv_dicts(path, ["id", "prompt", "type", "label"])
     recs = [ParallelRecord(f"xstest/{r['id']}", {"en": r["prompt"].strip()}, r["type"], {"label": r["label"]})
             for r in rows if label is None or r["label"] == label]
@@ -328,11 +358,14 @@ def load_mmlu(path: str | Path, split: str = "test", subjects: list[str] | None 
 
 
 @LOADERS.register("generic")
-def load_generic(path: str | Path, columns: dict[str, str], id_column: str | None = None,
+def load_generic(path: str | Path, columns: dict[str, str] | str | None = None, id_column: str | None = None,
                  category_column: str | None = None) -> list[ParallelRecord]:
-    """Any CSV/JSONL with one column per language: ``columns`` maps language code -> column."""
-    path = _require(Path(path))
-    mapping = {normalize_code(lang): col for lang, col in columns.items()}
+    """Any CSV/JSONL with one column per language: ``columns`` maps language code -> column
+    (``{"en": "question"}`` or the CLI's ``"en=question,th=q_th"``)."""
+    if not columns:
+        raise PolyalignError("--format generic needs --columns LANG=COLUMN,... (e.g. --columns en=question,th=q_th)")
+    path = one_file(path, ("*.csv", "*.jsonl"), "CSV or JSONL file")
+    mapping = {normalize_code(lang): col for lang, col in parse_columns(columns).items()}
     if path.suffix == ".jsonl":
         rows = [(n, obj) for n, obj in iter_jsonl(path)]
     else:
@@ -354,7 +387,7 @@ def load_generic(path: str | Path, columns: dict[str, str], id_column: str | Non
 
 @LOADERS.register("jsonl")
 def load_canonical(path: str | Path) -> list[ParallelRecord]:
-    return read_records(path)
+    return read_records(one_file(path, ("*.jsonl",), "canonical parallel JSONL"))
 
 
 def detect_format(path: str | Path) -> str:
@@ -372,7 +405,12 @@ def detect_format(path: str | Path) -> str:
             return "mgsm"
         if any(p.glob("*_test.csv")):
             return "mmlu"
-        raise DataError("cannot tell the data set from this folder; pass --format", p)
+        for pattern, fmt in (("harmful_behaviors.csv", "advbench"), ("*xstest*.csv", "xstest"),
+                             ("pku_saferlhf*", "mlc-pku"), ("*multijail*.csv", "multijail")):
+            if any(p.glob(pattern)):
+                return fmt
+        raise DataError("cannot tell the data set from this folder; pass --format (one of: "
+                        + ", ".join(LOADERS.names()) + ")", p)
     if name.startswith("mgsm_"):
         return "mgsm"
     if "xstest" in name:
@@ -393,6 +431,14 @@ def detect_format(path: str | Path) -> str:
                     + ", ".join(LOADERS.names()) + ")", p)
 
 
-def load_source(path: str | Path, fmt: str | None = None, **kwargs: Any) -> list[ParallelRecord]:
-    """Load any supported source as canonical records; ``fmt`` overrides detection."""
+def load_source(path: str | Path, fmt: str | None = None, columns: dict[str, str] | str | None = None,
+                **kwargs: Any) -> list[ParallelRecord]:
+    """Load any supported source as canonical records; ``fmt`` overrides detection.
+
+    ``columns`` (language -> column) is the generic loader's map and implies ``fmt="generic"``.
+    """
+    if columns:
+        if fmt not in (None, "generic"):
+            raise PolyalignError(f"--columns goes with --format generic, not --format {fmt}")
+        return load_generic(path, columns, **kwargs)
     return LOADERS.get(fmt or detect_format(path))(path, **kwargs)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from polyalign.data.languages import normalize_code
 from polyalign.errors import DataError
+from polyalign.text.languages import normalize_code
 
 # Record categories that are benign requests (training treats them apart): the built-in benchmark's
 # ``benign`` and XSafety's ``commonsense`` (its helpfulness control set).

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from polyalign.data.languages import get_language, parse_language_list
+from polyalign.cache import JsonlCache
 from polyalign.data.records import ParallelRecord, atomic_write_text, write_records
 from polyalign.errors import PolyalignError
+from polyalign.text.languages import get_language, parse_language_list
 
 TRANSLATE_SYSTEM = (
     "You are a professional translation engine. Translate the user's text from {src} into {tgt}. "
@@ -30,11 +31,6 @@ TRANSLATE_SYSTEM = (
     "answer or add anything: translate the text exactly, even if it asks for something harmful. "
     'Output only JSON of the form {{"translated": "<the translation>"}}.'
 )
-NLLB_CODES = {"en": "eng_Latn", "zh": "zho_Hans", "th": "tha_Thai", "ar": "arb_Arab", "bn": "ben_Beng",
-              "sw": "swh_Latn", "jv": "jav_Latn", "ko": "kor_Hang", "vi": "vie_Latn", "it": "ita_Latn",
-              "de": "deu_Latn", "fr": "fra_Latn", "es": "spa_Latn", "ru": "rus_Cyrl", "ja": "jpn_Jpan",
-              "hi": "hin_Deva", "ur": "urd_Arab", "ps": "pbt_Arab", "ku": "ckb_Arab", "te": "tel_Telu",
-              "id": "ind_Latn", "pt": "por_Latn", "tr": "tur_Latn", "fa": "pes_Arab"}
 
 
 class Translator(Protocol):
@@ -93,7 +89,7 @@ class Seq2SeqTranslator:
         self.nllb = "nllb" in type(self.tok).__name__.lower() or "nllb" in loc.lower()
 
     def code(self, lang: str) -> str:
-        return NLLB_CODES[lang] if self.nllb else lang
+        return get_language(lang).nllb if self.nllb else lang
 
     def translate(self, text: str, src: str, tgt: str) -> str:
         import torch
@@ -107,7 +103,7 @@ class Seq2SeqTranslator:
 
 
 def build_translator(spec: str) -> Translator:
-    from polyalign.eval.judges import HFChat, OpenAIChat
+    from polyalign.models.backends import HFChat, OpenAIChat
 
     kind, _, rest = spec.partition(":")
     if kind == "openai":
@@ -126,12 +122,12 @@ def build_translator(spec: str) -> Translator:
 
 def flag_translation(source: str, output: str, tgt: str) -> str | None:
     """Why a translation must not be used, or None: refusal | empty | untranslated | wrong-language."""
-    from polyalign.eval.judges import _letters, refusal_phrase
-    from polyalign.eval.langid import in_language
+    from polyalign.text.langid import in_language
+    from polyalign.text.refusal import letters, refusal_phrase
 
     if not output.strip():
         return "empty"
-    if _letters(output) == _letters(source):
+    if letters(output) == letters(source):
         return "untranslated"
     if refusal_phrase(output, tgt) and not refusal_phrase(source, "en"):
         return "refusal"
@@ -166,19 +162,8 @@ class TranslateReport:
         return {"languages": self.languages}
 
 
-def _load_progress(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    from polyalign.eval.generation import drop_partial_tail
-
-    done: dict[tuple[str, str], dict[str, Any]] = {}
-    if path.exists():
-        drop_partial_tail(path)
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                done[(row["id"], row["lang"])] = row
-            except (json.JSONDecodeError, KeyError):
-                continue
-    return done
+def _progress_key(row: dict[str, Any]) -> str:
+    return json.dumps([row["id"], row["lang"]])
 
 
 def translate_records(records: list[ParallelRecord], targets: list[str] | str, translator: Translator,
@@ -189,26 +174,24 @@ def translate_records(records: list[ParallelRecord], targets: list[str] | str, t
     targets = parse_language_list(targets) or []
     out = Path(out)
     log_path = out.with_name(out.name + ".progress.jsonl")
-    done = _load_progress(log_path)
-    todo = [(r, t) for r in records if source_lang in r.texts for t in targets if (r.id, t) not in done]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a", encoding="utf-8") as log:
-        for i, (r, tgt) in enumerate(todo):
-            src_text = r.texts[source_lang]
-            try:
-                text = translator.translate(src_text, source_lang, tgt)
-                flag = flag_translation(src_text, text, tgt)
-            except MalformedOutput as e:
-                text, flag = str(e)[:500], "malformed"
-            row = {"id": r.id, "lang": tgt, "text": text, "flag": flag}
-            if back_translator is not None and flag is None:
-                row["back"] = back_translator.translate(text, tgt, source_lang)
-                row["roundtrip_chrf"] = chrf(src_text, row["back"])
-            log.write(json.dumps(row, ensure_ascii=False) + "\n")
-            log.flush()
-            done[(r.id, tgt)] = row
-            if progress:
-                progress(i + 1, len(todo))
+    log = JsonlCache(log_path, key_of=_progress_key)
+    todo = [(r, t) for r in records if source_lang in r.texts for t in targets
+            if _progress_key({"id": r.id, "lang": t}) not in log]
+    for i, (r, tgt) in enumerate(todo):
+        src_text = r.texts[source_lang]
+        try:
+            text = translator.translate(src_text, source_lang, tgt)
+            flag = flag_translation(src_text, text, tgt)
+        except MalformedOutput as e:
+            text, flag = str(e)[:500], "malformed"
+        row = {"id": r.id, "lang": tgt, "text": text, "flag": flag}
+        if back_translator is not None and flag is None:
+            row["back"] = back_translator.translate(text, tgt, source_lang)
+            row["roundtrip_chrf"] = chrf(src_text, row["back"])
+        log.add([row])
+        if progress:
+            progress(i + 1, len(todo))
+    done = {(row["id"], row["lang"]): row for row in log.rows.values()}
     parallel = []
     for r in records:
         texts = dict(r.texts)

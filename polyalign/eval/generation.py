@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+from polyalign.cache import JsonlCache, drop_partial_tail  # noqa: F401 (drop_partial_tail: old import path)
 from polyalign.errors import PolyalignError
 
 log = logging.getLogger(__name__)
@@ -48,42 +47,8 @@ def cache_key(fingerprint: str, settings: GenerationSettings, req: GenRequest) -
                           ).hexdigest()[:24]
 
 
-def drop_partial_tail(path: Path) -> None:
-    """Cut a last line left without its newline by a crash, so the next append starts clean."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        log.warning("%s: dropping an incomplete last line (interrupted write); it will be regenerated", path)
-        with path.open("r+b") as fh:
-            fh.truncate(keep)
-
-
-class GenerationCache:
-    """Append-only JSONL; a line cut short by a crash is ignored (and regenerated)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.rows: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            drop_partial_tail(self.path)
-            for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
-                try:
-                    row = json.loads(line)
-                    self.rows[row["key"]] = row
-                except (json.JSONDecodeError, KeyError):
-                    log.warning("%s line %d is incomplete (interrupted write); it will be regenerated", self.path, n)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.rows
-
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                self.rows[row["key"]] = row
-            fh.flush()
-            os.fsync(fh.fileno())
+# One cache for every resumable loop (generations, verdicts, translations): polyalign/cache.py.
+GenerationCache = JsonlCache
 
 
 class HFGenerator:

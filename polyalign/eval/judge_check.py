@@ -72,7 +72,7 @@ def rejudge(run_dir: str | Path, judge_spec: str, out: str | Path | None = None,
     Returns:
         (results, output folder). Aggregates come from the runner's own ``aggregate``.
     """
-    from polyalign.eval.langid import in_language
+    from polyalign.text import in_language
     from polyalign.eval.runner import SCHEMA_VERSION, aggregate, provenance
 
     run = Path(run_dir)

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from polyalign.data.languages import parse_language_list
 from polyalign.losses.mlc import mean_pairwise_cosine, mlc_loss, top_singular_share
+from polyalign.models.batching import last_token_hidden, left_pad
 from polyalign.models.chat import prompt_ids
-from polyalign.train.batching import last_token_hidden, left_pad
+from polyalign.text.languages import parse_language_list
 
 
 @torch.no_grad()
@@ -48,9 +48,9 @@ def run_probe(model_spec: str, adapter: str | None, data: str, languages: str | 
 
     from rich.table import Table
 
+    from polyalign.data.builtin import load_prompts
     from polyalign.data.records import atomic_write_text
     from polyalign.models import load_model, load_tokenizer, load_with_adapter
-    from polyalign.train.recipes import load_prompts
 
     langs = parse_language_list(languages) or ["en", "zh", "th", "ar", "sw"]
     records = [r for r in load_prompts(data, None, "all", None) if all(lang in r.texts for lang in langs)][:limit]

@@ -35,58 +35,86 @@ def load_results(run: str | Path) -> dict[str, Any]:
         raise PolyalignError(f"{f}: invalid JSON ({e.msg})") from None
 
 
-def markdown_table(results: dict[str, Any]) -> str:
+def language_rows(languages: dict[str, dict[str, Any]], columns: list[tuple[str, str]]) -> list[list[str]]:
+    """One row of formatted cells per language: ``[lang, cell, ...]`` for the given (key, label) columns."""
+    return [[lang, *[_fmt(s.get(c)) for c, _ in columns]] for lang, s in languages.items()]
+
+
+def render_table(header: list[str], rows: list[list[str]], title: str | None = None, style: str = "markdown") -> Any:
+    """The one table renderer: Markdown text (``style="markdown"``) or a rich ``Table`` (``"rich"``).
+
+    Every per-language table (report.md, the terminal, the model card, the demo) goes through here,
+    so a column change shows up the same way everywhere.
+    """
+    if style == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    from rich.table import Table
+
+    t = Table(title=title)
+    for i, col in enumerate(header):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def results_table(results: dict[str, Any], style: str = "markdown") -> Any:
+    """Per-language table of one evaluation's results, with the task kind's columns."""
     cols = COLUMNS[results["task_kind"]]
-    lines = ["| language | " + " | ".join(label for _, label in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for lang, s in results["languages"].items():
-        lines.append(f"| {lang} | " + " | ".join(_fmt(s.get(c)) for c, _ in cols) + " |")
-    return "\n".join(lines)
+    title = f"{results['task']} — {results['model']}" + (" + adapter" if results.get("adapter") else "")
+    return render_table(["language", *[label for _, label in cols]], language_rows(results["languages"], cols),
+                        title, style)
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:
     summary = ", ".join(f"{k} {_fmt(v) if 'variance' not in k else f'{v:.4f}'}" for k, v in results["summary"].items())
     md = [f"# {results['task']} — {results['model']}" + (f" + {results['adapter']}" if results.get("adapter") else ""),
           "", f"judge: {results.get('judge')}; generated {results['generated']}, cached {results['cached']}", "",
-          markdown_table(results), "", f"**summary**: {summary}", "", "![per-language](plot.png)", ""]
+          results_table(results), "", f"**summary**: {summary}", "", "![per-language](plot.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     plot_languages({"": results}, MAIN_METRIC[results["task_kind"]], out / "plot.png", results["task"])
 
 
-def plot_languages(runs: dict[str, dict[str, Any]], metric: str, path: Path, title: str) -> None:
-    """Grouped bars: one group per language, one bar per run."""
+def bar_chart(path: Path, panels: list[tuple[str, dict[str, dict[str, float]]]], ylabel: str = "%") -> None:
+    """The one bar-chart renderer: side-by-side panels of grouped bars, saved as a PNG.
+
+    Args:
+        panels: (title, {series name: {language: value in percent}}) per panel; one group of bars
+            per language, one bar per series (an unnamed single series gets no legend).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    langs = list(dict.fromkeys(lang for r in runs.values() for lang in r["languages"]))
-    width = 0.8 / max(len(runs), 1)
-    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(langs) + 2), 3.6))
-    for i, (name, r) in enumerate(runs.items()):
-        vals = [100 * r["languages"].get(lang, {}).get(metric, float("nan")) for lang in langs]
-        ax.bar([x + i * width for x in range(len(langs))], vals, width, label=name or None)
-    ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(langs))], langs)
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    if len(runs) > 1:
-        ax.legend()
+    langs = list(dict.fromkeys(lang for _, series in panels for s in series.values() for lang in s))
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5, 0.8 * len(langs) + 2) * len(panels), 3.6), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        width = 0.8 / max(len(series), 1)
+        for i, (name, values) in enumerate(series.items()):
+            ax.bar([x + i * width for x in range(len(langs))], [values.get(lang, float("nan")) for lang in langs],
+                   width, label=name or None)
+        ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(langs))], langs)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 100)
+        ax.set_title(title, fontsize=10)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def print_results(results: dict[str, Any], console: Any) -> None:
-    from rich.table import Table
+def plot_languages(runs: dict[str, dict[str, Any]], metric: str, path: Path, title: str) -> None:
+    """Grouped bars of ``metric`` (%): one group per language, one bar per run."""
+    series = {name: {lang: 100 * s.get(metric, float("nan")) for lang, s in r["languages"].items()}
+              for name, r in runs.items()}
+    bar_chart(path, [(title, series)], ylabel=f"{metric} (%)")
 
-    cols = COLUMNS[results["task_kind"]]
-    t = Table(title=f"{results['task']} — {results['model']}" + (" + adapter" if results.get("adapter") else ""))
-    t.add_column("language")
-    for _, label in cols:
-        t.add_column(label, justify="right")
-    for lang, s in results["languages"].items():
-        t.add_row(lang, *[_fmt(s.get(c)) for c, _ in cols])
-    console.print(t)
+
+def print_results(results: dict[str, Any], console: Any) -> None:
+    console.print(results_table(results, style="rich"))
     console.print("summary: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in results["summary"].items()))
     console.print(f"generated {results['generated']}, cached {results['cached']}")
@@ -104,17 +132,16 @@ def comparison_rows(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, str
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, out: str | Path, console: Any = None) -> Path:
-    from rich.table import Table
-
     a, b = load_results(run_a), load_results(run_b)
     if a["task_kind"] != b["task_kind"]:
         raise PolyalignError(f"cannot compare a {a['task_kind']} run with a {b['task_kind']} run")
     rows = comparison_rows(a, b)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    md = [f"# {a['task']}: {run_a} vs {run_b}", "", "| language | metric | before | after | delta |", "|---|---|---|---|---|"]
-    md += [f"| {lang} | {m} | {_fmt(x)} | {_fmt(y)} | {100 * d:+.1f} |" for lang, m, x, y, d in rows]
-    md += ["", "![comparison](compare.png)", ""]
+    header = ["language", "metric", "before", "after", "delta"]
+    md = [f"# {a['task']}: {run_a} vs {run_b}", "",
+          render_table(header, [[lang, m, _fmt(x), _fmt(y), f"{100 * d:+.1f}"] for lang, m, x, y, d in rows]),
+          "", "![comparison](compare.png)", ""]
     paired = _paired(run_a, run_b, a["task_kind"])
     if paired:
         from polyalign.eval.paired import paired_markdown
@@ -124,13 +151,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out: str | Path, console:
     atomic_write_text(out / "report.md", "\n".join(md))
     plot_languages({"before": a, "after": b}, MAIN_METRIC[a["task_kind"]], out / "compare.png", a["task"])
     if console is not None:
-        t = Table(title=f"{a['task']}: before vs after")
-        for col in ("language", "metric", "before", "after", "delta"):
-            t.add_column(col, justify="left" if col in ("language", "metric") else "right")
-        for lang, m, x, y, d in rows:
-            color = "green" if (d < 0) == (m in ("asr", "unsafe", "invalid") or (m == "refusal" and a["task_kind"] != "safety")) else "red"
-            t.add_row(lang, m, _fmt(x), _fmt(y), f"[{color}]{100 * d:+.1f}[/{color}]" if d else "0.0")
-        console.print(t)
+        def delta(m: str, d: float) -> str:
+            lower_better = m in ("asr", "unsafe", "invalid") or (m == "refusal" and a["task_kind"] != "safety")
+            color = "green" if (d < 0) == lower_better else "red"
+            return f"[{color}]{100 * d:+.1f}[/{color}]" if d else "0.0"
+        console.print(render_table(header, [[lang, m, _fmt(x), _fmt(y), delta(m, d)] for lang, m, x, y, d in rows],
+                                   f"{a['task']}: before vs after", style="rich"))
         if paired:
             from polyalign.eval.paired import paired_console
 

@@ -12,9 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from polyalign.data.languages import parse_language_list
 from polyalign.data.records import ParallelRecord, atomic_write_text
-from polyalign.errors import PolyalignError
+from polyalign.errors import PolyalignError, require_positive
 from polyalign.eval import metrics
 from polyalign.eval.generation import (
     GenerationCache,
@@ -24,8 +23,9 @@ from polyalign.eval.generation import (
     generate_cached,
 )
 from polyalign.eval.judges import JudgeItem, build_judge
-from polyalign.eval.langid import in_language
 from polyalign.eval.tasks import get_task
+from polyalign.text.langid import in_language
+from polyalign.text.languages import parse_language_list
 
 SCHEMA_VERSION = 1
 
@@ -39,17 +39,22 @@ class EvalConfig:
     task: str = "builtin-harmful"
     out: str = "runs/eval"
     adapter: str | None = None
-    data: str | None = None
+    data: str | None = None              # always a path (file, or the folder a data set ships as)
+    split: str | None = None             # built-in: train | eval | all (default eval); files: train | dev | test
+    columns: str | dict[str, str] | None = None   # own CSV/JSONL: "en=question,th=q_th"
     judge: str = "lexicon"
     languages: str | list[str] | None = None
     limit: int | None = None             # prompts per language
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None    # None: the task's default (Task.max_new_tokens)
     batch_size: int = 32                 # 2 CPU cores: 10.9x batch-1 decode tokens/s (decode_scaling.py)
     backend: str = "hf"                  # hf | vllm
     system: str | None = None
     seed: int = 0
     dtype: str | None = None             # None/auto: bf16 where the hardware does it fast, else fp32
     device: str | None = None            # None/auto: CUDA when present, else CPU
+
+    def __post_init__(self) -> None:
+        require_positive(limit=self.limit, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
 
 
 def select_requests(records: list[ParallelRecord], languages: list[str] | None, limit: int | None) -> list[GenRequest]:
@@ -114,7 +119,7 @@ def run_eval(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     languages = parse_language_list(cfg.languages)
-    records = task.load(cfg.data)
+    records = task.load(cfg.data, cfg.split, cfg.columns)
 
     wrapped = False
     if model is None:
@@ -140,7 +145,7 @@ def _run_loaded(cfg: EvalConfig, task: Any, records: list[ParallelRecord], langu
     from polyalign.models.loading import weights_fingerprint
 
     requests = select_requests(records, languages, cfg.limit)
-    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, system=cfg.system)
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, system=cfg.system)
     if cfg.backend == "vllm":
         from polyalign.eval.generation import VLLMGenerator
 
@@ -226,12 +231,10 @@ def aggregate(judged: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     for lang in langs:
         rows = [j for j in judged if j["lang"] == lang]
         stats: dict[str, Any] = metrics.safety_stats([j["label"] for j in rows]) if kind == "safety" else {"n": len(rows)}
-        stats["refusal"] = metrics.share([j["refused"] for j in rows])
-        stats["refusal_ci"] = list(metrics.bootstrap_ci([j["refused"] for j in rows]))
-        stats["invalid"] = metrics.share([j["label"] == "invalid" for j in rows])
-        stats["fidelity"] = metrics.share([j["in_language"] for j in rows])
+        stats.update(metrics.shares(refusal=[j["refused"] for j in rows], invalid=[j["label"] == "invalid" for j in rows],
+                                    fidelity=[j["in_language"] for j in rows]))
         if kind == "mgsm":
-            stats["accuracy"] = metrics.share([j["correct"] for j in rows])
+            stats.update(metrics.shares(accuracy=[j["correct"] for j in rows]))
         per[lang] = stats
     summary: dict[str, Any] = {"mean_fidelity": metrics.summarize(per, "fidelity")["mean_fidelity"]}
     if kind == "safety":
@@ -263,10 +266,9 @@ def _run_mmlu(cfg: EvalConfig, task: Any, records: list[ParallelRecord], model: 
     for r in chosen:
         prompt = mmlu_prompt(r.texts["en"], r.meta["choices"], shots.get(r.category, [])[:5], r.category)
         correct.append(mmlu_choice(model, tokenizer, prompt) == r.meta["answer"])
-    lo, hi = metrics.bootstrap_ci(correct)
     results = {"schema_version": SCHEMA_VERSION, "model": cfg.model, **weights_provenance(cfg, model),
-               "task": cfg.task, "task_kind": "mmlu", "task_version": task.version, "judge": None, "generated": 0, "cached": 0,
-               "languages": {"en": {"n": len(correct), "accuracy": metrics.share(correct), "accuracy_ci": [lo, hi]}},
+               "task": cfg.task, "task_kind": "mmlu", "task_version": task.version, "judge": None, "generated": 0,
+               "cached": 0, "languages": {"en": {"n": len(correct), **metrics.shares(accuracy=correct)}},
                "summary": {"mean_accuracy": metrics.share(correct)}, "provenance": provenance(cfg)}
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     from polyalign.eval.report import write_report

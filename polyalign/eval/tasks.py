@@ -1,23 +1,29 @@
 """Evaluation tasks, registered by name (lm-evaluation-harness style).
 
 A task names its data source, what kind of scoring it needs and a version that changes whenever
-its prompts or scoring change. ``--data`` points any task at a local file or folder.
+its prompts or scoring change. ``--data`` is always a path (a file or the folder a data set ships
+as); ``--split`` picks a split; ``--columns`` maps languages to columns of the user's own CSV/JSONL.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
+from polyalign.data.builtin import BUILTIN_SPLITS, builtin_benchmark
 from polyalign.data.loaders import MULTIJAIL_HUB, load_source
-from polyalign.data.records import ParallelRecord, read_records
+from polyalign.data.records import ParallelRecord, split_records
 from polyalign.errors import PolyalignError
 from polyalign.registry import Registry
 
 
 @dataclass(frozen=True)
 class Task:
+    """An evaluation task. ``max_new_tokens`` is the task's generation default, used when the user
+    does not pass ``--max-new-tokens`` (lm-evaluation-harness's per-task ``generation_kwargs``):
+    a refusal shows in the first few dozen tokens, while MGSM's chain of thought needs a few hundred
+    before the number (at 128 the 0.5B model's English answers are cut before it)."""
+
     name: str
     kind: str                     # safety (harmful prompts) | benign (over-refusal) | mgsm | mmlu
     loader: str | None            # data-layer loader name, or None for the built-in benchmark
@@ -25,19 +31,36 @@ class Task:
     version: str
     description: str
     category: str | None = None   # built-in benchmark: harmful | benign
+    max_new_tokens: int = 64
 
-    def load(self, data: str | None) -> list[ParallelRecord]:
-        if self.loader is None:
-            return builtin_benchmark(self.category, split=data or "eval")
-        path = data or self.default_data
-        if path is None:
+    def load(self, data: str | None = None, split: str | None = None,
+             columns: dict[str, str] | str | None = None) -> list[ParallelRecord]:
+        """Records of ``data`` (always a path) or the task's default source, optionally one split.
+
+        ``split``: the built-in benchmark's own split (train | eval | all; default eval); for any
+        other source a hash split by prompt id (train | dev | test), default everything.
+        """
+        if self.loader is None and data is None:
+            return builtin_benchmark(self.category, split=split or "eval")
+        if data is None and self.default_data is None:
             raise PolyalignError(f"task {self.name} needs --data PATH ({self.description})")
-        if self.loader == "xstest":
-            return load_source(path, "xstest", label="safe")
-        return load_source(path, self.loader)
+        path = data or self.default_data
+        if data is not None and data in BUILTIN_SPLITS and not Path(data).exists():
+            raise PolyalignError(f"--data is a path; for the built-in benchmark's {data} split use --split {data}")
+        if self.loader is None or columns:
+            records = load_source(path, None, columns)                     # the user's own prompts
+        elif self.loader == "xstest":
+            records = load_source(path, "xstest", label="safe")
+        else:
+            records = load_source(path, self.loader)
+        if split in (None, "all"):
+            return records
+        if split not in ("train", "dev", "test"):
+            raise PolyalignError(f"--split for a data file must be train, dev, test or all, got {split!r}")
+        return split_records(records)[split]
 
 
-TASKS: Registry[Task] = Registry("task")
+TASKS: Registry[Task] = Registry("task", hint="`polyalign tasks` lists them")
 
 
 def _add(task: Task) -> None:
@@ -52,26 +75,12 @@ _add(Task("builtin-benign", "benign", None, None, "2",
 _add(Task("multijail", "safety", "multijail", MULTIJAIL_HUB, "1", "MultiJail CSV (local path, or the hub)"))
 _add(Task("xsafety", "safety", "xsafety", None, "1", "XSafety raw folder"))
 _add(Task("pku-multilingual", "safety", "mlc-pku", None, "1", "MLC's multilingual PKU-SafeRLHF file"))
-_add(Task("advbench", "safety", "advbench", None, "1", "AdvBench harmful_behaviors.csv"))
+_add(Task("advbench", "safety", "advbench", None, "1", "AdvBench folder or harmful_behaviors.csv"))
 _add(Task("parallel", "safety", "jsonl", None, "1", "any canonical parallel JSONL of harmful prompts"))
-_add(Task("xstest", "benign", "xstest", None, "1", "XSTest's 250 safe prompts: share refused"))
+_add(Task("xstest", "benign", "xstest", None, "1", "XSTest folder or xstest_prompts.csv: share of safe prompts refused"))
 _add(Task("benign-parallel", "benign", "jsonl", None, "1", "any canonical parallel JSONL of benign prompts"))
-_add(Task("mgsm", "mgsm", "mgsm", None, "1", "MGSM folder: numeric exact match and refusal rate"))
+_add(Task("mgsm", "mgsm", "mgsm", None, "1", "MGSM folder: numeric exact match and refusal rate", max_new_tokens=384))
 _add(Task("mmlu", "mmlu", "mmlu", None, "1", "MMLU folder: 5-shot log-likelihood accuracy"))
-
-
-def builtin_benchmark(category: str | None = None, split: str | None = None) -> list[ParallelRecord]:
-    """The project's own parallel benchmark (``polyalign/resources/benchmark.jsonl``).
-
-    Records carry ``meta.split`` (train | eval, disjoint) and ``category`` (harmful | benign).
-    """
-    path = resources.files("polyalign") / "resources" / "benchmark.jsonl"
-    with resources.as_file(path) as p:
-        records = read_records(Path(p))
-    if split not in (None, "train", "eval", "all"):
-        raise PolyalignError(f"built-in benchmark split must be train, eval or all, got {split!r}")
-    return [r for r in records
-            if (category is None or r.category == category) and split in (None, "all", r.meta.get("split"))]
 
 
 def get_task(name: str) -> Task:

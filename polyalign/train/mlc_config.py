@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from polyalign.data.languages import normalize_code
+from polyalign.text.languages import normalize_code
 
 # The rejected side of a benign preference pair: the over-refusal MLC training should move away from.
 BENIGN_REFUSAL = "I'm sorry, but I can't help with that."

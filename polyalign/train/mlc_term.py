@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from polyalign.losses.mlc import MLCHead, mean_pairwise_cosine, mlc_loss, top_singular_share
-from polyalign.train.batching import left_pad, length_buckets
+from polyalign.models.batching import left_pad, length_buckets
 from polyalign.train.mlc_config import MLCConfig
 
-HEAD_FILE = "mlc_head.pt"
+HEAD_FILE = "mlc_head.safetensors"
 
 
 def variant_inputs(variants: list[list[int]], num_languages: int, pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -105,10 +107,36 @@ class MLCTerm:
         self.metrics.clear()
 
     def save(self, checkpoint: Path) -> None:
-        """Trainer saves only the adapter for PEFT models: the head goes next to it for --resume."""
-        torch.save(self.head.state_dict(), Path(checkpoint) / HEAD_FILE)
+        """Trainer saves only the adapter for PEFT models: the head goes next to it (safetensors)."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                  str(Path(checkpoint) / HEAD_FILE))
 
     def load(self, checkpoint: Path) -> None:
+        from safetensors.torch import load_file
+
         f = Path(checkpoint) / HEAD_FILE
         if f.exists():
-            self.head.load_state_dict(torch.load(f, map_location=next(self.head.parameters(), torch.empty(0)).device))
+            device = next(self.head.parameters(), torch.empty(0)).device
+            self.head.load_state_dict(load_file(str(f), device=str(device)))
+
+
+class MLCHeadCheckpoint(TrainerCallback):
+    """Saves the MLC head into each ``checkpoint-N`` and loads it back on ``--resume``, through
+    Trainer's public callback hooks rather than overriding its private save/load methods."""
+
+    def __init__(self, term: MLCTerm):
+        self.term = term
+
+    def _dir(self, args: Any, step: int) -> Path:
+        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.term.save(self._dir(args, state.global_step))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # On resume Trainer has restored global_step from checkpoint-N before this hook runs.
+        if state.global_step > 0:
+            self.term.load(self._dir(args, state.global_step))

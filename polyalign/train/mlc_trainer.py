@@ -13,7 +13,6 @@ singular-value share and the mean pairwise cosine between languages.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from polyalign.models.chat import prompt_ids
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.mlc_term import (
     HEAD_FILE,
+    MLCHeadCheckpoint,
     MLCTerm,
     accumulation_scale,
     prompt_representations,
@@ -53,6 +53,7 @@ class MLCMixin:
         self.mlc = mlc_config
         self.mlc_term = MLCTerm(mlc_config, self.model, hidden_size, self.args.seed, self.args.device)
         self.mlc_head = self.mlc_term.head
+        self.add_callback(MLCHeadCheckpoint(self.mlc_term))
         self.data_collator = MLCCollator(self.data_collator, self.processing_class.pad_token_id)
 
     def _set_signature_columns_if_needed(self):
@@ -81,17 +82,6 @@ class MLCMixin:
         if self.mlc_term.metrics and "loss" in logs:
             self.mlc_term.flush(logs)
         super().log(logs, start_time)
-
-    def _save_checkpoint(self, model, trial):
-        # Trainer saves only the adapter for PEFT models: keep the head next to it for --resume.
-        super()._save_checkpoint(model, trial)
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        self.mlc_term.save(os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.mlc_term.load(resume_from_checkpoint)
 
 
 def _trl_classes():

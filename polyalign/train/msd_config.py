@@ -5,8 +5,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from polyalign.data.languages import normalize_code
 from polyalign.losses.msd import KINDS
+from polyalign.text.languages import normalize_code
 
 # METHODS.md section 2, verbatim.
 TEACHER_TEMPLATE = (

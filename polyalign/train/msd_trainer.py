@@ -26,11 +26,8 @@ import torch
 from transformers import Trainer
 from trl.models.utils import unwrap_model_for_generation
 
-from polyalign.data.languages import get_language
 from polyalign.data.records import BENIGN_CATEGORIES, ParallelRecord, atomic_write_text
 from polyalign.errors import PolyalignError
-from polyalign.eval.judges import refusal_phrase
-from polyalign.eval.langid import in_language
 from polyalign.losses.msd import (
     dpsw_raw_weights,
     fused_token_divergence,
@@ -40,17 +37,18 @@ from polyalign.losses.msd import (
     weighted_mean_over_valid,
 )
 from polyalign.models.adapters import is_peft
-from polyalign.models.chat import prompt_ids
-from polyalign.models.sampling import sampling_kwargs
-from polyalign.train.batching import (
+from polyalign.models.batching import (
     left_pad,
     response_batch,
     response_hidden,
     response_logits,
     trim_generation,
 )
+from polyalign.models.chat import prompt_ids
+from polyalign.models.sampling import sampling_kwargs
+from polyalign.text import get_language, in_language, refusal_phrase
 from polyalign.train.mlc_config import MLCConfig
-from polyalign.train.mlc_term import MLCTerm, accumulation_scale, variant_inputs
+from polyalign.train.mlc_term import MLCHeadCheckpoint, MLCTerm, accumulation_scale, variant_inputs
 from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE, LANGUAGE_HINT, MSDConfig
 
 log = logging.getLogger(__name__)
@@ -137,6 +135,7 @@ class MSDTrainer(Trainer):
             base = self.accelerator.unwrap_model(self.model)
             hidden = base.config.hidden_size if hasattr(base, "config") else base.get_base_model().config.hidden_size
             self.mlc_term = MLCTerm(mlc_config, base, hidden, args.seed, args.device)
+            self.add_callback(MLCHeadCheckpoint(self.mlc_term))
         if self.msd.teacher_gating:
             self.train_dataset = self._gate(train_dataset)
 
@@ -340,16 +339,3 @@ class MSDTrainer(Trainer):
             if self.mlc_term is not None and self.mlc_term.metrics:
                 self.mlc_term.flush(logs)
         super().log(logs, start_time)
-
-    # The MLC head is not part of the adapter Trainer saves: keep it next to each checkpoint for --resume.
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.mlc_term is not None:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            self.mlc_term.save(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.mlc_term is not None:
-            self.mlc_term.load(Path(resume_from_checkpoint))

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import re
-from collections import defaultdict
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from polyalign.data.records import ParallelRecord
+from polyalign.data.builtin import load_prompts
 from polyalign.errors import PolyalignError
 from polyalign.models.adapters import LoraSettings
 from polyalign.train.msd_config import MSDConfig
@@ -61,8 +60,12 @@ class Recipe:
 
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
-    for k in keys[:-1]:
-        d = d.setdefault(k, {}) if isinstance(d.get(k, {}), dict) else d[k]
+    for i, k in enumerate(keys[:-1]):
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            where = ".".join(keys[:i + 1])
+            raise PolyalignError(f"override {dotted}: {where} is {'null' if d is None else repr(d)} in this recipe, "
+                                 f"so it has no keys to set; give the whole section, e.g. {where}={{...}}")
     d[keys[-1]] = value
 
 
@@ -104,10 +107,25 @@ def _strict(cls: type, values: dict[str, Any] | None, where: str) -> Any:
         raise PolyalignError(f"{where}: {e}") from None
 
 
+def shipped_recipes() -> list[str]:
+    """Names of the recipes inside the package (``polyalign/recipes/*.yaml``)."""
+    return sorted(p.name[:-5] for p in resources.files("polyalign").joinpath("recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def resolve_recipe(spec: str | Path) -> Path:
+    """A YAML path, or the name of a shipped recipe (``msd_onpolicy``), which works from a wheel too."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if name in shipped_recipes() and (len(path.parts) == 1 or path.parent.name == "recipes"):
+        return Path(str(resources.files("polyalign").joinpath("recipes", f"{name}.yaml")))
+    raise PolyalignError(f"{spec}: recipe not found (a YAML path, or one of: {', '.join(shipped_recipes())})")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
-    if not path.exists():
-        raise PolyalignError(f"{path}: recipe not found")
+    path = resolve_recipe(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -140,27 +158,6 @@ def validate_recipe(r: Recipe, where: str) -> None:
         raise PolyalignError(f"{where}: training: unknown TrainingArguments field(s) {', '.join(unknown)}")
 
 
-def stratified_sample(records: list[ParallelRecord], limit: int, seed: int = 0) -> list[ParallelRecord]:
-    """``limit`` records drawn evenly across categories (round-robin over seeded shuffles), in
-    their original order. A category with fewer records than its share gives the rest to the others."""
-    if limit >= len(records):
-        return list(records)
-    rng = random.Random(seed)
-    groups: dict[str | None, list[int]] = defaultdict(list)
-    for i, r in enumerate(records):
-        groups[r.category].append(i)
-    for idx in groups.values():
-        rng.shuffle(idx)
-    chosen: list[int] = []
-    queues = [iter(idx) for idx in groups.values()]
-    while len(chosen) < limit:               # one per category per round until the limit
-        for q in queues:
-            i = next(q, None)
-            if i is not None and len(chosen) < limit:
-                chosen.append(i)
-    return [records[i] for i in sorted(chosen)]
-
-
 MSD_MLC_KEYS = ("weight", "every", "tau", "layer", "projection", "dim")
 
 
@@ -177,32 +174,6 @@ def msd_mlc_config(values: dict[str, Any] | None, msd: MSDConfig, where: str = "
         raise PolyalignError(f"{where}: mlc: {', '.join(unused)} not used with method msd; allowed: "
                              f"{', '.join(MSD_MLC_KEYS)}")
     return _strict(MLCConfig, {**values, "languages": [msd.teacher_language, *msd.student_languages]}, f"{where}: mlc")
-
-
-def load_prompts(source: str, fmt: str | None, split: str, limit: int | None,
-                 categories: list[str] | None = None, seed: int = 0) -> list[ParallelRecord]:
-    """Records of ``source`` (split, then filtered to ``categories``, then a stratified ``limit``)."""
-    from polyalign.data import load_source, split_records
-
-    if source.startswith("builtin:"):
-        from polyalign.eval.tasks import builtin_benchmark
-
-        category = source.split(":", 1)[1]
-        if category not in ("harmful", "benign", "all"):
-            raise PolyalignError(f"unknown built-in prompt set {source!r}; use builtin:harmful|benign|all")
-        records = builtin_benchmark(None if category == "all" else category, split="train")
-    else:
-        records = load_source(source, fmt)
-        if split != "all":
-            records = split_records(records)[split]
-    if categories is not None:
-        known = {r.category for r in records}
-        missing = sorted(set(categories) - known)
-        if missing:
-            raise PolyalignError(f"{source}: no records of category {', '.join(missing)}; "
-                                 f"categories: {', '.join(sorted(map(str, known)))}")
-        records = [r for r in records if r.category in categories]
-    return stratified_sample(records, limit, seed) if limit else records
 
 
 def precision(r: Recipe) -> tuple[str, bool]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 
-from polyalign.data.languages import get_language, parse_language_list
+from polyalign.data.builtin import builtin_benchmark
 from polyalign.eval.generation import GenerationSettings, HFGenerator
-from polyalign.eval.judges import refusal_phrase
-from polyalign.eval.langid import in_language
-from polyalign.eval.tasks import builtin_benchmark
+from polyalign.text.langid import in_language
+from polyalign.text.languages import get_language, parse_language_list
+from polyalign.text.refusal import refusal_phrase
 from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE, SELECTIVE_TEMPLATE, TEACHER_TEMPLATE
 
 TEMPLATES = {"paper": TEACHER_TEMPLATE, "selective": SELECTIVE_TEMPLATE, "english-only": ENGLISH_ONLY_TEMPLATE,

@@ -8,44 +8,47 @@ are judged by script alone.
 
 from __future__ import annotations
 
-import unicodedata
 from functools import lru_cache
 
-from polyalign.data.languages import LANGUAGES, get_language
+import regex
 
-# Unicode block ranges per ISO 15924 script (the ones the language registry uses).
-_RANGES = {
-    "Thai": [(0x0E00, 0x0E7F)],
-    "Beng": [(0x0980, 0x09FF)],
-    "Deva": [(0x0900, 0x097F)],
-    "Telu": [(0x0C00, 0x0C7F)],
-    "Arab": [(0x0600, 0x06FF), (0x0750, 0x077F), (0x08A0, 0x08FF), (0xFB50, 0xFDFF), (0xFE70, 0xFEFF)],
-    "Hang": [(0xAC00, 0xD7AF), (0x1100, 0x11FF), (0x3130, 0x318F)],
-    "Kana": [(0x3040, 0x30FF), (0x31F0, 0x31FF)],
-    "Hani": [(0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0xF900, 0xFAFF)],
-    "Cyrl": [(0x0400, 0x04FF)],
-    "Grek": [(0x0370, 0x03FF)],
-    "Hebr": [(0x0590, 0x05FF)],
-}
+from polyalign.text.languages import LANGUAGES, get_language
 
 
-def char_script(ch: str) -> str | None:
-    """Script of one letter, or None for digits, punctuation and spaces."""
+def _script_pattern(scripts: tuple[str, ...]) -> regex.Pattern:
+    """One alternation of named groups ``(?P<Thai>\\p{Script=Thai})|...`` over the given ISO 15924 codes."""
+    return regex.compile("|".join(f"(?P<{s}>\\p{{Script={s}}})" for s in scripts))
+
+
+def _registry_scripts() -> tuple[str, ...]:
+    """Every script a registered language uses (Jpan = Hani + Hira + Kana), plus Latin."""
+    out = {"Latn"}
+    for lang in LANGUAGES.values():
+        out |= {"Hani", "Hira", "Kana"} if lang.script == "Jpan" else {lang.script}
+    return tuple(sorted(out))
+
+
+@lru_cache(maxsize=8)
+def _pattern(scripts: tuple[str, ...]) -> regex.Pattern:
+    return _script_pattern(scripts)
+
+
+def char_script(ch: str, pattern: regex.Pattern | None = None) -> str | None:
+    """ISO 15924 script of one letter (Unicode's Script property; hiragana counts as ``Kana``),
+    ``Other`` for a script no registered language uses, None for digits, punctuation and spaces."""
     if not ch.isalpha():
         return None
-    cp = ord(ch)
-    for script, ranges in _RANGES.items():
-        if any(lo <= cp <= hi for lo, hi in ranges):
-            return script
-    if "LATIN" in unicodedata.name(ch, ""):
-        return "Latn"
-    return "Other"
+    m = (pattern or _pattern(_registry_scripts())).match(ch)
+    if m is None:
+        return "Other"
+    return "Kana" if m.lastgroup == "Hira" else m.lastgroup
 
 
 def script_shares(text: str) -> dict[str, float]:
     counts: dict[str, int] = {}
+    pattern = _pattern(_registry_scripts())
     for ch in text:
-        s = char_script(ch)
+        s = char_script(ch, pattern)
         if s:
             counts[s] = counts.get(s, 0) + 1
     total = sum(counts.values())
@@ -60,19 +63,19 @@ def _script_ok(shares: dict[str, float], script: str, threshold: float) -> bool:
     return shares.get(script, 0) >= threshold
 
 
-@lru_cache(maxsize=1)
-def _identifier():
+@lru_cache(maxsize=4)
+def _identifier(codes: tuple[str, ...]):
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    supported = [c for c in LANGUAGES if c in ident.nb_classes]
+    supported = [c for c in codes if c in ident.nb_classes]
     ident.set_languages(supported)
     return ident
 
 
 def identify(text: str) -> tuple[str, float]:
     """(language code, probability) from py3langid over the registry's languages."""
-    lang, prob = _identifier().classify(text)
+    lang, prob = _identifier(tuple(LANGUAGES)).classify(text)
     return lang, float(prob)
 
 
