@@ -249,18 +249,19 @@ def _generations(spec: SweepSpec) -> int:
     total = 0
     for name in spec.eval.tasks:
         task = get_task(name)
-        records = task.load(_task_data(spec, name))
+        records = task.load(*_task_data(spec, name))
         total += len(records[: spec.eval.limit] if task.kind == "mmlu" else
                      select_requests(records, parse_language_list(spec.eval.languages), spec.eval.limit))
     return total
 
 
-def _task_data(spec: SweepSpec, task: str) -> str | None:
+def _task_data(spec: SweepSpec, task: str) -> tuple[str | None, str | None]:
+    """(data path, split) for ``task``: built-in tasks take the spec's split, others its data path."""
     from polyalign.eval.tasks import get_task
 
     if task in spec.eval.data:
-        return spec.eval.data[task]
-    return spec.eval.split if get_task(task).loader is None else None
+        return spec.eval.data[task], None
+    return None, (spec.eval.split if get_task(task).loader is None else None)
 
 
 def estimate(spec: SweepSpec, out: Path, points: list[Point]) -> dict[str, Any]:
@@ -313,7 +314,8 @@ def _eval_config(spec: SweepSpec, model: str, task: str, out: Path, adapter: str
     from polyalign.eval.runner import EvalConfig
 
     e = spec.eval
-    return EvalConfig(model=model, task=task, out=str(out), adapter=adapter, data=_task_data(spec, task),
+    data, split = _task_data(spec, task)
+    return EvalConfig(model=model, task=task, out=str(out), adapter=adapter, data=data, split=split,
                       judge=e.judge, languages=e.languages, limit=e.limit, max_new_tokens=e.max_new_tokens,
                       batch_size=e.batch_size, dtype=e.dtype, device=e.device)
 

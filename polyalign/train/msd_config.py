@@ -37,6 +37,9 @@ ENGLISH_ONLY_TEMPLATE = "{english_query}"
 # with the selective one ending in this line. The student copies the teacher's distribution, so a
 # teacher answering in the query's language is the simplest language-faithful target; the trainer
 # logs ``fidelity/<lang>`` to measure it.
+# Templates by name, so a recipe or sweep override can say ``msd.teacher_template=selective``.
+TEMPLATES = {"paper": TEACHER_TEMPLATE, "selective": SELECTIVE_TEMPLATE, "english_only": ENGLISH_ONLY_TEMPLATE}
+
 LANGUAGE_HINT = "\n\nAnswer in {target_language}."
 BENIGN_TARGETS = ("teacher", "english", "retain")
 
@@ -60,7 +63,8 @@ class MSDConfig:
             teacher (on; same loss and gradients). Models whose head is not a plain Linear or whose
             logits are soft-capped or scaled, and ZeRO-3 / FSDP-sharded heads, use full logits.
     Contexts:
-        teacher_template: the teacher's user turn; must contain ``{english_query}``, and
+        teacher_template: the teacher's user turn, or one of the names in ``TEMPLATES`` (``paper``,
+            ``selective``, ``english_only``); must contain ``{english_query}``, and
             ``{target_query}`` where the teacher should also see the original query (the paper's).
             It may use ``{target_language}`` (the query language's English name).
         teacher_language: the language the teacher reads (en).
@@ -132,6 +136,7 @@ class MSDConfig:
             raise ValueError(f"top_k ({self.top_k}) and max_new_tokens ({self.max_new_tokens}) must be >= 1")
         if not (self.temperature >= 0 and 0 < self.top_p <= 1):
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        self.teacher_template = TEMPLATES.get(self.teacher_template, self.teacher_template)
         if "{english_query}" not in self.teacher_template:
             raise ValueError("teacher_template must contain {english_query}: the teacher's advantage is the English query")
         self.teacher_language = normalize_code(self.teacher_language)
