@@ -242,9 +242,9 @@ def cost_figures(spec: SweepSpec, out: Path) -> dict[str, tuple[float, str]]:
 
 def _generations(spec: SweepSpec) -> int:
     """Responses one evaluation generates over all tasks (prompts x languages)."""
-    from polyalign.text import parse_language_list
     from polyalign.eval.runner import select_requests
     from polyalign.eval.tasks import get_task
+    from polyalign.text import parse_language_list
 
     total = 0
     for name in spec.eval.tasks:

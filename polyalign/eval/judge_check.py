@@ -72,8 +72,8 @@ def rejudge(run_dir: str | Path, judge_spec: str, out: str | Path | None = None,
     Returns:
         (results, output folder). Aggregates come from the runner's own ``aggregate``.
     """
-    from polyalign.text import in_language
     from polyalign.eval.runner import SCHEMA_VERSION, aggregate, provenance
+    from polyalign.text import in_language
 
     run = Path(run_dir)
     if not run.is_dir():
