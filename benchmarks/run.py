@@ -69,9 +69,10 @@ def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
     """One side of the MSD comparison: (step function, model FLOPs per step, tokens per step)."""
     from polyalign.models import LoraSettings, attach_lora, load_model, load_tokenizer
     from polyalign.models.batching import response_batch
+    from polyalign.models.loading import default_dtype
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "bfloat16" if device == "cuda" else "float32"
+    dtype = default_dtype()                 # the policy's dtype, the same on every side
     tok = load_tokenizer(model_spec)
     student_p, teacher_p, responses = fixed_batch(tok, batch, resp_len)
     s = {k: v.to(device) for k, v in response_batch(student_p, responses, tok.pad_token_id).items()}
@@ -88,10 +89,18 @@ def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
     def step() -> None:
-        from polyalign.losses.msd import msd_loss
-        from polyalign.models.batching import response_logits
+        from polyalign.losses.msd import fused_token_divergence, mean_over_valid, msd_loss, reduce_sequences
+        from polyalign.models.batching import response_hidden, response_logits
 
-        if kind == "ours":
+        if kind == "ours":      # the trainer's default: fused LM head + divergence, no [B, R, V] logits
+            head = policy.get_output_embeddings()
+            h_s = response_hidden(policy, s, head)
+            with torch.no_grad(), policy.disable_adapter():
+                h_t = response_hidden(policy, t, head)
+            d, _ = fused_token_divergence(h_s, h_t, head.weight, head.bias)
+            per_seq, valid = reduce_sequences(d, s["response_mask"].to(d.dtype), s["response_mask"])
+            loss = mean_over_valid(per_seq, valid, h_s)
+        elif kind == "ours_unfused":
             student_logits = response_logits(policy, s)
             with torch.no_grad(), policy.disable_adapter():
                 teacher_logits = response_logits(policy, t)
@@ -216,25 +225,6 @@ def run_worker(kind: str, args, steps: int | None = None) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def matmul_flops(n: int = 2048, reps: int = 3, trials: int = 5) -> float:
-    """Peak of a plain matmul: the best of several timed trials (one short timing is noisy on a VM)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = 0.0
-    for _ in range(trials):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
-    return best
-
-
 def bench_mlc(model_spec: str, shared: Path, steps: int) -> dict:
     """Plain DPO vs DPO+MLC: TRL's training_step on the same batch.
 
@@ -311,6 +301,7 @@ def main() -> None:
     p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--resp-len", type=int, default=None)
+    p.add_argument("--long-resp-len", type=int, default=512, help="response length of the long-response figures")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--worker", default=None)
@@ -321,6 +312,9 @@ def main() -> None:
     args.steps = (2 if args.quick else 4) if args.steps is None else args.steps
     if args.worker == "interleaved":
         print(json.dumps(worker_interleaved(MSD_SIDES, args.model, args.batch, args.resp_len, args.steps)))
+        return
+    if args.worker == "interleaved_long":
+        print(json.dumps(worker_interleaved(["ours", "trl_sdft"], args.model, args.batch, args.resp_len, args.steps)))
         return
     if args.worker or args.profile:
         print(json.dumps(worker_msd(args.worker or "ours", args.model, args.batch, args.resp_len, args.steps,
@@ -338,10 +332,27 @@ def main() -> None:
     print(f"ratio msd_peak_memory_vs_trl {ours['peak_mb'] / sdft['peak_mb']:.3f}")
     print(f"ratio msd_step_throughput_vs_trl_distillation {ours['tokens_per_second'] / dist['tokens_per_second']:.3f}")
     print(f"ratio msd_peak_memory_vs_trl_distillation {ours['peak_mb'] / dist['peak_mb']:.3f}")
-    mm = matmul_flops()
+    from precision import machine_peaks
+
+    from polyalign.models.loading import default_dtype
+
+    peaks = machine_peaks(default_dtype() == "bfloat16")
+    mm, best = peaks["float32"], max(peaks.values())
     achieved = ours["flops"] / ours["seconds"]
-    print(f"# msd step {achieved / 1e9:.1f} GFLOP/s; matmul {mm / 1e9:.1f} GFLOP/s")
+    print(f"# msd step {achieved / 1e9:.1f} GFLOP/s in {default_dtype()}; matmul peak "
+          + ", ".join(f"{d} {v / 1e9:.1f}" for d, v in peaks.items()) + " GFLOP/s")
+    print(f"ratio train_flops_vs_machine_peak {achieved / best:.3f}")
     print(f"ratio train_flops_vs_matmul_peak {achieved / mm:.3f}")
+    long_args = argparse.Namespace(**{**vars(args), "batch": 4, "resp_len": args.long_resp_len,
+                                      "steps": 1 if args.quick else 2})
+    long_mem = {k: run_worker(k, long_args, steps=0)["peak_mb"] for k in ("ours", "trl_sdft")}
+    long_speed = run_worker("interleaved_long", long_args)
+    print(f"# msd step at response {args.long_resp_len}, batch 4: ours {long_speed['ours']['tokens_per_second']:.1f} tok/s, "
+          f"peak {long_mem['ours']:.0f} MB; TRL SDFTTrainer {long_speed['trl_sdft']['tokens_per_second']:.1f} tok/s, "
+          f"peak {long_mem['trl_sdft']:.0f} MB")
+    print(f"ratio msd_peak_memory_vs_trl_long {long_mem['ours'] / long_mem['trl_sdft']:.3f}")
+    print(f"ratio msd_step_throughput_vs_trl_long "
+          f"{long_speed['ours']['tokens_per_second'] / long_speed['trl_sdft']['tokens_per_second']:.3f}")
     mlc = bench_mlc(args.model, Path(args.shared), 1 if args.quick else args.steps)   # quick: 2 timed steps each
     print(f"# dpo step: plain {mlc['plain']:.2f} s; with MLC every step {mlc['mlc_every1']:.2f} s, "
           f"on the official every-2nd-step schedule {mlc['mlc']:.2f} s (mean)")
@@ -352,6 +363,9 @@ def main() -> None:
           f"sequential {gen['sequential']:.1f} tok/s, batched (evaluation's default batch {gen['batch_size']}) "
           f"{gen['batched']:.1f} tok/s")
     print(f"ratio batched_vs_sequential_generation {gen['batched'] / gen['sequential']:.3f}")
+    sys.stdout.flush()
+    subprocess.run([sys.executable, str(Path(__file__).parent / "precision.py"), "--model", args.model]
+                   + (["--quick"] if args.quick else []), check=True)
 
 
 if __name__ == "__main__":

@@ -70,3 +70,14 @@ def test_language_id_agrees_where_it_is_confident(records):
     for lang in LANGS:   # and the model calls almost every text its own language
         mine = [w for w in wrong if w[1] == lang]
         assert sum(w[2] == lang for w in mine) >= 0.98 * len(mine), lang
+
+
+def test_the_first_records_of_a_split_cover_every_category():
+    """``--limit N`` takes the first N records: the loader interleaves harm categories / benign types."""
+    from polyalign.data.builtin import builtin_benchmark
+
+    harmful = builtin_benchmark("harmful", "eval")
+    assert len({r.meta["harm_category"] for r in harmful[:10]}) == 10
+    benign = builtin_benchmark("benign", "eval")
+    assert {r.meta["benign_type"] for r in benign[:4]} == {"everyday", "math", "fact", "borderline"}
+    assert sorted(r.id for r in harmful) == sorted(r.id for r in builtin_benchmark("harmful", "eval"))

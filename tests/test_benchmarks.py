@@ -6,13 +6,15 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 FIGURES = ["msd_step_throughput_vs_trl", "msd_peak_memory_vs_trl", "msd_step_throughput_vs_trl_distillation",
-           "msd_peak_memory_vs_trl_distillation", "train_flops_vs_matmul_peak",
-           "mlc_step_time_vs_plain_dpo", "mlc_step_time_vs_plain_dpo_every_step", "batched_vs_sequential_generation"]
+           "msd_peak_memory_vs_trl_distillation", "train_flops_vs_machine_peak", "train_flops_vs_matmul_peak",
+           "msd_peak_memory_vs_trl_long", "msd_step_throughput_vs_trl_long",
+           "mlc_step_time_vs_plain_dpo", "mlc_step_time_vs_plain_dpo_every_step", "batched_vs_sequential_generation",
+           "eval_generation_bf16_vs_fp32", "msd_step_bf16_vs_fp32", "eval_adapter_vs_base"]
 
 
 def test_benchmarks_run_on_tiny_model(shared):
     res = subprocess.run([sys.executable, str(SCRIPT), "--model", "builtin:tiny-random", "--steps", "1",
-                          "--batch", "2", "--resp-len", "8", "--shared", str(shared)],
+                          "--batch", "2", "--resp-len", "8", "--long-resp-len", "16", "--shared", str(shared)],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     ratios = {line.split()[1]: float(line.split()[2]) for line in res.stdout.splitlines() if line.startswith("ratio ")}

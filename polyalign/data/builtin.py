@@ -28,8 +28,25 @@ def builtin_benchmark(category: str | None = None, split: str | None = None) -> 
     path = resources.files("polyalign") / "resources" / "benchmark.jsonl"
     with resources.as_file(path) as p:
         records = read_records(Path(p))
-    return [r for r in records
-            if (category is None or r.category == category) and split in (None, "all", r.meta.get("split"))]
+    chosen = [r for r in records
+              if (category is None or r.category == category) and split in (None, "all", r.meta.get("split"))]
+    return interleave_groups(chosen)
+
+
+def _group(r: ParallelRecord) -> str | None:
+    return r.meta.get("harm_category") or r.meta.get("benign_type") or r.category
+
+
+def interleave_groups(records: list[ParallelRecord]) -> list[ParallelRecord]:
+    """Round-robin over harm categories / benign types (file order within each), so that the
+    first N records of any split, which ``--limit`` takes, cover every category evenly."""
+    groups: dict[str | None, list[ParallelRecord]] = defaultdict(list)
+    for r in records:
+        groups[_group(r)].append(r)
+    out: list[ParallelRecord] = []
+    for i in range(max((len(g) for g in groups.values()), default=0)):
+        out += [g[i] for g in groups.values() if i < len(g)]
+    return out
 
 
 def stratified_sample(records: list[ParallelRecord], limit: int, seed: int = 0) -> list[ParallelRecord]:
@@ -42,7 +59,7 @@ def stratified_sample(records: list[ParallelRecord], limit: int, seed: int = 0) 
     rng = random.Random(seed)
     groups: dict[str | None, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
-        groups[r.meta.get("harm_category") or r.meta.get("benign_type") or r.category].append(i)
+        groups[_group(r)].append(i)
     for idx in groups.values():
         rng.shuffle(idx)
     chosen: list[int] = []
