@@ -85,3 +85,13 @@ def test_fused_divergence_runs_and_both_sides_agree():
     assert ratios == ["fused_vs_unfused_time", "fused_vs_unfused_peak_memory"]
     losses = next(line for line in res.stdout.splitlines() if line.startswith("# loss")).split()
     assert losses[3] == losses[5].rstrip(";")                       # "# loss fused X unfused X;"
+
+
+def test_bf16_quality_guard_runs_on_tiny_model(tmp_path):
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "bf16_quality.py"), "--model", "builtin:tiny-random",
+                          "--languages", "en,th", "--limit", "2", "--max-new-tokens", "4", "--out", str(tmp_path),
+                          "--force"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line.split() for line in res.stdout.splitlines() if line.startswith("verdict_agreement")]
+    assert [x[1] for x in lines] == ["en", "th", "all"] and all(0 <= float(x[2]) <= 1 for x in lines)
+    assert lines[-1][3] == "(8/8)" or lines[-1][3].endswith("/8)")
