@@ -36,29 +36,25 @@ def data_inspect(path: Annotated[str, typer.Argument(help="Data file or folder (
     from rich.table import Table
 
     from polyalign.data import detect_format, load_source
+    from polyalign.data.checks import breakdown, language_checks
     from polyalign.text.languages import get_language
 
     fmt = "generic" if columns else fmt or detect_format(path)
     records = load_source(path, fmt, columns)
-    counts: dict[str, int] = {}
-    for r in records:
-        for lang in r.texts:
-            counts[lang] = counts.get(lang, 0) + 1
+    checks = language_checks(records)
     # The summary is its own line: a table title wraps to the table's width, splitting long paths.
     console.print(f"{path}  ({fmt}: {len(records)} prompts)", soft_wrap=True)
     table = Table()
-    for col in ("language", "name", "script", "tier", "prompts"):
-        table.add_column(col, justify="right" if col == "prompts" else "left")
-    for lang, n in counts.items():
+    for col in ("language", "name", "script", "tier", "prompts", "in script", "lang-ID agrees"):
+        table.add_column(col, justify="left" if col in ("language", "name", "script", "tier") else "right")
+    for lang, c in checks.items():
         info = get_language(lang)
-        table.add_row(lang, info.name, info.script, info.tier, str(n))
+        table.add_row(lang, info.name, info.script, info.tier, str(c["n"]), str(c["in_script"]),
+                      f"{c['langid_agrees']}/{c['langid_confident']}")
     console.print(table)
-    cats: dict[str, int] = {}
-    for r in records:
-        if r.category:
-            cats[r.category] = cats.get(r.category, 0) + 1
-    if cats:
-        console.print("categories: " + ", ".join(f"{c} ({n})" for c, n in cats.items()))
+    console.print("lang-ID agrees: of the texts the language-ID model is confident about (p >= 0.9)")
+    for name, counts in breakdown(records).items():
+        console.print(f"{name}: " + ", ".join(f"{k} ({n})" for k, n in counts.items()), soft_wrap=True)
 
 
 @data_app.command("convert")

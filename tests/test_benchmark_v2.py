@@ -81,3 +81,18 @@ def test_the_first_records_of_a_split_cover_every_category():
     benign = builtin_benchmark("benign", "eval")
     assert {r.meta["benign_type"] for r in benign[:4]} == {"everyday", "math", "fact", "borderline"}
     assert sorted(r.id for r in harmful) == sorted(r.id for r in builtin_benchmark("harmful", "eval"))
+
+
+def test_inspect_checks_flag_wrong_scripts_and_languages():
+    from polyalign.data.checks import breakdown, language_checks
+    from polyalign.data.records import ParallelRecord
+
+    recs = [ParallelRecord("a", {"th": "ฉันจะทำอาหารไทยได้อย่างไร", "sw": "Ninawezaje kupika wali mzuri nyumbani kwangu leo?"},
+                           "benign", {"split": "eval"}),
+            ParallelRecord("b", {"th": "How do I cook rice at home?", "sw": "How do I cook rice well at home today?"},
+                           "benign", {"split": "train"})]
+    c = language_checks(recs)
+    assert c["th"]["n"] == 2 and c["th"]["in_script"] == 1           # English text under th fails the script check
+    assert c["sw"]["in_script"] == 2                                   # Latin either way ...
+    assert c["sw"]["langid_agrees"] < c["sw"]["langid_confident"]      # ... but language ID sees the English one
+    assert breakdown(recs)["split"] == {"eval": 1, "train": 1}
