@@ -25,7 +25,8 @@ def in_own_script(text: str, lang: str) -> bool:
         return shares.get("Hani", 0) + shares.get("Kana", 0) >= 0.5
     if script == "Latn":
         return shares.get("Latn", 0) >= 0.95
-    return shares.get(script, 0) >= 0.5 or shares.get(script, 0) >= 1 - shares.get("Latn", 0) - 1e-9
+    own, latin = shares.get(script, 0), shares.get("Latn", 0)
+    return own >= 0.2 and own >= 0.95 * (1 - latin)
 
 
 def language_checks(records: list[ParallelRecord]) -> dict[str, dict[str, int]]:
