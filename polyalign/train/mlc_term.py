@@ -106,37 +106,39 @@ class MLCTerm:
         logs.update({k: round(sum(v) / len(v), 6) for k, v in self.metrics.items()})
         self.metrics.clear()
 
-    def save(self, checkpoint: Path) -> None:
-        """Trainer saves only the adapter for PEFT models: the head goes next to it (safetensors)."""
-        from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                  str(Path(checkpoint) / HEAD_FILE))
+def save_head(head: torch.nn.Module, checkpoint: Path) -> None:
+    """Trainer saves only the adapter for PEFT models: the head goes next to it (safetensors)."""
+    from safetensors.torch import save_file
 
-    def load(self, checkpoint: Path) -> None:
-        from safetensors.torch import load_file
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+              str(Path(checkpoint) / HEAD_FILE))
 
-        f = Path(checkpoint) / HEAD_FILE
-        if f.exists():
-            device = next(self.head.parameters(), torch.empty(0)).device
-            self.head.load_state_dict(load_file(str(f), device=str(device)))
+
+def load_head(head: torch.nn.Module, checkpoint: Path) -> None:
+    from safetensors.torch import load_file
+
+    f = Path(checkpoint) / HEAD_FILE
+    if f.exists():
+        device = next(head.parameters(), torch.empty(0)).device
+        head.load_state_dict(load_file(str(f), device=str(device)))
 
 
 class MLCHeadCheckpoint(TrainerCallback):
     """Saves the MLC head into each ``checkpoint-N`` and loads it back on ``--resume``, through
     Trainer's public callback hooks rather than overriding its private save/load methods."""
 
-    def __init__(self, term: MLCTerm):
-        self.term = term
+    def __init__(self, head: torch.nn.Module):
+        self.head = head
 
     def _dir(self, args: Any, step: int) -> Path:
         return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.term.save(self._dir(args, state.global_step))
+            save_head(self.head, self._dir(args, state.global_step))
 
     def on_train_begin(self, args, state, control, **kwargs):
         # On resume Trainer has restored global_step from checkpoint-N before this hook runs.
         if state.global_step > 0:
-            self.term.load(self._dir(args, state.global_step))
+            load_head(self.head, self._dir(args, state.global_step))

@@ -53,7 +53,7 @@ class MLCMixin:
         self.mlc = mlc_config
         self.mlc_term = MLCTerm(mlc_config, self.model, hidden_size, self.args.seed, self.args.device)
         self.mlc_head = self.mlc_term.head
-        self.add_callback(MLCHeadCheckpoint(self.mlc_term))
+        self.add_callback(MLCHeadCheckpoint(self.mlc_term.head))
         self.data_collator = MLCCollator(self.data_collator, self.processing_class.pad_token_id)
 
     def _set_signature_columns_if_needed(self):

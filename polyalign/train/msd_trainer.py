@@ -135,7 +135,7 @@ class MSDTrainer(Trainer):
             base = self.accelerator.unwrap_model(self.model)
             hidden = base.config.hidden_size if hasattr(base, "config") else base.get_base_model().config.hidden_size
             self.mlc_term = MLCTerm(mlc_config, base, hidden, args.seed, args.device)
-            self.add_callback(MLCHeadCheckpoint(self.mlc_term))
+            self.add_callback(MLCHeadCheckpoint(self.mlc_term.head))
         if self.msd.teacher_gating:
             self.train_dataset = self._gate(train_dataset)
 
