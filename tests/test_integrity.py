@@ -151,3 +151,28 @@ def test_generation_ignores_the_models_own_sampling_defaults(tiny):
         model.generation_config.repetition_penalty = old
     assert penalised != clean          # the setting itself works when asked for
     assert model.generation_config.repetition_penalty == old
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merged_adapter_generates_with_base_cost_in_the_base_dtype(dtype):
+    """Evaluation folds the adapter in while generating: no LoRA module runs, and the merged weights
+    keep the base dtype (an fp32 adapter on a bf16 base must not turn the weights fp32), so an
+    adapter costs what the base costs (issue #17's 2.6x bf16 slowdown)."""
+    from polyalign.eval.runner import merged_for_generation
+
+    model = attach_lora(load_model("builtin:tiny-random", dtype=dtype), LoraSettings(r=4, alpha=8))
+    calls = []
+    for name, mod in model.named_modules():
+        if name.endswith("lora_A.default"):
+            mod.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randint(0, 100, (2, 8))
+    model(input_ids=x)
+    assert calls                                               # unmerged: LoRA runs in every layer
+    calls.clear()
+    before = {n: p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    with merged_for_generation(model):
+        model(input_ids=x)
+        assert not calls
+        assert {n: p.dtype for n, p in model.named_parameters() if "lora_" not in n} == before
+    assert all(p.dtype == getattr(torch, dtype) for p in before and
+               [p for n, p in model.named_parameters() if "lora_" not in n])
