@@ -92,18 +92,9 @@ class Point:
 
 
 def _strict(cls: type, values: Any, where: str) -> Any:
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise PolyalignError(f"{where}: expected a mapping, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise PolyalignError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise PolyalignError(f"{where}: {e}") from None
+    from polyalign.train.recipes import _strict as strict
+
+    return strict(cls, values, where)
 
 
 def load_sweep(path: str | Path) -> SweepSpec:

@@ -95,8 +95,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _strict(cls: type, values: dict[str, Any] | None, where: str) -> Any:
-    values = values or {}
+def _strict(cls: type, values: Any, where: str) -> Any:
+    """``cls(**values)`` for a config dataclass: unknown keys, a non-mapping and bad values are
+    one-line errors naming ``where``."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise PolyalignError(f"{where}: expected a mapping, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
