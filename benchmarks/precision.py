@@ -43,7 +43,8 @@ def machine_peaks(fast_bf16: bool, n: int = 2048) -> dict[str, float]:
             "bfloat16": matmul_peak(torch.bfloat16, n if fast_bf16 else 512, trials=5 if fast_bf16 else 2)}
 
 
-def _prompts(n: int) -> list:
+def benchmark_prompts(n: int) -> list:
+    """About n benign eval prompts of the built-in benchmark, language-major over en zh th sw."""
     from polyalign.data.builtin import builtin_benchmark
     from polyalign.eval.generation import GenRequest
 
@@ -70,7 +71,7 @@ def bench_eval_dtype(model_spec: str, n_prompts: int, max_new_tokens: int, reps:
 
     tok = load_tokenizer(model_spec)
     models = {d: load_model(model_spec, dtype=d) for d in ("float32", "bfloat16")}
-    reqs = _prompts(n_prompts)
+    reqs = benchmark_prompts(n_prompts)
     times: dict[str, list[float]] = {d: [] for d in models}
     for _ in range(reps):
         for d, m in models.items():
@@ -125,7 +126,7 @@ def bench_adapter_vs_base(model_spec: str, n_prompts: int, max_new_tokens: int, 
         for name, p in adapted.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 1e-4)
-    reqs = _prompts(n_prompts)
+    reqs = benchmark_prompts(n_prompts)
     times: dict[str, list[float]] = {"base": [], "adapter": []}
     for _ in range(reps):
         for name, m in (("base", base), ("adapter", adapted)):

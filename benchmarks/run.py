@@ -268,21 +268,14 @@ def bench_generation(model_spec: str, n_prompts: int, max_new_tokens: int, seque
     import inspect
     import tempfile
 
-    from polyalign.data.builtin import builtin_benchmark
-    from polyalign.eval.generation import (
-        GenerationCache,
-        GenerationSettings,
-        GenRequest,
-        HFGenerator,
-        generate_cached,
-    )
+    from precision import benchmark_prompts
+
+    from polyalign.eval.generation import GenerationCache, GenerationSettings, HFGenerator, generate_cached
     from polyalign.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer(model_spec), load_model(model_spec)
     default_bs = inspect.signature(HFGenerator).parameters["batch_size"].default
-    langs = ("en", "zh", "th", "sw")
-    recs = builtin_benchmark("benign", "eval")[:max(1, n_prompts // len(langs))]
-    reqs = [GenRequest(r.id, lang, r.texts[lang]) for lang in langs for r in recs]
+    reqs = benchmark_prompts(n_prompts)
     s = GenerationSettings(max_new_tokens=max_new_tokens)
     res = {"batch_size": default_bs, "n_prompts": len(reqs), "n_sequential": len(reqs[::sequential_every])}
     for name, bs, subset in (("sequential", 1, reqs[::sequential_every]), ("batched", default_bs, reqs)):

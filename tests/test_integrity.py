@@ -174,5 +174,4 @@ def test_merged_adapter_generates_with_base_cost_in_the_base_dtype(dtype):
         model(input_ids=x)
         assert not calls
         assert {n: p.dtype for n, p in model.named_parameters() if "lora_" not in n} == before
-    assert all(p.dtype == getattr(torch, dtype) for p in before and
-               [p for n, p in model.named_parameters() if "lora_" not in n])
+    assert set(before.values()) == {getattr(torch, dtype)}
