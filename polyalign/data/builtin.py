@@ -33,7 +33,9 @@ def builtin_benchmark(category: str | None = None, split: str | None = None) -> 
     return interleave_groups(chosen)
 
 
-def _group(r: ParallelRecord) -> str | None:
+def finest_category(r: ParallelRecord) -> str | None:
+    """The finest category a record names: the built-in benchmark's harm category or benign type,
+    else the data set's own category (XSafety's 14), else None."""
     return r.meta.get("harm_category") or r.meta.get("benign_type") or r.category
 
 
@@ -42,7 +44,7 @@ def interleave_groups(records: list[ParallelRecord]) -> list[ParallelRecord]:
     first N records of any split, which ``--limit`` takes, cover every category evenly."""
     groups: dict[str | None, list[ParallelRecord]] = defaultdict(list)
     for r in records:
-        groups[_group(r)].append(r)
+        groups[finest_category(r)].append(r)
     out: list[ParallelRecord] = []
     for i in range(max((len(g) for g in groups.values()), default=0)):
         out += [g[i] for g in groups.values() if i < len(g)]
@@ -59,7 +61,7 @@ def stratified_sample(records: list[ParallelRecord], limit: int, seed: int = 0) 
     rng = random.Random(seed)
     groups: dict[str | None, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
-        groups[_group(r)].append(i)
+        groups[finest_category(r)].append(i)
     for idx in groups.values():
         rng.shuffle(idx)
     chosen: list[int] = []

@@ -67,11 +67,36 @@ def results_table(results: dict[str, Any], style: str = "markdown") -> Any:
                         title, style)
 
 
+def category_table(results: dict[str, Any], metric: str = "refusal", style: str = "markdown") -> Any:
+    """``metric`` per category (rows) and language (columns), with the count per cell; None when the
+    run has a single category. Whether refusing is right depends on the category (docs/study.md)."""
+    cats = results.get("categories") or {}
+    if not cats:
+        return None
+    langs = list(results["languages"])
+    rows = [[c, *[f"{_fmt(per[lang][metric])} ({per[lang]['n']})" if lang in per else "" for lang in langs]]
+            for c, per in cats.items()]
+    return render_table(["category", *langs], rows, f"{results['task']}: {metric} by category", style)
+
+
+def pooled_by_category(results: dict[str, Any], metric: str = "refusal", english: bool = False) -> dict[str, float]:
+    """Per category, ``metric`` averaged over the languages (English left out unless ``english``)."""
+    out = {}
+    for c, per in (results.get("categories") or {}).items():
+        vals = [s[metric] for lang, s in per.items() if (english or lang != "en") and isinstance(s.get(metric), float)]
+        if vals:
+            out[c] = sum(vals) / len(vals)
+    return out
+
+
 def write_report(results: dict[str, Any], out: Path) -> None:
     summary = ", ".join(f"{k} {_fmt(v) if 'variance' not in k else f'{v:.4f}'}" for k, v in results["summary"].items())
     md = [f"# {results['task']} — {results['model']}" + (f" + {results['adapter']}" if results.get("adapter") else ""),
           "", f"judge: {results.get('judge')}; generated {results['generated']}, cached {results['cached']}", "",
           results_table(results), "", f"**summary**: {summary}", "", "![per-language](plot.png)", ""]
+    by_cat = category_table(results)
+    if by_cat is not None:
+        md += ["## Refused, by category (n per cell)", "", by_cat, ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     plot_languages({"": results}, MAIN_METRIC[results["task_kind"]], out / "plot.png", results["task"])
 
@@ -117,6 +142,9 @@ def print_results(results: dict[str, Any], console: Any) -> None:
     console.print(results_table(results, style="rich"))
     console.print("summary: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in results["summary"].items()))
+    by_cat = category_table(results, style="rich")
+    if by_cat is not None:
+        console.print(by_cat)
     console.print(f"generated {results['generated']}, cached {results['cached']}")
 
 
@@ -142,6 +170,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out: str | Path, console:
     md = [f"# {a['task']}: {run_a} vs {run_b}", "",
           render_table(header, [[lang, m, _fmt(x), _fmt(y), f"{100 * d:+.1f}"] for lang, m, x, y, d in rows]),
           "", "![comparison](compare.png)", ""]
+    before, after = pooled_by_category(a), pooled_by_category(b)
+    if before and after:
+        md += ["## Refused, by category (mean over non-English languages)", "",
+               render_table(["category", "before", "after", "delta"],
+                            [[c, _fmt(before[c]), _fmt(after[c]), f"{100 * (after[c] - before[c]):+.1f}"]
+                             for c in before if c in after]), ""]
     paired = _paired(run_a, run_b, a["task_kind"])
     if paired:
         from polyalign.eval.paired import paired_markdown

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from polyalign.data.builtin import finest_category
 from polyalign.data.records import ParallelRecord, atomic_write_text
 from polyalign.errors import PolyalignError, require_positive
 from polyalign.eval import metrics
@@ -170,7 +171,8 @@ def _run_loaded(cfg: EvalConfig, task: Any, records: list[ParallelRecord], langu
     record_meta = {r.id: r for r in records}
     judged = []
     for (req, row), v in zip(by_req, verdicts):
-        item = {"prompt_id": req.prompt_id, "lang": req.lang, "prompt": req.text, "response": row["response"],
+        item = {"prompt_id": req.prompt_id, "lang": req.lang, "category": finest_category(record_meta[req.prompt_id]),
+                "prompt": req.text, "response": row["response"],
                 **v.to_json(), "in_language": in_language(row["response"], req.lang) if row["response"] else False}
         if task.kind == "mgsm":
             from polyalign.eval.scoring import mgsm_correct
@@ -224,18 +226,34 @@ def merged_for_generation(model: Any) -> Iterator[None]:
         model.unmerge_adapter()
 
 
-def aggregate(judged: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    """Per-language metrics and the summary, from judged rows."""
-    per: dict[str, dict[str, Any]] = {}
+def _stats(rows: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """Metrics of a set of judged rows (one language, or one category in one language)."""
+    stats: dict[str, Any] = metrics.safety_stats([j["label"] for j in rows]) if kind == "safety" else {"n": len(rows)}
+    stats.update(metrics.shares(refusal=[j["refused"] for j in rows], invalid=[j["label"] == "invalid" for j in rows],
+                                fidelity=[j["in_language"] for j in rows]))
+    if kind == "mgsm":
+        stats.update(metrics.shares(accuracy=[j["correct"] for j in rows]))
+    return stats
+
+
+def category_stats(judged: list[dict[str, Any]], kind: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{category: {language: metrics}}`` when the rows span several categories (XSafety mixes
+    requests to refuse with questions to answer, so its refusal rate means something per category
+    only), else ``{}``."""
+    cats = list(dict.fromkeys(j.get("category") for j in judged))
+    if len(cats) < 2:
+        return {}
     langs = list(dict.fromkeys(j["lang"] for j in judged))
-    for lang in langs:
-        rows = [j for j in judged if j["lang"] == lang]
-        stats: dict[str, Any] = metrics.safety_stats([j["label"] for j in rows]) if kind == "safety" else {"n": len(rows)}
-        stats.update(metrics.shares(refusal=[j["refused"] for j in rows], invalid=[j["label"] == "invalid" for j in rows],
-                                    fidelity=[j["in_language"] for j in rows]))
-        if kind == "mgsm":
-            stats.update(metrics.shares(accuracy=[j["correct"] for j in rows]))
-        per[lang] = stats
+    return {str(c): {lang: _stats(rows, kind) for lang in langs
+                     if (rows := [j for j in judged if j.get("category") == c and j["lang"] == lang])}
+            for c in cats}
+
+
+def aggregate(judged: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """Per-language metrics, per-category metrics (several categories only) and the summary."""
+    per = {lang: _stats([j for j in judged if j["lang"] == lang], kind)
+           for lang in dict.fromkeys(j["lang"] for j in judged)}
+    langs = list(per)
     summary: dict[str, Any] = {"mean_fidelity": metrics.summarize(per, "fidelity")["mean_fidelity"]}
     if kind == "safety":
         summary.update(metrics.summarize(per, "asr"))
@@ -248,7 +266,7 @@ def aggregate(judged: list[dict[str, Any]], kind: str) -> dict[str, Any]:
         summary["variance"] = s["variance"]
         if kind == "mgsm":
             summary["mean_accuracy"] = metrics.summarize(per, "accuracy")["mean_accuracy"]
-    return {"languages": per, "summary": summary}
+    return {"languages": per, "summary": summary, "categories": category_stats(judged, kind)}
 
 
 def _run_mmlu(cfg: EvalConfig, task: Any, records: list[ParallelRecord], model: Any, tokenizer: Any,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from polyalign.data.builtin import BUILTIN_SPLITS, builtin_benchmark
+from polyalign.data.builtin import BUILTIN_SPLITS, builtin_benchmark, interleave_groups
 from polyalign.data.loaders import MULTIJAIL_HUB, load_source
 from polyalign.data.records import ParallelRecord, split_records
 from polyalign.errors import PolyalignError
@@ -38,7 +38,8 @@ class Task:
         """Records of ``data`` (always a path) or the task's default source, optionally one split.
 
         ``split``: the built-in benchmark's own split (train | eval | all; default eval); for any
-        other source a hash split by prompt id (train | dev | test), default everything.
+        other source a hash split by prompt id (train | dev | test), default everything. Records come
+        interleaved over their categories (file order within each), so a ``--limit`` is stratified.
         """
         if self.loader is None and data is None:
             return builtin_benchmark(self.category, split=split or "eval")
@@ -53,11 +54,13 @@ class Task:
             records = load_source(path, "xstest", label="safe")
         else:
             records = load_source(path, self.loader)
-        if split in (None, "all"):
-            return records
-        if split not in ("train", "dev", "test"):
+        if split not in (None, "all", "train", "dev", "test"):
             raise PolyalignError(f"--split for a data file must be train, dev, test or all, got {split!r}")
-        return split_records(records)[split]
+        if split not in (None, "all"):
+            records = split_records(records)[split]
+        # Category-ordered files (XSafety: 200 rows of one category, then the next): round-robin over
+        # categories, so that --limit N covers every category instead of the first one.
+        return interleave_groups(records)
 
 
 TASKS: Registry[Task] = Registry("task", hint="`polyalign tasks` lists them")
