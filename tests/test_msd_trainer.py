@@ -162,6 +162,18 @@ def test_benign_targets_choose_the_teacher_context(tmp_path):
         MSDConfig(benign_target="nobody")
 
 
+def test_benign_languages_widen_only_the_benign_prompts():
+    recs = mixed_records(2)
+    cfg = MSDConfig(student_languages=["th"], benign_languages=["th", "SW", "jv"])
+    ex = build_msd_examples(recs, cfg)
+    assert {e["lang"] for e in ex if not e["benign"]} == {"th"}           # harmful: the student languages
+    assert sorted(e["lang"] for e in ex if e["benign"]) == ["jv", "jv", "sw", "sw", "th", "th"]
+    assert all(set(e["texts"]) == {"en", "th"} for e in ex)               # MLC term: teacher + student languages
+    assert len(build_msd_examples(recs, MSDConfig(student_languages=["th"]))) == 4
+    with pytest.raises(ValueError, match="teacher language"):
+        MSDConfig(student_languages=["th"], benign_languages=["en", "sw"])
+
+
 def test_benign_weight_scales_the_benign_term_and_logs_it_apart(tmp_path):
     """benign_target english is nonzero at initialisation (retain is exactly 0); benign_weight 0 vs 1
     changes the loss; loss/harmful and loss/benign are logged."""

@@ -85,6 +85,10 @@ class MSDConfig:
         benign_weight: weight of a benign sequence in the batch mean (1.0: every sequence counts the
             same, as before; 0 drops the benign term). ``loss/harmful`` and ``loss/benign`` are logged.
         benign_retain: deprecated (removed in 0.3): ``benign_target: retain``.
+        benign_languages: the languages benign prompts are trained in (None: ``student_languages``).
+            A wider list than ``student_languages`` teaches "answer" in languages where no harmful
+            prompt teaches "refuse" (docs/study.md: a 0.5B model trained to refuse in the languages it
+            reads also starts refusing everything in the ones it cannot read).
     Teacher gating (our choice):
         teacher_gating: before training, the frozen teacher answers every training prompt once
             (greedy, ``gating_max_new_tokens`` tokens, in its training context; cached in the output
@@ -111,6 +115,7 @@ class MSDConfig:
     benign_target: str = "teacher"
     benign_weight: float = 1.0
     benign_retain: bool = False
+    benign_languages: list[str] | None = None
     teacher_gating: bool = False
     gating_max_new_tokens: int = 32
 
@@ -141,5 +146,7 @@ class MSDConfig:
             raise ValueError("teacher_template must contain {english_query}: the teacher's advantage is the English query")
         self.teacher_language = normalize_code(self.teacher_language)
         self.student_languages = [normalize_code(c) for c in self.student_languages]
-        if self.teacher_language in self.student_languages:
+        if self.benign_languages is not None:
+            self.benign_languages = [normalize_code(c) for c in self.benign_languages]
+        if self.teacher_language in [*self.student_languages, *(self.benign_languages or [])]:
             raise ValueError(f"teacher language {self.teacher_language} is also a student language")

@@ -56,7 +56,8 @@ GATE_FILE = "teacher_gate.json"
 
 
 def build_msd_examples(records: list[ParallelRecord], cfg: MSDConfig) -> list[dict[str, Any]]:
-    """(target query, English query) pairs: one per record and student language present in it.
+    """(target query, English query) pairs: one per record and student language present in it
+    (benign records: each of ``cfg.benign_languages`` when set).
 
     ``benign`` marks benign requests (:data:`BENIGN_CATEGORIES`); ``texts`` keeps the prompt in the
     teacher and student languages for the MLC term.
@@ -66,10 +67,11 @@ def build_msd_examples(records: list[ParallelRecord], cfg: MSDConfig) -> list[di
     for r in records:
         if cfg.teacher_language not in r.texts:
             continue
-        for lang in cfg.student_languages:
+        benign = r.category in BENIGN_CATEGORIES
+        for lang in (cfg.benign_languages or cfg.student_languages) if benign else cfg.student_languages:
             if lang in r.texts:
                 out.append({"prompt_id": r.id, "lang": lang, "query": r.texts[lang],
-                            "english": r.texts[cfg.teacher_language], "benign": r.category in BENIGN_CATEGORIES,
+                            "english": r.texts[cfg.teacher_language], "benign": benign,
                             "texts": {c: r.texts[c] for c in langs if c in r.texts}})
     return out
 
