@@ -8,7 +8,7 @@ Layout of the sweep folder (``out``)::
     points/<config>/seed<k>/train/  run_recipe's output_dir (checkpoint-*, final/)
     points/<config>/seed<k>/eval/<task>/   run_eval of the trained adapter
     points/<config>/seed<k>/timings.json   measured seconds (feeds the --dry-run estimate)
-    sweep.csv, sweep.json, pareto.png
+    sweep.csv, sweep.json, sweep.md, pareto.png
 
 Every stage is skipped when its output exists: a point whose eval results exist is not touched,
 a point whose training finished is only evaluated, and a point killed mid-training restarts from
@@ -407,7 +407,7 @@ def _flat(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def summarize_sweep(spec: SweepSpec, out: Path, points: list[Point], console: Any = None) -> dict[str, Any]:
-    """Paired differences of every point against the baseline -> sweep.csv, sweep.json, pareto.png."""
+    """Paired differences of every point against the baseline -> sweep.csv, sweep.json, sweep.md, pareto.png."""
     from polyalign.eval.paired import load_judged
     from polyalign.eval.report import load_results
     from polyalign.eval.stats import METRICS, POOLED, aggregate_seeds, paired_table
@@ -471,6 +471,7 @@ def summarize_sweep(spec: SweepSpec, out: Path, points: list[Point], console: An
     summary = {"points": per_point, "configs": configs, "baseline": str(out / "baseline"),
                "pooled_over": "non-English languages, cluster bootstrap over prompt ids"}
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "sweep.md", sweep_markdown(per_point, all_rows))
     plotted = pareto_plot(per_point, configs, tasks, kinds, out / "pareto.png")
     if console is not None:
         _print_summary(configs, console)
@@ -479,6 +480,23 @@ def summarize_sweep(spec: SweepSpec, out: Path, points: list[Point], console: An
                          " (no Pareto plot: it needs a safety and a benign task and non-English languages)"),
                       highlight=False)
     return summary
+
+
+def sweep_markdown(per_point: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """One row per trained point: each pooled change with its 95 % interval (pp), and English
+    harmful refusal before -> after (the study's "English not down")."""
+    keys = list(dict.fromkeys(k for p in per_point for k in p if k.endswith(":diff")))
+    english = {(r["point"], r["task"]): r for r in rows if r["lang"] == "en" and "harmful_refusal" in r}
+    header = ["point", "seed", *[":".join(k.split(":")[:2]) for k in keys], "en harmful refused"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for p in per_point:
+        cells = [f"{100 * p[k]:+.1f} [{100 * p[k + '_ci'][0]:+.1f}, {100 * p[k + '_ci'][1]:+.1f}]" if k in p else "-"
+                 for k in keys]
+        en = next((r for (name, _), r in english.items() if name == p["point"]), None)
+        cells.append(f"{100 * en['harmful_refusal_baseline']:.1f} -> {100 * en['harmful_refusal']:.1f}" if en else "-")
+        lines.append("| " + " | ".join([p["config"], str(p["seed"]), *cells]) + " |")
+    return "\n".join(["Change vs the baseline, pooled over the non-English languages (pp, 95 % interval: cluster",
+                      "bootstrap over prompts); written by `polyalign sweep`.", "", *lines, ""])
 
 
 def _print_summary(configs: dict[str, dict[str, Any]], console: Any) -> None:

@@ -92,6 +92,15 @@ def test_sweep_writes_results_csv_and_plot(swept):
     assert b["benign_refusal"] != "" and b["benign_refusal_diff"] == "" and b["harmful_refusal"] == ""
     cfg = summary["configs"]["learning_rate-0.01"]
     assert cfg["seeds"] == [0, 1] and cfg["builtin-harmful:harmful_refusal:diff"]["n"] == 2
+    # sweep.md: one row per trained point, the pooled change with its interval, English before -> after
+    md = (out / "sweep.md").read_text().splitlines()
+    row = next(line for line in md if line.startswith("| learning_rate-0.01 | 1 |"))
+    lo, hi = float(r["harmful_refusal_diff_lo"]), float(r["harmful_refusal_diff_hi"])
+    assert f"{100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" in row
+    en = next(r for r in rows if r["point"] == "learning_rate-0.01/seed1" and r["task"] == "builtin-harmful"
+              and r["lang"] == "en")
+    assert row.endswith(f"{100 * float(en['harmful_refusal_baseline']):.1f} -> {100 * float(en['harmful_refusal']):.1f} |")
+    assert sum(line.startswith("| learning_rate-") for line in md) == 4
 
 
 def test_rerun_skips_everything(swept, monkeypatch, tmp_path):
