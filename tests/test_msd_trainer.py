@@ -142,6 +142,29 @@ def test_resume_reproduces_the_next_loss(tmp_path):
     assert again[-2:] == pytest.approx(losses[-2:], rel=1e-5)
 
 
+def test_resume_at_max_steps_loads_the_checkpoint_and_takes_no_step(tmp_path):
+    # A sweep point shortened to a step it already checkpointed (trained to 4 with save_steps 2, now
+    # max_steps 2): Trainer resumed from checkpoint-2 took a 3rd step; the checkpoint is the result.
+    import shutil
+
+    from safetensors.torch import load_file
+
+    def recipe(steps):
+        return Recipe(method="msd", model=SPEC, output_dir=str(tmp_path / "run"),
+                      data=DataSettings(source="builtin:harmful", limit=12),
+                      msd={"student_languages": ["th"], "max_new_tokens": 4}, lora={"r": 4, "alpha": 8},
+                      training={"max_steps": steps, "learning_rate": 1e-2, "per_device_train_batch_size": 2,
+                                "save_steps": 2})
+    full = run_recipe(recipe(4))
+    want = load_file(str(tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors"))
+    shutil.rmtree(full)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    resumed = run_recipe(recipe(2), resume=True)
+    got = load_file(str(resumed / "adapter_model.safetensors"))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert max(h["step"] for h in json.loads((resumed / "log_history.json").read_text())) == 2
+
+
 def test_benign_targets_choose_the_teacher_context(tmp_path):
     from polyalign.train.msd_config import TEACHER_TEMPLATE
 

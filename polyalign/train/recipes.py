@@ -256,7 +256,10 @@ def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: An
     last = _last_checkpoint(r.output_dir) if resume else None
     if resume and last is None:
         raise PolyalignError(f"--resume: no checkpoint-* folder in {r.output_dir}")
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if last is not None and 0 < args.max_steps <= int(last.name.split("-")[-1]):
+        _load_finished(trainer, last, heads)
+    else:
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
     final = Path(r.output_dir) / "final"
     from polyalign.models.loading import model_dtype
 
@@ -266,6 +269,19 @@ def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: An
                           "bf16_autocast": bool(args.bf16)})
     (final / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return final
+
+
+def _load_finished(trainer: Any, ckpt: Path, heads: dict[str, Any]) -> None:
+    """A run stopped after saving its last step's checkpoint but before ``final/``: load that
+    checkpoint as it is. (Trainer, resumed there, would take one step past ``max_steps``.)"""
+    from transformers import TrainerState
+
+    from polyalign.train.mlc_term import load_head
+
+    trainer._load_from_checkpoint(str(ckpt))
+    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+    for head in heads.values():
+        load_head(head, ckpt)
 
 
 def _last_checkpoint(output_dir: str) -> Path | None:
