@@ -496,7 +496,26 @@ def sweep_markdown(per_point: list[dict[str, Any]], rows: list[dict[str, Any]]) 
         cells.append(f"{100 * en['harmful_refusal_baseline']:.1f} -> {100 * en['harmful_refusal']:.1f}" if en else "-")
         lines.append("| " + " | ".join([p["config"], str(p["seed"]), *cells]) + " |")
     return "\n".join(["Change vs the baseline, pooled over the non-English languages (pp, 95 % interval: cluster",
-                      "bootstrap over prompts); written by `polyalign sweep`.", "", *lines, ""])
+                      "bootstrap over prompts); written by `polyalign sweep`.", "", *lines, "",
+                      *_per_language_markdown(rows)])
+
+
+def _per_language_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """Baseline share, then each point's change, per language, for the refusal and language metrics."""
+    langs = list(dict.fromkeys(r["lang"] for r in rows))
+    out = ["Per language: the baseline's share (%), then each point's change (pp).", "",
+           "| point | metric | " + " | ".join(langs) + " |", "|---" * (len(langs) + 2) + "|"]
+    for point in dict.fromkeys(r["point"] for r in rows):
+        for task in dict.fromkeys(r["task"] for r in rows):
+            mine = {r["lang"]: r for r in rows if r["point"] == point and r["task"] == task}
+            for m in ("harmful_refusal", "benign_refusal", "in_language"):
+                if not any(m in r for r in mine.values()):
+                    continue
+                key, fmt = (m, "{:.1f}") if point == "baseline" else (f"{m}_diff", "{:+.1f}")
+                cells = [fmt.format(100 * mine[lang][key]) if lang in mine and key in mine[lang] else ""
+                         for lang in langs]
+                out.append(f"| {point} | {m} ({task}) | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _print_summary(configs: dict[str, dict[str, Any]], console: Any) -> None:
