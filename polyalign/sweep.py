@@ -72,6 +72,7 @@ class SweepSpec:
     out: str
     model: str | None = None                      # overrides the recipe's model
     seeds: list[int] = field(default_factory=lambda: [0])
+    point_seeds: dict[str, list[int]] = field(default_factory=dict)   # config name -> its seeds (finalists)
     overrides: list[str] = field(default_factory=list)         # applied to every point
     grid: dict[str, list[Any]] = field(default_factory=dict)    # cartesian product -> points
     points: dict[str, list[str]] = field(default_factory=dict)  # extra named points
@@ -116,6 +117,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
     spec.cost = _strict(CostSpec, raw.get("cost"), f"{path}: cost")
     if not spec.seeds or not all(isinstance(s, int) for s in spec.seeds):
         raise PolyalignError(f"{path}: seeds must be a non-empty list of integers, got {spec.seeds!r}")
+    if not isinstance(spec.point_seeds, dict) or not all(
+            isinstance(v, list) and v and all(isinstance(s, int) for s in v) for v in spec.point_seeds.values()):
+        raise PolyalignError(f"{path}: point_seeds must map config names to non-empty lists of integers")
     if not isinstance(spec.grid, dict) or not all(isinstance(v, list) and v for v in spec.grid.values()):
         raise PolyalignError(f"{path}: grid must map each key to a non-empty list of values")
     if not isinstance(spec.points, dict) or not all(isinstance(v, list) for v in spec.points.values()):
@@ -137,7 +141,8 @@ def _slug(text: str) -> str:
 
 
 def expand_points(spec: SweepSpec) -> list[Point]:
-    """Grid configs (cartesian product, in key order) then named points, each once per seed."""
+    """Grid configs (cartesian product, in key order) then named points, each once per seed
+    (``point_seeds[config]`` where given, else ``seeds``)."""
     configs: list[tuple[str, tuple[str, ...]]] = []
     keys = list(spec.grid)
     if keys:
@@ -152,7 +157,10 @@ def expand_points(spec: SweepSpec) -> list[Point]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise PolyalignError(f"sweep: point name(s) {', '.join(dup)} appear twice")
-    return [Point(c, ov, s) for c, ov in configs for s in spec.seeds]
+    unknown = sorted(set(spec.point_seeds) - set(names))
+    if unknown:
+        raise PolyalignError(f"sweep: point_seeds names unknown config(s) {', '.join(unknown)}; configs: {', '.join(names)}")
+    return [Point(c, ov, s) for c, ov in configs for s in spec.point_seeds.get(c, spec.seeds)]
 
 
 def point_dir(out: Path, p: Point) -> Path:

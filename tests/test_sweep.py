@@ -33,6 +33,16 @@ def test_spec_points_and_errors(tmp_path):
     example = load_sweep(ROOT / "recipes" / "sweeps" / "example.yaml")
     names = dict.fromkeys(p.config for p in expand_points(example))
     assert len(names) == 5 and "forward_kl" in names and len(expand_points(example)) == 15
+    finalist = tmp_path / "finalist.yaml"
+    finalist.write_text("recipe: r.yaml\nout: o\nseeds: [0]\npoint_seeds: {b: [0, 1, 2]}\n"
+                        "points: {a: [learning_rate=0.1], b: [learning_rate=0.2]}\n")
+    assert [p.name for p in expand_points(load_sweep(finalist))] == ["a/seed0", "b/seed0", "b/seed1", "b/seed2"]
+    finalist.write_text("recipe: r.yaml\nout: o\npoint_seeds: {c: [1]}\npoints: {a: [learning_rate=0.1]}\n")
+    with pytest.raises(PolyalignError, match="point_seeds names unknown config.*c; configs: a"):
+        expand_points(load_sweep(finalist))
+    finalist.write_text("recipe: r.yaml\nout: o\npoint_seeds: {a: []}\n")
+    with pytest.raises(PolyalignError, match="point_seeds must map"):
+        load_sweep(finalist)
     bad = tmp_path / "bad.yaml"
     bad.write_text("recipe: r.yaml\nout: o\nseeds: [0]\ngrdi: {a: [1]}\n")
     with pytest.raises(PolyalignError, match="unknown key.*grdi"):
