@@ -236,6 +236,19 @@ def test_language_hint_asks_the_teacher_for_the_query_language(tmp_path):
     assert {"fidelity/th", "fidelity/sw"} <= set(logs)                          # measured every step
 
 
+def test_language_hint_for_listed_languages_only(tmp_path):
+    trainer, *_ = make_trainer(tmp_path, records=mixed_records(1), language_hint=["TH"], batch=4)
+    ex = trainer.train_dataset
+    th = [e for e in ex if e["lang"] == "th"]
+    sw = [e for e in ex if e["lang"] == "sw"]
+    assert th and sw
+    assert all(trainer.teacher_text(e).endswith("Answer in Thai.") for e in th)
+    assert not any("Answer in" in trainer.teacher_text(e) for e in sw)      # sw: the teacher's English answer
+    assert MSDConfig(language_hint=True).hints("sw") and not MSDConfig().hints("sw")
+    with pytest.raises(ValueError, match="language_hint"):
+        MSDConfig(language_hint="th")
+
+
 def test_teacher_gating_keeps_harmful_refused_and_benign_answered(tmp_path, monkeypatch):
     """Stubbed teacher: refuses the first harmful and the first benign prompt, answers the others."""
     recs = mixed_records(2)

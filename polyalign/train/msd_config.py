@@ -73,6 +73,9 @@ class MSDConfig:
         language_hint: end the teacher's user turn with "Answer in <language>." (:data:`LANGUAGE_HINT`)
             so its distribution, which the student copies, stays in the query's language (off; the
             trainer logs ``fidelity/<lang>``, the share of sampled responses in the query's language).
+            A list of languages: the hint only for those (docs/study.md: the 0.5B teacher told "Answer
+            in Swahili." writes loops like "kwa kwa kwa" and refuses benign requests, so a
+            language it cannot write is better taught from its English answer).
     Benign prompts (category in :data:`polyalign.data.records.BENIGN_CATEGORIES`; all of our choice):
         benign_target: what the student learns on them.
             ``teacher``: the same teacher context as harmful prompts (default, the paper's setup).
@@ -111,13 +114,17 @@ class MSDConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     max_prompt_tokens: int = 512
-    language_hint: bool = False
+    language_hint: bool | list[str] = False
     benign_target: str = "teacher"
     benign_weight: float = 1.0
     benign_retain: bool = False
     benign_languages: list[str] | None = None
     teacher_gating: bool = False
     gating_max_new_tokens: int = 32
+
+    def hints(self, lang: str) -> bool:
+        """Whether the teacher is told to answer in ``lang`` (``language_hint``: all, none or a list)."""
+        return lang in self.language_hint if isinstance(self.language_hint, list) else self.language_hint
 
     def __post_init__(self) -> None:
         if self.benign_retain:
@@ -146,6 +153,10 @@ class MSDConfig:
             raise ValueError("teacher_template must contain {english_query}: the teacher's advantage is the English query")
         self.teacher_language = normalize_code(self.teacher_language)
         self.student_languages = [normalize_code(c) for c in self.student_languages]
+        if isinstance(self.language_hint, list):
+            self.language_hint = [normalize_code(c) for c in self.language_hint]
+        elif not isinstance(self.language_hint, bool):
+            raise ValueError(f"language_hint must be true, false or a list of languages, got {self.language_hint!r}")
         if self.benign_languages is not None:
             self.benign_languages = [normalize_code(c) for c in self.benign_languages]
         if self.teacher_language in [*self.student_languages, *(self.benign_languages or [])]:

@@ -153,10 +153,10 @@ class MSDTrainer(Trainer):
 
     def teacher_text(self, e: dict[str, Any]) -> str:
         """The teacher's user turn: the template (the English query alone for benign prompts with
-        ``benign_target: english``), ending with "Answer in <language>." when ``language_hint`` is on."""
+        ``benign_target: english``), ending with "Answer in <language>." when ``language_hint`` covers the language."""
         english_only = e["benign"] and self.msd.benign_target == "english"
         template = ENGLISH_ONLY_TEMPLATE if english_only else self.msd.teacher_template
-        if self.msd.language_hint:
+        if self.msd.hints(e["lang"]):
             template += LANGUAGE_HINT
         return template.format(target_query=e["query"], english_query=e["english"],
                                target_language=get_language(e["lang"]).name)
