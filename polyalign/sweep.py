@@ -32,7 +32,8 @@ import yaml
 from polyalign.data.records import atomic_write_text
 from polyalign.errors import PolyalignError
 
-__all__ = ["SweepSpec", "EvalSpec", "CostSpec", "Point", "load_sweep", "expand_points", "estimate", "run_sweep"]
+__all__ = ["SweepSpec", "EvalSpec", "CostSpec", "Point", "load_sweep", "expand_points", "estimate", "run_sweep",
+           "summarize_finished"]
 
 # Cost-model defaults, for builtin:qwen2.5-coder-0.5b-instruct on 2 CPU cores (BENCHMARKS.md):
 # a full-size MSD step (batch 4, 64-token responses) takes 17.3 s, so ~4.3 s per example-step;
@@ -409,6 +410,20 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = Fa
 
 
 # --- summary: sweep.csv, sweep.json, pareto.png -------------------------------------------------
+
+def summarize_finished(spec: SweepSpec, out: str | Path | None = None, console: Any = None) -> dict[str, Any]:
+    """The summary over the points evaluated so far (a sweep still running or stopped part-way)."""
+    out = Path(out or spec.out)
+    if not _eval_done(out / "baseline", spec.eval.tasks):
+        raise PolyalignError(f"{out}: the baseline is not evaluated yet; nothing to summarise")
+    done = [p for p in expand_points(spec) if _status(out, p, spec.eval.tasks) == "done"]
+    if not done:
+        raise PolyalignError(f"{out}: no point is evaluated yet; nothing to summarise")
+    if console is not None:
+        left = len(expand_points(spec)) - len(done)
+        console.print(f"summarising {len(done)} evaluated point(s)" + (f"; {left} not evaluated yet" if left else ""))
+    return summarize_sweep(spec, out, done, console)
+
 
 def _flat(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     return {(r["metric"], r["lang"]): r for r in rows}

@@ -135,6 +135,25 @@ def test_rerun_skips_everything(swept, monkeypatch, tmp_path):
     assert "measured in this sweep (16 example-steps)" in path.read_text()
 
 
+def test_summarize_covers_the_evaluated_points_only(swept, monkeypatch, tmp_path):
+    from polyalign.sweep import summarize_finished
+
+    out = tmp_path / "copy"
+    shutil.copytree(swept[0], out)
+    shutil.rmtree(out / "points" / "learning_rate-0.01" / "seed1" / "eval")   # a point still training
+    import polyalign.train.recipes as recipes
+
+    monkeypatch.setattr(recipes, "run_recipe", lambda *a, **k: pytest.fail("--summarize must not train"))
+    summary = summarize_finished(load_sweep(TINY), out=out, console=quiet())
+    assert [p["point"] for p in summary["points"]] == ["learning_rate-0.001/seed0", "learning_rate-0.001/seed1",
+                                                       "learning_rate-0.01/seed0"]
+    md = (out / "sweep.md").read_text()
+    assert "| learning_rate-0.01 | 0 |" in md and "| learning_rate-0.01 | 1 |" not in md
+    shutil.rmtree(out / "baseline")
+    with pytest.raises(PolyalignError, match="baseline is not evaluated"):
+        summarize_finished(load_sweep(TINY), out=out)
+
+
 def test_killed_point_resumes_from_its_checkpoint(swept, monkeypatch):
     out, _ = swept
     spec = load_sweep(TINY)
