@@ -416,11 +416,12 @@ def summarize_finished(spec: SweepSpec, out: str | Path | None = None, console: 
     out = Path(out or spec.out)
     if not _eval_done(out / "baseline", spec.eval.tasks):
         raise PolyalignError(f"{out}: the baseline is not evaluated yet; nothing to summarise")
-    done = [p for p in expand_points(spec) if _status(out, p, spec.eval.tasks) == "done"]
+    points = expand_points(spec)
+    done = [p for p in points if _status(out, p, spec.eval.tasks) == "done"]
     if not done:
         raise PolyalignError(f"{out}: no point is evaluated yet; nothing to summarise")
     if console is not None:
-        left = len(expand_points(spec)) - len(done)
+        left = len(points) - len(done)
         console.print(f"summarising {len(done)} evaluated point(s)" + (f"; {left} not evaluated yet" if left else ""))
     return summarize_sweep(spec, out, done, console)
 
@@ -509,13 +510,13 @@ def sweep_markdown(per_point: list[dict[str, Any]], rows: list[dict[str, Any]]) 
     """One row per trained point: each pooled change with its 95 % interval (pp), and English
     harmful refusal before -> after (the study's "English not down")."""
     keys = list(dict.fromkeys(k for p in per_point for k in p if k.endswith(":diff")))
-    english = {(r["point"], r["task"]): r for r in rows if r["lang"] == "en" and "harmful_refusal" in r}
+    english = {r["point"]: r for r in rows if r["lang"] == "en" and "harmful_refusal" in r}
     header = ["point", "seed", *[":".join(k.split(":")[:2]) for k in keys], "en harmful refused"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for p in per_point:
         cells = [f"{100 * p[k]:+.1f} [{100 * p[k + '_ci'][0]:+.1f}, {100 * p[k + '_ci'][1]:+.1f}]" if k in p else "-"
                  for k in keys]
-        en = next((r for (name, _), r in english.items() if name == p["point"]), None)
+        en = english.get(p["point"])
         cells.append(f"{100 * en['harmful_refusal_baseline']:.1f} -> {100 * en['harmful_refusal']:.1f}" if en else "-")
         lines.append("| " + " | ".join([p["config"], str(p["seed"]), *cells]) + " |")
     return "\n".join(["Change vs the baseline, pooled over the non-English languages (pp, 95 % interval: cluster",
