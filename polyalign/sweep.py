@@ -52,10 +52,20 @@ class EvalSpec:
     max_new_tokens: int = 128
     split: str | None = None             # built-in tasks: train | eval | all (passed as their data)
     data: dict[str, str] = field(default_factory=dict)   # task -> local file or folder
+    data_split: str | None = None        # tasks in ``data``: hash split train | dev | test (None: all rows)
     judge: str = "lexicon"
     batch_size: int = 32
     dtype: str | None = None
     device: str | None = None
+
+
+@dataclass
+class FinalistEval(EvalSpec):
+    """More tasks, evaluated only for some configs (and the baseline): utility and held-out sets
+    (MGSM, XSafety's test split) cost too much to run for every point of a sweep, but the chosen
+    recipe has to be measured on them. Results go to the same folders as the main tasks."""
+
+    configs: list[str] | None = None     # config names; None: the configs named in ``point_seeds``
 
 
 @dataclass
@@ -78,6 +88,7 @@ class SweepSpec:
     grid: dict[str, list[Any]] = field(default_factory=dict)    # cartesian product -> points
     points: dict[str, list[str]] = field(default_factory=dict)  # extra named points
     eval: EvalSpec = field(default_factory=EvalSpec)
+    finalist_eval: list[FinalistEval] = field(default_factory=list)   # more tasks for the finalists
     cost: CostSpec = field(default_factory=CostSpec)
     bootstrap: int = 2000                         # cluster-bootstrap resamples for pooled intervals
 
@@ -127,6 +138,21 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise PolyalignError(f"{path}: points must map each name to a list of key=value overrides")
     if not isinstance(spec.eval.tasks, list) or not spec.eval.tasks:
         raise PolyalignError(f"{path}: eval.tasks must be a non-empty list")
+    if not isinstance(spec.finalist_eval, list):
+        raise PolyalignError(f"{path}: finalist_eval must be a list of evaluations (each with its tasks)")
+    spec.finalist_eval = [_strict(FinalistEval, fe, f"{path}: finalist_eval[{i}]")
+                          for i, fe in enumerate(spec.finalist_eval)]
+    seen = set(spec.eval.tasks)
+    for i, fe in enumerate(spec.finalist_eval):
+        if not isinstance(fe.tasks, list) or not fe.tasks:
+            raise PolyalignError(f"{path}: finalist_eval[{i}].tasks must be a non-empty list")
+        again = sorted(seen & set(fe.tasks))
+        if again:
+            raise PolyalignError(f"{path}: finalist_eval[{i}] repeats task(s) {', '.join(again)}: a task is "
+                                 "evaluated once per point (one folder each)")
+        seen |= set(fe.tasks)
+        if fe.configs is None and not spec.point_seeds:
+            raise PolyalignError(f"{path}: finalist_eval[{i}] names no configs and point_seeds names no finalists")
     # A relative recipe path is read from the working directory, else beside the spec.
     if not Path(spec.recipe).exists() and (path.parent / spec.recipe).exists():
         spec.recipe = str(path.parent / spec.recipe)
@@ -240,35 +266,56 @@ def cost_figures(spec: SweepSpec, out: Path) -> dict[str, tuple[float, str]]:
     return {"train_example_seconds": train, "generation_seconds": gen}
 
 
-def _generations(spec: SweepSpec) -> int:
-    """Responses one evaluation generates over all tasks (prompts x languages)."""
+def _generations(e: EvalSpec) -> int:
+    """Responses one evaluation generates over all its tasks (prompts x languages)."""
     from polyalign.eval.runner import select_requests
     from polyalign.eval.tasks import get_task
     from polyalign.text import parse_language_list
 
     total = 0
-    for name in spec.eval.tasks:
+    for name in e.tasks:
         task = get_task(name)
-        records = task.load(*_task_data(spec, name))
-        total += len(records[: spec.eval.limit] if task.kind == "mmlu" else
-                     select_requests(records, parse_language_list(spec.eval.languages), spec.eval.limit))
+        records = task.load(*_task_data(e, name))
+        total += len(records[: e.limit] if task.kind == "mmlu" else
+                     select_requests(records, parse_language_list(e.languages), e.limit))
     return total
 
 
-def _task_data(spec: SweepSpec, task: str) -> tuple[str | None, str | None]:
-    """(data path, split) for ``task``: built-in tasks take the spec's split, others its data path."""
+def _task_data(e: EvalSpec, task: str) -> tuple[str | None, str | None]:
+    """(data path, split) for ``task``: built-in tasks take ``split``, tasks given a path ``data_split``."""
     from polyalign.eval.tasks import get_task
 
-    if task in spec.eval.data:
-        return spec.eval.data[task], None
-    return None, (spec.eval.split if get_task(task).loader is None else None)
+    if task in e.data:
+        return e.data[task], e.data_split
+    return None, (e.split if get_task(task).loader is None else None)
+
+
+def finalist_configs(spec: SweepSpec, points: list[Point]) -> list[tuple[FinalistEval, set[str]]]:
+    """Each finalist evaluation with the configs it covers (unknown names are errors)."""
+    names = {p.config for p in points}
+    out = []
+    for i, fe in enumerate(spec.finalist_eval):
+        configs = set(fe.configs if fe.configs is not None else spec.point_seeds)
+        unknown = sorted(configs - names)
+        if unknown:
+            raise PolyalignError(f"sweep: finalist_eval[{i}] names unknown config(s) {', '.join(unknown)}; "
+                                 f"configs: {', '.join(sorted(names))}")
+        out.append((fe, configs))
+    return out
 
 
 def estimate(spec: SweepSpec, out: Path, points: list[Point]) -> dict[str, Any]:
     """Per point (examples, generations, seconds) and the total, skipping finished work."""
     figs = cost_figures(spec, out)
     ts, gs = figs["train_example_seconds"][0], figs["generation_seconds"][0]
-    gens = _generations(spec)
+    gens = _generations(spec.eval)
+    # a finalist evaluation's response costs in proportion to its token budget
+    finalists = [(fe, configs, _generations(fe), gs * fe.max_new_tokens / spec.eval.max_new_tokens)
+                 for fe, configs in finalist_configs(spec, points)]
+
+    def finalist_seconds(folder: Path, config: str | None) -> float:
+        return sum(n * g for fe, configs, n, g in finalists
+                   if (config is None or config in configs) and not _eval_done(folder, fe.tasks))
     rows = []
     for p in points:
         r = point_recipe(spec, out, p)
@@ -276,10 +323,11 @@ def estimate(spec: SweepSpec, out: Path, points: list[Point]) -> dict[str, Any]:
         batch = int(r.training.get("per_device_train_batch_size", 4)) * int(r.training.get("gradient_accumulation_steps", 1))
         status = _status(out, p, spec.eval.tasks)
         train_s = 0.0 if status in ("done", "trained") else steps * batch * ts   # a resumed point: upper bound
-        eval_s = 0.0 if status == "done" else gens * gs
+        eval_s = (0.0 if status == "done" else gens * gs) + finalist_seconds(point_dir(out, p) / "eval", p.config)
         rows.append({"point": p.name, "overrides": " ".join(p.overrides), "status": status, "steps": steps,
                      "batch": batch, "generations": gens, "seconds": train_s + eval_s})
-    base_s = 0.0 if _eval_done(out / "baseline", spec.eval.tasks) else gens * gs
+    base_s = (0.0 if _eval_done(out / "baseline", spec.eval.tasks) else gens * gs) + \
+        (finalist_seconds(out / "baseline", None) if finalists else 0.0)
     return {"points": rows, "baseline_seconds": base_s, "total_seconds": base_s + sum(r["seconds"] for r in rows),
             "figures": figs}
 
@@ -310,11 +358,10 @@ def print_plan(est: dict[str, Any], console: Any) -> None:
 
 # --- running --------------------------------------------------------------------------------------
 
-def _eval_config(spec: SweepSpec, model: str, task: str, out: Path, adapter: str | None):
+def _eval_config(e: EvalSpec, model: str, task: str, out: Path, adapter: str | None):
     from polyalign.eval.runner import EvalConfig
 
-    e = spec.eval
-    data, split = _task_data(spec, task)
+    data, split = _task_data(e, task)
     return EvalConfig(model=model, task=task, out=str(out), adapter=adapter, data=data, split=split,
                       judge=e.judge, languages=e.languages, limit=e.limit, max_new_tokens=e.max_new_tokens,
                       batch_size=e.batch_size, dtype=e.dtype, device=e.device)
@@ -348,14 +395,14 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = Fa
             loaded["model"].eval()
         return loaded["model"], loaded["tok"]
 
-    def evaluate(folder: Path, adapter: str | None, model_spec: str) -> dict[str, Any]:
+    def evaluate(folder: Path, adapter: str | None, model_spec: str, e: EvalSpec = spec.eval) -> dict[str, Any]:
         from polyalign.eval.runner import run_eval
 
         t0, generated = time.perf_counter(), 0
-        for task in spec.eval.tasks:
+        for task in e.tasks:
             if (folder / task / "results.json").exists():
                 continue
-            cfg = _eval_config(spec, model_spec, task, folder / task, adapter)
+            cfg = _eval_config(e, model_spec, task, folder / task, adapter)
             if model_spec == base_model:
                 model, tok = base()
                 res = run_eval(cfg, model=model, tokenizer=tok)
@@ -405,6 +452,15 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = Fa
                 timing.update(ev)
             atomic_write_text(d / "timings.json", json.dumps(timing, indent=1))
             prog.advance(bar)
+        for fe, configs in finalist_configs(spec, points):      # after every point: the grid comes first
+            prog.update(bar, description=f"finalist evaluation: {', '.join(fe.tasks)}")
+            evaluate(out / "baseline", None, base_model, fe)
+            for p in points:
+                if p.config in configs:
+                    final = point_dir(out, p) / "train" / "final"
+                    lora = (final / "adapter_config.json").exists()
+                    evaluate(point_dir(out, p) / "eval", str(final) if lora else None,
+                             base_model if lora else str(final), fe)
         prog.update(bar, description="done")
     return summarize_sweep(spec, out, points, console)
 
@@ -436,8 +492,11 @@ def summarize_sweep(spec: SweepSpec, out: Path, points: list[Point], console: An
     from polyalign.eval.report import load_results
     from polyalign.eval.stats import METRICS, POOLED, aggregate_seeds, paired_table
 
-    kinds = {t: load_results(out / "baseline" / t)["task_kind"] for t in spec.eval.tasks}
-    tasks = [t for t in spec.eval.tasks if kinds[t] != "mmlu"]       # mmlu keeps no judged rows
+    # finalist tasks count where the baseline has them (a point without them shows "-")
+    names = [*spec.eval.tasks, *(t for fe in spec.finalist_eval for t in fe.tasks
+                                 if (out / "baseline" / t / "results.json").exists())]
+    kinds = {t: load_results(out / "baseline" / t)["task_kind"] for t in names}
+    tasks = [t for t in names if kinds[t] != "mmlu"]       # mmlu keeps no judged rows
     base_rows = {t: load_judged(out / "baseline" / t) for t in tasks}
     metric_names = [m for m in METRICS if any(kinds[t] in METRICS[m][0] for t in tasks)]
     header = ["point", "config", "overrides", "seed", "task", "lang", "n"]
@@ -471,6 +530,8 @@ def summarize_sweep(spec: SweepSpec, out: Path, points: list[Point], console: An
     for p in points:
         pooled: dict[str, Any] = {"point": p.name, "config": p.config, "seed": p.seed, "overrides": list(p.overrides)}
         for t in tasks:
+            if t not in spec.eval.tasks and not (point_dir(out, p) / "eval" / t / "results.json").exists():
+                continue                       # a finalist task this point was not evaluated on
             table = paired_table(base_rows[t], load_judged(point_dir(out, p) / "eval" / t), kinds[t],
                                  iters=spec.bootstrap)
             all_rows += csv_rows(p.name, p.config, " ".join(p.overrides), p.seed, t, table, False)
@@ -489,7 +550,7 @@ def summarize_sweep(spec: SweepSpec, out: Path, points: list[Point], console: An
     configs: dict[str, dict[str, Any]] = {}
     for c in dict.fromkeys(p["config"] for p in per_point):
         mine = [p for p in per_point if p["config"] == c]
-        keys = [k for k in mine[0] if k.endswith(":diff")]
+        keys = list(dict.fromkeys(k for p in mine for k in p if k.endswith(":diff")))
         configs[c] = {"seeds": [p["seed"] for p in mine], "overrides": mine[0]["overrides"],
                       **aggregate_seeds([{k: p.get(k) for k in keys} for p in mine], keys)}
     summary = {"points": per_point, "configs": configs, "baseline": str(out / "baseline"),
@@ -532,7 +593,7 @@ def _per_language_markdown(rows: list[dict[str, Any]]) -> list[str]:
     for point in dict.fromkeys(r["point"] for r in rows):
         for task in dict.fromkeys(r["task"] for r in rows):
             mine = {r["lang"]: r for r in rows if r["point"] == point and r["task"] == task}
-            for m in ("harmful_refusal", "benign_refusal", "in_language"):
+            for m in ("harmful_refusal", "benign_refusal", "in_language", "accuracy"):
                 if not any(m in r for r in mine.values()):
                     continue
                 key, fmt = (m, "{:.1f}") if point == "baseline" else (f"{m}_diff", "{:+.1f}")

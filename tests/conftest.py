@@ -9,6 +9,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("POLYALIGN_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# The dtype policy picks bf16 on CPUs with AVX512-BF16 / AMX: pin fp32 so that exact-value tests mean
+# the same on every machine (tests of bf16 itself pass their dtype; POLYALIGN_DTYPE=auto restores
+# the policy). Subprocesses (the CLI tests) inherit it.
+os.environ.setdefault("POLYALIGN_DTYPE", "float32")
 
 
 def require_shared(path: Path, env: dict[str, str]) -> Path:

@@ -103,9 +103,16 @@ def test_dtype_policy_reads_the_cpu_flags(monkeypatch):
     assert not cpu_has_fast_bf16("flags : fpu sse avx2 avx512f\n")     # AVX-512 without BF16: emulated, slow
     import polyalign.models.loading as loading
 
+    monkeypatch.delenv("POLYALIGN_DTYPE", raising=False)       # conftest pins float32 for the suite
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda cpuinfo=None: True)
     assert resolve_dtype(None) == resolve_dtype("auto") == "bfloat16"
+    monkeypatch.setenv("POLYALIGN_DTYPE", "fp32")
+    assert resolve_dtype(None) == "float32" and resolve_dtype("bf16") == "bfloat16"   # an explicit dtype wins
+    monkeypatch.setenv("POLYALIGN_DTYPE", "float8")
+    with pytest.raises(ModelError, match="unknown dtype"):
+        resolve_dtype(None)
+    monkeypatch.delenv("POLYALIGN_DTYPE")
     monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda cpuinfo=None: False)
     assert resolve_dtype(None) == "float32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

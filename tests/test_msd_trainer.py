@@ -236,6 +236,31 @@ def test_language_hint_asks_the_teacher_for_the_query_language(tmp_path):
     assert {"fidelity/th", "fidelity/sw"} <= set(logs)                          # measured every step
 
 
+def test_hint_on_benign_prompts_only_and_retain_languages(tmp_path):
+    trainer, model, tok = make_trainer(tmp_path, records=mixed_records(1), language_hint=["th", "sw"],
+                                       hint_prompts="benign", benign_target="english", retain_languages=["SW"],
+                                       teacher_template="english_only", batch=4)
+    ex = list(trainer.train_dataset)
+    by = {(e["lang"], e["benign"]): e for e in ex}
+    assert len(by) == 4
+    # harmful prompts: the English query alone, no hint (the teacher's English refusal)
+    assert trainer.teacher_text(by["th", False]) == by["th", False]["english"]
+    assert trainer.teacher_text(by["th", True]).endswith("Answer in Thai.")
+    student, teacher = trainer._prompts(ex)
+    for e, s_ids, t_ids in zip(ex, student, teacher):
+        # sw benign: the frozen model in the student's own context; everything else: a teacher context
+        assert (s_ids == t_ids) == (e["lang"] == "sw" and e["benign"]), e["lang"]
+    # retain gives the sw benign row exactly zero divergence at the start
+    torch.manual_seed(0)
+    trainer.compute_loss(model, {"examples": [by["sw", True]]})
+    trainer.log(logs := {"loss": 0.0})
+    assert logs["loss/benign"] == pytest.approx(0.0, abs=1e-6)
+    assert MSDConfig(language_hint=True, hint_prompts="harmful").hints("th", benign=False)
+    assert not MSDConfig(language_hint=True, hint_prompts="harmful").hints("th", benign=True)
+    with pytest.raises(ValueError, match="hint_prompts"):
+        MSDConfig(hint_prompts="some")
+
+
 def test_language_hint_for_listed_languages_only(tmp_path):
     trainer, *_ = make_trainer(tmp_path, records=mixed_records(1), language_hint=["TH"], batch=4)
     ex = trainer.train_dataset

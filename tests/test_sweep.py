@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from rich.console import Console
 
 from polyalign.errors import PolyalignError
@@ -193,3 +194,51 @@ def test_sweep_cli_dry_run(tmp_path):
     help_ = run_cli("--help")
     for cmd in ("sweep", "judge", "judge-check"):
         assert cmd in help_.stdout
+
+
+def finalist_spec(tmp_path, shared, **finalist) -> Path:
+    """tiny.yaml with one seed, a named finalist over two seeds and MGSM for the finalist only."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(recipe=str(ROOT / "recipes" / "msd_onpolicy.yaml"), seeds=[0], grid={},
+               points={"other": ["learning_rate=1e-3"], "chosen": ["learning_rate=1e-2"]},
+               point_seeds={"chosen": [0, 1]},
+               finalist_eval=[{"tasks": ["mgsm"], "data": {"mgsm": str(shared / "mgsm")}, "languages": "en,th",
+                               "limit": 2, "max_new_tokens": 6, "batch_size": 8, **finalist}])
+    path = tmp_path / "finalist.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_finalist_eval_runs_only_for_the_finalists_and_the_baseline(tmp_path, shared):
+    path = finalist_spec(tmp_path, shared)
+    out = tmp_path / "s"
+    est = run_sweep(load_sweep(path), out=out, dry_run=True, console=quiet())
+    base_only = run_sweep(load_sweep(path), out=tmp_path / "x", dry_run=True, console=quiet())
+    by = {r["point"]: r for r in est["points"]}
+    # MGSM's 4 responses (2 prompts x en, th) cost 6/4 of a main response each, for the finalist only
+    gs = est["figures"]["generation_seconds"][0]
+    assert by["chosen/seed0"]["seconds"] - by["other/seed0"]["seconds"] == pytest.approx(4 * gs * 6 / 4)
+    assert base_only["baseline_seconds"] == pytest.approx(12 * gs + 4 * gs * 6 / 4)
+    summary = run_sweep(load_sweep(path), out=out, console=quiet())
+    assert (out / "baseline" / "mgsm" / "results.json").exists()
+    for seed in (0, 1):
+        assert (out / "points" / "chosen" / f"seed{seed}" / "eval" / "mgsm" / "results.json").exists()
+    assert not (out / "points" / "other" / "seed0" / "eval" / "mgsm").exists()
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    acc = [r for r in rows if r["task"] == "mgsm" and r["lang"] == "th"]
+    assert {r["point"] for r in acc} == {"baseline", "chosen/seed0", "chosen/seed1"}
+    assert all(r["accuracy"] != "" for r in acc)
+    assert summary["configs"]["chosen"]["mgsm:accuracy:diff"]["n"] == 2
+    assert "mgsm:accuracy:diff" not in summary["configs"]["other"]
+    md = (out / "sweep.md").read_text()
+    assert "mgsm:accuracy" in md and "| baseline | accuracy (mgsm) |" in md
+    assert next(x for x in md.splitlines() if x.startswith("| other | 0 |")).count("| - ") >= 1
+
+
+def test_finalist_eval_errors(tmp_path, shared):
+    with pytest.raises(PolyalignError, match=r"finalist_eval\[0\] repeats task\(s\) builtin-benign"):
+        load_sweep(finalist_spec(tmp_path, shared, tasks=["builtin-benign"]))
+    with pytest.raises(PolyalignError, match=r"finalist_eval\[0\] names unknown config\(s\) nope"):
+        run_sweep(load_sweep(finalist_spec(tmp_path, shared, configs=["nope"])), dry_run=True, console=quiet())
+    with pytest.raises(PolyalignError, match=r"finalist_eval\[0\].*limt"):
+        load_sweep(finalist_spec(tmp_path, shared, limt=3))

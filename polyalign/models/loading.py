@@ -112,9 +112,16 @@ def default_dtype() -> str:
 
     CUDA with bf16 support (Ampere and newer) or a CPU with AVX512-BF16/AMX -> ``bfloat16``;
     anything else -> ``float32`` (fp16 is never chosen for you: it overflows in training).
+    ``POLYALIGN_DTYPE`` (a dtype name) overrides the policy for every command that is not given a
+    dtype: the test suite pins ``float32`` there, so exact-value tests mean the same on every CPU.
     """
+    import os
+
     import torch
 
+    forced = os.environ.get("POLYALIGN_DTYPE", "").strip()
+    if forced and forced != "auto":
+        return resolve_dtype(forced)
     if torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     return "bfloat16" if cpu_has_fast_bf16() else "float32"

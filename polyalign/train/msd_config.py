@@ -76,6 +76,11 @@ class MSDConfig:
             A list of languages: the hint only for those (docs/study.md: the 0.5B teacher told "Answer
             in Swahili." writes loops like "kwa kwa kwa" and refuses benign requests, so a
             language it cannot write is better taught from its English answer).
+        hint_prompts: which prompts get the hint: ``all`` (default), ``benign`` or ``harmful``.
+            docs/study.md (round 5): the 0.5B teacher told "Answer in Chinese." answers harmful
+            requests it refuses in English, so hinted harmful prompts taught compliance (harmful
+            refusal down in every hinted language); ``benign`` keeps the English refusal as the
+            harmful target and the in-language answer as the benign one.
     Benign prompts (category in :data:`polyalign.data.records.BENIGN_CATEGORIES`; all of our choice):
         benign_target: what the student learns on them.
             ``teacher``: the same teacher context as harmful prompts (default, the paper's setup).
@@ -88,6 +93,11 @@ class MSDConfig:
         benign_weight: weight of a benign sequence in the batch mean (1.0: every sequence counts the
             same, as before; 0 drops the benign term). ``loss/harmful`` and ``loss/benign`` are logged.
         benign_retain: deprecated (removed in 0.3): ``benign_target: retain``.
+        retain_languages: benign prompts in these languages take the ``retain`` target whatever
+            ``benign_target`` says: for languages where neither teacher target is right (the
+            teacher cannot write them, and its English answer pulls the student out of the query's
+            language), the frozen model in the student's own context holds benign behaviour where it
+            was against the drift that harmful prompts cause there.
         benign_languages: the languages benign prompts are trained in (None: ``student_languages``).
             A wider list than ``student_languages`` teaches "answer" in languages where no harmful
             prompt teaches "refuse" (docs/study.md: a 0.5B model trained to refuse in the languages it
@@ -115,16 +125,25 @@ class MSDConfig:
     max_new_tokens: int = 256
     max_prompt_tokens: int = 512
     language_hint: bool | list[str] = False
+    hint_prompts: str = "all"
     benign_target: str = "teacher"
     benign_weight: float = 1.0
     benign_retain: bool = False
     benign_languages: list[str] | None = None
+    retain_languages: list[str] = field(default_factory=list)
     teacher_gating: bool = False
     gating_max_new_tokens: int = 32
 
-    def hints(self, lang: str) -> bool:
-        """Whether the teacher is told to answer in ``lang`` (``language_hint``: all, none or a list)."""
+    def hints(self, lang: str, benign: bool | None = None) -> bool:
+        """Whether the teacher is told to answer in ``lang`` (``language_hint``: all, none or a list),
+        for a benign or harmful prompt (``hint_prompts``; None: either kind)."""
+        if benign is not None and self.hint_prompts != "all" and benign != (self.hint_prompts == "benign"):
+            return False
         return lang in self.language_hint if isinstance(self.language_hint, list) else self.language_hint
+
+    def benign_target_for(self, lang: str) -> str:
+        """The benign target in ``lang``: ``retain`` in ``retain_languages``, else ``benign_target``."""
+        return "retain" if lang in self.retain_languages else self.benign_target
 
     def __post_init__(self) -> None:
         if self.benign_retain:
@@ -157,7 +176,10 @@ class MSDConfig:
             self.language_hint = [normalize_code(c) for c in self.language_hint]
         elif not isinstance(self.language_hint, bool):
             raise ValueError(f"language_hint must be true, false or a list of languages, got {self.language_hint!r}")
+        if self.hint_prompts not in ("all", "benign", "harmful"):
+            raise ValueError(f"hint_prompts must be all, benign or harmful, got {self.hint_prompts!r}")
         if self.benign_languages is not None:
             self.benign_languages = [normalize_code(c) for c in self.benign_languages]
+        self.retain_languages = [normalize_code(c) for c in self.retain_languages]
         if self.teacher_language in [*self.student_languages, *(self.benign_languages or [])]:
             raise ValueError(f"teacher language {self.teacher_language} is also a student language")

@@ -147,16 +147,17 @@ class MSDTrainer(Trainer):
         ``benign_target: retain`` the student's own context (the frozen model keeps them as they were)."""
         tok, cut = self.processing_class, self.msd.max_prompt_tokens
         student = [prompt_ids(tok, e["query"])[-cut:] for e in examples]
-        teacher = [s if e["benign"] and self.msd.benign_target == "retain" else
+        teacher = [s if e["benign"] and self.msd.benign_target_for(e["lang"]) == "retain" else
                    prompt_ids(tok, self.teacher_text(e))[-cut:] for s, e in zip(student, examples)]
         return student, teacher
 
     def teacher_text(self, e: dict[str, Any]) -> str:
         """The teacher's user turn: the template (the English query alone for benign prompts with
-        ``benign_target: english``), ending with "Answer in <language>." when ``language_hint`` covers the language."""
-        english_only = e["benign"] and self.msd.benign_target == "english"
+        ``benign_target: english``), ending with "Answer in <language>." when ``language_hint`` covers the
+        language and ``hint_prompts`` the prompt's kind."""
+        english_only = e["benign"] and self.msd.benign_target_for(e["lang"]) == "english"
         template = ENGLISH_ONLY_TEMPLATE if english_only else self.msd.teacher_template
-        if self.msd.hints(e["lang"]):
+        if self.msd.hints(e["lang"], e["benign"]):
             template += LANGUAGE_HINT
         return template.format(target_query=e["query"], english_query=e["english"],
                                target_language=get_language(e["lang"]).name)
