@@ -177,8 +177,50 @@ def test_merged_adapter_generates_with_base_cost_in_the_base_dtype(dtype):
     assert calls                                               # unmerged: LoRA runs in every layer
     calls.clear()
     before = {n: p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    with torch.no_grad():
+        for name, p in model.named_parameters():      # a non-zero adapter: merging changes the weights
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        with_lora = model(input_ids=x).logits
+        with model.disable_adapter():
+            without = model(input_ids=x).logits
+    calls.clear()
+    wrappers = sum(hasattr(m, "base_layer") for m in model.modules())
     with merged_for_generation(model):
-        model(input_ids=x)
+        merged = model(input_ids=x).logits
         assert not calls
-        assert {n: p.dtype for n, p in model.named_parameters() if "lora_" not in n} == before
+        # the PEFT wrappers are out of the tree (each decode step would call them in Python)
+        assert not any(hasattr(m, "base_layer") for m in model.modules())
+        # merged weights, in the base dtype (LoRA's own fp32 weights are no longer in the tree)
+        assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
     assert set(before.values()) == {getattr(torch, dtype)}
+    assert sum(hasattr(m, "base_layer") for m in model.modules()) == wrappers        # restored
+    # the merged model computes the adapted model (bf16: up to the rounding of the merged weights)
+    err, effect = (merged.float() - with_lora.float()).abs().max(), (without.float() - with_lora.float()).abs().max()
+    assert err < (1e-4 if dtype == "float32" else 0.25 * effect), (err, effect)
+    calls.clear()
+    with torch.no_grad():
+        again = model(input_ids=x).logits
+    # afterwards: the adapter runs again on the base weights as they were, bit for bit (unmerging
+    # alone rounds in bf16, and a sweep's shared base model would drift evaluation by evaluation)
+    assert calls and torch.equal(again, with_lora)
+
+
+def test_lm_head_sees_a_contiguous_input_when_generating():
+    """Generation's first step feeds the head a strided ``hidden[:, -1:, :]``; with a frozen head (any
+    adapter model) torch's CPU matmul then expands the [V, H] weight per row (8.7 GB at batch 32 for
+    the 0.5B model). load_model's pre-hook makes the input contiguous first."""
+    from polyalign.models.loading import contiguous_head_input
+
+    model = load_model("builtin:tiny-random")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seen = []
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))   # runs after ours
+    contiguous_head_input(model)                                 # idempotent: still one hook of ours
+    assert sum(1 for h in head._forward_pre_hooks.values() if h.__name__ == "hook") == 1
+    ids = torch.randint(3, 100, (4, 6))
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert seen and all(seen)

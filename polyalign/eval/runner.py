@@ -211,19 +211,45 @@ def weights_provenance(cfg: EvalConfig, model: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def merged_for_generation(model: Any) -> Iterator[None]:
-    """Fold LoRA into the base weights while generating (an unmerged LoRA adds two small matmuls per
-    layer and a dtype cast of every activation when the adapter is fp32 and the base bf16), then
-    restore the adapter. Merged weights keep the base dtype."""
+    """Fold LoRA into the base weights while generating, then restore the adapter and the base
+    weights bit for bit. Merged weights keep the base dtype.
+
+    Merging alone is not enough: PEFT's wrapper modules stay in the tree, and each decode step calls
+    every one of them (7 per layer) in Python. In bf16 on a CPU with AMX the tiny per-step matmuls
+    are so fast that this overhead dominates: merged-but-wrapped generation ran 2.6x slower than the
+    base (benchmarks/precision.py, ``eval_adapter_vs_base``). So the wrappers are also swapped for
+    their base layers for the duration. And unmerging is not exact in bf16 (W + dW - dW rounds), so
+    a base model shared by several evaluations (a sweep) would drift: the base weights are copied
+    before the merge and written back after it."""
+    import torch
+
     from polyalign.models.adapters import is_peft
 
     if model is None or not is_peft(model) or getattr(model, "merged", False):
         yield
         return
+    wrappers = [(name, m) for name, m in model.named_modules() if getattr(m, "base_layer", None) is not None]
+    saved = [(m.base_layer, {k: t.detach().clone() for k, t in m.base_layer.named_parameters(recurse=False)})
+             for _, m in wrappers]
     model.merge_adapter()
+    swapped = []
+    for name, module in wrappers:
+        if not getattr(module, "merged", False):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, module.base_layer)
+        swapped.append((parent, attr, module))
     try:
         yield
     finally:
+        for parent, attr, module in reversed(swapped):
+            setattr(parent, attr, module)
         model.unmerge_adapter()
+        with torch.no_grad():
+            for base, params in saved:
+                for k, t in params.items():
+                    getattr(base, k).copy_(t)
 
 
 def _stats(rows: list[dict[str, Any]], kind: str) -> dict[str, Any]:

@@ -187,9 +187,30 @@ def load_model(spec: str, dtype: str | None = None, trust_remote_code: bool = Fa
         if r.gguf_file:
             clear_quantization_flags(model)
     model.config.polyalign_spec = spec
+    contiguous_head_input(model)
     if device != "cpu":
         model.to(device)
     return model.eval()
+
+
+def contiguous_head_input(model: Any) -> None:
+    """Make the LM head's input contiguous (a forward pre-hook; idempotent).
+
+    Why: generation's first step feeds the head ``hidden[:, -1:, :]``, a strided view. With a frozen
+    head weight (any LoRA or adapter model: ``requires_grad=False``) torch's CPU matmul then takes a
+    batched path that expands the [V, H] weight once per row: for Qwen2.5-0.5B at batch 32 a copy of
+    32 x 151,936 x 896 bf16 values (8.7 GB, ~17 s) per ``generate`` call, which made every adapter
+    evaluation 3-5x slower than the base model's (benchmarks/precision.py, ``eval_adapter_vs_base``)
+    and would not fit in memory for the 1.5B model. A contiguous input takes the plain 2-D matmul."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_polyalign_contiguous", False):
+        return
+
+    def hook(_module: Any, args: tuple) -> tuple:
+        return (args[0].contiguous(), *args[1:]) if args and hasattr(args[0], "contiguous") else args
+
+    head.register_forward_pre_hook(hook)
+    head._polyalign_contiguous = True
 
 
 def weights_fingerprint(model: Any) -> str:
