@@ -248,8 +248,9 @@ def test_hint_on_benign_prompts_only_and_retain_languages(tmp_path):
     assert trainer.teacher_text(by["th", True]).endswith("Answer in Thai.")
     student, teacher = trainer._prompts(ex)
     for e, s_ids, t_ids in zip(ex, student, teacher):
-        # sw benign: the frozen model in the student's own context; everything else: a teacher context
-        assert (s_ids == t_ids) == (e["lang"] == "sw" and e["benign"]), e["lang"]
+        # sw (a retain language), harmful and benign: the frozen model in the student's own context;
+        # th: a teacher context
+        assert (s_ids == t_ids) == (e["lang"] == "sw"), (e["lang"], e["benign"])
     # retain gives the sw benign row exactly zero divergence at the start
     torch.manual_seed(0)
     trainer.compute_loss(model, {"examples": [by["sw", True]]})

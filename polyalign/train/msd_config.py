@@ -93,11 +93,13 @@ class MSDConfig:
         benign_weight: weight of a benign sequence in the batch mean (1.0: every sequence counts the
             same, as before; 0 drops the benign term). ``loss/harmful`` and ``loss/benign`` are logged.
         benign_retain: deprecated (removed in 0.3): ``benign_target: retain``.
-        retain_languages: benign prompts in these languages take the ``retain`` target whatever
-            ``benign_target`` says: for languages where neither teacher target is right (the
-            teacher cannot write them, and its English answer pulls the student out of the query's
-            language), the frozen model in the student's own context holds benign behaviour where it
-            was against the drift that harmful prompts cause there.
+        retain_languages: every prompt in these languages (benign, and harmful where they are also
+            student languages) takes the ``retain`` target, whatever ``benign_target`` says: for
+            languages where no teacher target is right (the teacher cannot write them, and its English
+            answer pulls the student out of the query's language), the frozen model in the student's
+            own context anchors them where they were, against the drift that training the other
+            languages causes there (docs/study.md round 5: untrained sw, bn, jv learn to refuse
+            everything in English).
         benign_languages: the languages benign prompts are trained in (None: ``student_languages``).
             A wider list than ``student_languages`` teaches "answer" in languages where no harmful
             prompt teaches "refuse" (docs/study.md: a 0.5B model trained to refuse in the languages it
@@ -141,9 +143,9 @@ class MSDConfig:
             return False
         return lang in self.language_hint if isinstance(self.language_hint, list) else self.language_hint
 
-    def benign_target_for(self, lang: str) -> str:
-        """The benign target in ``lang``: ``retain`` in ``retain_languages``, else ``benign_target``."""
-        return "retain" if lang in self.retain_languages else self.benign_target
+    def retains(self, lang: str, benign: bool) -> bool:
+        """Whether a prompt's target is the frozen model in the student's own context."""
+        return lang in self.retain_languages or (benign and self.benign_target == "retain")
 
     def __post_init__(self) -> None:
         if self.benign_retain:

@@ -144,10 +144,11 @@ class MSDTrainer(Trainer):
     # ---------------------------------------------------------------- contexts
     def _prompts(self, examples: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
         """Student: the target query alone. Teacher: :meth:`teacher_text`, or for benign prompts with
-        ``benign_target: retain`` the student's own context (the frozen model keeps them as they were)."""
+        ``benign_target: retain`` and every prompt in ``retain_languages`` the student's own context
+        (the frozen model keeps them as they were)."""
         tok, cut = self.processing_class, self.msd.max_prompt_tokens
         student = [prompt_ids(tok, e["query"])[-cut:] for e in examples]
-        teacher = [s if e["benign"] and self.msd.benign_target_for(e["lang"]) == "retain" else
+        teacher = [s if self.msd.retains(e["lang"], e["benign"]) else
                    prompt_ids(tok, self.teacher_text(e))[-cut:] for s, e in zip(student, examples)]
         return student, teacher
 
@@ -155,7 +156,7 @@ class MSDTrainer(Trainer):
         """The teacher's user turn: the template (the English query alone for benign prompts with
         ``benign_target: english``), ending with "Answer in <language>." when ``language_hint`` covers the
         language and ``hint_prompts`` the prompt's kind."""
-        english_only = e["benign"] and self.msd.benign_target_for(e["lang"]) == "english"
+        english_only = e["benign"] and self.msd.benign_target == "english"
         template = ENGLISH_ONLY_TEMPLATE if english_only else self.msd.teacher_template
         if self.msd.hints(e["lang"], e["benign"]):
             template += LANGUAGE_HINT
