@@ -95,3 +95,11 @@ def test_bf16_quality_guard_runs_on_tiny_model(tmp_path):
     lines = [line.split() for line in res.stdout.splitlines() if line.startswith("verdict_agreement")]
     assert [x[1] for x in lines] == ["en", "th", "all"] and all(0 <= float(x[2]) <= 1 for x in lines)
     assert lines[-1][3] == "(8/8)" or lines[-1][3].endswith("/8)")
+
+
+def test_head_input_benchmark_runs_on_tiny_model():
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "head_input.py"), "--model", "builtin:tiny-random",
+                          "--batch", "2", "--prompt-len", "4", "--new-tokens", "2", "--reps", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ratio frozen_generate_without_vs_with_contiguous_head_input" in res.stdout
