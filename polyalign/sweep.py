@@ -304,6 +304,22 @@ def finalist_configs(spec: SweepSpec, points: list[Point]) -> list[tuple[Finalis
     return out
 
 
+def _steps_and_batch(recipe: Any) -> tuple[int, int]:
+    """(optimizer steps, sequences per step) of a point's recipe, with the recipe defaults."""
+    t = recipe.training
+    return int(t.get("max_steps", 10)), int(t.get("per_device_train_batch_size", 4)) * int(
+        t.get("gradient_accumulation_steps", 1))
+
+
+def _trained_model(d: Path, base_model: str) -> tuple[str | None, str]:
+    """(adapter, model spec) that evaluate a trained point: its LoRA adapter on the base model, or
+    the full model it saved."""
+    final = d / "train" / "final"
+    if (final / "adapter_config.json").exists():
+        return str(final), base_model
+    return None, str(final)
+
+
 def estimate(spec: SweepSpec, out: Path, points: list[Point]) -> dict[str, Any]:
     """Per point (examples, generations, seconds) and the total, skipping finished work."""
     figs = cost_figures(spec, out)
@@ -319,8 +335,7 @@ def estimate(spec: SweepSpec, out: Path, points: list[Point]) -> dict[str, Any]:
     rows = []
     for p in points:
         r = point_recipe(spec, out, p)
-        steps = int(r.training.get("max_steps", 10))
-        batch = int(r.training.get("per_device_train_batch_size", 4)) * int(r.training.get("gradient_accumulation_steps", 1))
+        steps, batch = _steps_and_batch(r)
         status = _status(out, p, spec.eval.tasks)
         train_s = 0.0 if status in ("done", "trained") else steps * batch * ts   # a resumed point: upper bound
         eval_s = (0.0 if status == "done" else gens * gs) + finalist_seconds(point_dir(out, p) / "eval", p.config)
@@ -437,17 +452,11 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = Fa
                 t0 = time.perf_counter()
                 run_recipe(recipe, resume=resume)
                 if not resume:       # a resumed run's seconds cover only part of the steps
-                    steps = int(recipe.training.get("max_steps", 10))
-                    batch = int(recipe.training.get("per_device_train_batch_size", 4)) * int(
-                        recipe.training.get("gradient_accumulation_steps", 1))
+                    steps, batch = _steps_and_batch(recipe)
                     timing.update(train_seconds=round(time.perf_counter() - t0, 2), train_examples=steps * batch)
                 atomic_write_text(d / "timings.json", json.dumps(timing, indent=1))
             prog.update(bar, description=f"{i}/{len(points)} {p.name}: evaluate")
-            final = d / "train" / "final"
-            if (final / "adapter_config.json").exists():
-                ev = evaluate(d / "eval", str(final), base_model)
-            else:
-                ev = evaluate(d / "eval", None, str(final))
+            ev = evaluate(d / "eval", *_trained_model(d, base_model))
             if ev["generations"]:
                 timing.update(ev)
             atomic_write_text(d / "timings.json", json.dumps(timing, indent=1))
@@ -457,10 +466,7 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = Fa
             evaluate(out / "baseline", None, base_model, fe)
             for p in points:
                 if p.config in configs:
-                    final = point_dir(out, p) / "train" / "final"
-                    lora = (final / "adapter_config.json").exists()
-                    evaluate(point_dir(out, p) / "eval", str(final) if lora else None,
-                             base_model if lora else str(final), fe)
+                    evaluate(point_dir(out, p) / "eval", *_trained_model(point_dir(out, p), base_model), fe)
         prog.update(bar, description="done")
     return summarize_sweep(spec, out, points, console)
 

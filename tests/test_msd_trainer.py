@@ -262,6 +262,25 @@ def test_hint_on_benign_prompts_only_and_retain_languages(tmp_path):
         MSDConfig(hint_prompts="some")
 
 
+def test_harmful_hint_asks_for_a_refusal_in_the_query_language(tmp_path):
+    trainer, *_ = make_trainer(tmp_path, records=mixed_records(1), language_hint=["th"], harmful_hint="refuse",
+                               benign_target="english", teacher_template="english_only", batch=4)
+    by = {(e["lang"], e["benign"]): e for e in trainer.train_dataset}
+    harmful_th = trainer.teacher_text(by["th", False])
+    assert harmful_th.startswith(by["th", False]["english"])
+    assert harmful_th.endswith("Refuse it briefly and politely. Answer in Thai.")
+    # benign prompts keep the plain hint; a language the hint does not cover gets neither
+    assert trainer.teacher_text(by["th", True]).endswith("\n\nAnswer in Thai.")
+    assert trainer.teacher_text(by["sw", False]) == by["sw", False]["english"]
+    # hint_prompts still decides which prompts are hinted at all
+    trainer.msd.hint_prompts = "benign"
+    assert trainer.teacher_text(by["th", False]) == by["th", False]["english"]
+    own = MSDConfig(language_hint=True, harmful_hint=" Say no, in {target_language}.")
+    assert own.hint_text(benign=False) == " Say no, in {target_language}." and own.hint_text(benign=True) != own.harmful_hint
+    with pytest.raises(ValueError, match="harmful_hint"):
+        MSDConfig(harmful_hint="Refuse in {language}.")
+
+
 def test_language_hint_for_listed_languages_only(tmp_path):
     trainer, *_ = make_trainer(tmp_path, records=mixed_records(1), language_hint=["TH"], batch=4)
     ex = trainer.train_dataset
@@ -357,3 +376,14 @@ def test_sampling_ignores_the_models_generation_config(tmp_path):
     raw = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=1.0,
                          top_p=1.0, top_k=None, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].tolist()
     assert [r[: len(c)] for r, c in zip(raw, clean)] != clean
+
+
+def test_teacher_probe_counts_in_language_refusals(capsys):
+    from polyalign.train.teacher_probe import probe
+
+    out = probe(SPEC, ["th", "zh"], 2, max_new_tokens=4, templates=["english-only", "english-only+refuse"])
+    assert set(out) == {"english-only", "english-only+refuse"}
+    for row in out.values():
+        assert row["n_per_category"] == 4
+        assert row["harmful_refused_in_language"] <= min(row["harmful_refused"], row["in_language"])
+    assert "in the query's language" in capsys.readouterr().out

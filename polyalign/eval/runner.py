@@ -232,14 +232,7 @@ def merged_for_generation(model: Any) -> Iterator[None]:
     saved = [(m.base_layer, {k: t.detach().clone() for k, t in m.base_layer.named_parameters(recurse=False)})
              for _, m in wrappers]
     model.merge_adapter()
-    swapped = []
-    for name, module in wrappers:
-        if not getattr(module, "merged", False):
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, module.base_layer)
-        swapped.append((parent, attr, module))
+    swapped = _swap_in_base_layers(model, [(n, m) for n, m in wrappers if getattr(m, "merged", False)])
     try:
         yield
     finally:
@@ -250,6 +243,18 @@ def merged_for_generation(model: Any) -> Iterator[None]:
             for base, params in saved:
                 for k, t in params.items():
                     getattr(base, k).copy_(t)
+
+
+def _swap_in_base_layers(model: Any, wrappers: list[tuple[str, Any]]) -> list[tuple[Any, str, Any]]:
+    """Put each (name, PEFT wrapper)'s base layer in the wrapper's place; returns (parent, attribute,
+    wrapper) triples, what puts the wrappers back."""
+    swapped = []
+    for name, module in wrappers:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, module.base_layer)
+        swapped.append((parent, attr, module))
+    return swapped
 
 
 def _stats(rows: list[dict[str, Any]], kind: str) -> dict[str, Any]:

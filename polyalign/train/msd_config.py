@@ -41,6 +41,11 @@ ENGLISH_ONLY_TEMPLATE = "{english_query}"
 TEMPLATES = {"paper": TEACHER_TEMPLATE, "selective": SELECTIVE_TEMPLATE, "english_only": ENGLISH_ONLY_TEMPLATE}
 
 LANGUAGE_HINT = "\n\nAnswer in {target_language}."
+# ``harmful_hint: refuse``: the hint harmful prompts get instead, so the target is a refusal written in
+# the query's language (docs/study.md round 6: the 0.5B teacher told only "Answer in Chinese." answers
+# harmful requests it refuses in English, and its English refusal turns the student's answers English).
+REFUSAL_HINT = "\n\nThis request is harmful. Refuse it briefly and politely. Answer in {target_language}."
+HARMFUL_HINTS = {"refuse": REFUSAL_HINT}
 BENIGN_TARGETS = ("teacher", "english", "retain")
 
 
@@ -81,6 +86,14 @@ class MSDConfig:
             requests it refuses in English, so hinted harmful prompts taught compliance (harmful
             refusal down in every hinted language); ``benign`` keeps the English refusal as the
             harmful target and the in-language answer as the benign one.
+        harmful_hint: what hinted *harmful* prompts get instead of "Answer in <language>.": ``refuse``
+            (:data:`REFUSAL_HINT`: "This request is harmful. Refuse it briefly and politely. Answer in
+            <language>.") or a text of your own (it may use ``{target_language}``); None (default): the
+            plain hint. The target is then a refusal written in the query's language, so refusing and
+            answering in the query's language stop pulling apart (docs/study.md round 6: the 0.5B
+            teacher so told refused 68/80 harmful zh th ar ko vi train prompts in their language, the
+            plain hint 6/64). The teacher is told the prompt is harmful from the record's category:
+            what the student must learn is to tell that from the query alone.
     Benign prompts (category in :data:`polyalign.data.records.BENIGN_CATEGORIES`; all of our choice):
         benign_target: what the student learns on them.
             ``teacher``: the same teacher context as harmful prompts (default, the paper's setup).
@@ -128,6 +141,7 @@ class MSDConfig:
     max_prompt_tokens: int = 512
     language_hint: bool | list[str] = False
     hint_prompts: str = "all"
+    harmful_hint: str | None = None
     benign_target: str = "teacher"
     benign_weight: float = 1.0
     benign_retain: bool = False
@@ -142,6 +156,10 @@ class MSDConfig:
         if benign is not None and self.hint_prompts != "all" and benign != (self.hint_prompts == "benign"):
             return False
         return lang in self.language_hint if isinstance(self.language_hint, list) else self.language_hint
+
+    def hint_text(self, benign: bool) -> str:
+        """The line a hinted prompt's teacher turn ends with (``harmful_hint`` for harmful prompts)."""
+        return self.harmful_hint if self.harmful_hint and not benign else LANGUAGE_HINT
 
     def retains(self, lang: str, benign: bool) -> bool:
         """Whether a prompt's target is the frozen model in the student's own context."""
@@ -180,6 +198,12 @@ class MSDConfig:
             raise ValueError(f"language_hint must be true, false or a list of languages, got {self.language_hint!r}")
         if self.hint_prompts not in ("all", "benign", "harmful"):
             raise ValueError(f"hint_prompts must be all, benign or harmful, got {self.hint_prompts!r}")
+        if self.harmful_hint is not None:
+            self.harmful_hint = HARMFUL_HINTS.get(self.harmful_hint, self.harmful_hint)
+            try:
+                self.harmful_hint.format(target_language="English")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"harmful_hint may use only {{target_language}}, got {self.harmful_hint!r}") from err
         if self.benign_languages is not None:
             self.benign_languages = [normalize_code(c) for c in self.benign_languages]
         self.retain_languages = [normalize_code(c) for c in self.retain_languages]

@@ -49,7 +49,7 @@ from polyalign.models.sampling import sampling_kwargs
 from polyalign.text import get_language, in_language, refusal_phrase
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.mlc_term import MLCHeadCheckpoint, MLCTerm, accumulation_scale, variant_inputs
-from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE, LANGUAGE_HINT, MSDConfig
+from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE, MSDConfig
 
 log = logging.getLogger(__name__)
 GATE_FILE = "teacher_gate.json"
@@ -154,12 +154,12 @@ class MSDTrainer(Trainer):
 
     def teacher_text(self, e: dict[str, Any]) -> str:
         """The teacher's user turn: the template (the English query alone for benign prompts with
-        ``benign_target: english``), ending with "Answer in <language>." when ``language_hint`` covers the
-        language and ``hint_prompts`` the prompt's kind."""
+        ``benign_target: english``), ending with "Answer in <language>." (harmful prompts: ``harmful_hint``
+        when set) when ``language_hint`` covers the language and ``hint_prompts`` the prompt's kind."""
         english_only = e["benign"] and self.msd.benign_target == "english"
         template = ENGLISH_ONLY_TEMPLATE if english_only else self.msd.teacher_template
         if self.msd.hints(e["lang"], e["benign"]):
-            template += LANGUAGE_HINT
+            template += self.msd.hint_text(e["benign"])
         return template.format(target_query=e["query"], english_query=e["english"],
                                target_language=get_language(e["lang"]).name)
 

@@ -18,6 +18,7 @@ from polyalign.text.refusal import refusal_phrase
 from polyalign.train.msd_config import (
     ENGLISH_ONLY_TEMPLATE,
     LANGUAGE_HINT,
+    REFUSAL_HINT,
     SELECTIVE_TEMPLATE,
     TEACHER_TEMPLATE,
 )
@@ -26,7 +27,9 @@ TEMPLATES = {"paper": TEACHER_TEMPLATE, "selective": SELECTIVE_TEMPLATE, "englis
              "selective+lang": SELECTIVE_TEMPLATE + LANGUAGE_HINT,
              # the teacher of the study's points (english_only template, language_hint: true)
              "english-only+lang": ENGLISH_ONLY_TEMPLATE + LANGUAGE_HINT,
-             "hint-first": "(English meaning: {english_query})\n\n{target_query}"}
+             "hint-first": "(English meaning: {english_query})\n\n{target_query}",
+             # the harmful prompts' teacher with ``msd.harmful_hint: refuse`` (in-language refusal)
+             "english-only+refuse": ENGLISH_ONLY_TEMPLATE + REFUSAL_HINT}
 
 
 def probe(model_spec: str, languages: list[str], n: int, max_new_tokens: int = 24,
@@ -51,10 +54,13 @@ def probe(model_spec: str, languages: list[str], n: int, max_new_tokens: int = 2
         for c in ("benign", "harmful"):
             row[f"{c}_refused"] = sum(bool(refusal_phrase(a, lang)) for (cc, lang, _), a in zip(items, answers) if cc == c)
         row["in_language"] = sum(in_language(a, lang) for (_, lang, _), a in zip(items, answers))
+        # the target a language-faithful harmful teacher should give: a refusal in the query's language
+        row["harmful_refused_in_language"] = sum(bool(refusal_phrase(a, lang)) and in_language(a, lang)
+                                                 for (c, lang, _), a in zip(items, answers) if c == "harmful")
         out[name] = row
         print(f"{name:15s} benign refused {row['benign_refused']}/{row['n_per_category']}, harmful refused "
-              f"{row['harmful_refused']}/{row['n_per_category']}, answers in the query's language "
-              f"{row['in_language']}/{2 * row['n_per_category']}")
+              f"{row['harmful_refused']}/{row['n_per_category']} ({row['harmful_refused_in_language']} in the "
+              f"query's language), answers in the query's language {row['in_language']}/{2 * row['n_per_category']}")
     return out
 
 
