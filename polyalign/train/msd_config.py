@@ -92,7 +92,7 @@ class MSDConfig:
             plain hint. The target is then a refusal written in the query's language, so refusing and
             answering in the query's language stop pulling apart (docs/study.md round 6: the 0.5B
             teacher so told refused 68/80 harmful zh th ar ko vi train prompts in their language, the
-            plain hint 6/64). The teacher is told the prompt is harmful from the record's category:
+            plain hint 9/80). The teacher is told the prompt is harmful from the record's category:
             what the student must learn is to tell that from the query alone.
     Benign prompts (category in :data:`polyalign.data.records.BENIGN_CATEGORIES`; all of our choice):
         benign_target: what the student learns on them.
