@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from polyalign.data.builtin import load_prompts
+from polyalign.data.records import atomic_write_text
 from polyalign.errors import PolyalignError
 from polyalign.models.adapters import LoraSettings
 from polyalign.train.msd_config import MSDConfig
@@ -267,7 +268,10 @@ def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: An
     save_checkpoint(policy, final, tokenizer, heads=heads,
                     info={"recipe": dataclasses.asdict(r), "dtype": model_dtype(policy),
                           "bf16_autocast": bool(args.bf16)})
-    (final / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    # one writer, atomically: with several processes each wrote the file at once and a reader could
+    # see two histories run together (tests/test_distributed.py failed on it once in CI)
+    if trainer.accelerator.is_main_process:
+        atomic_write_text(final / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
     return final
 
 
