@@ -252,14 +252,15 @@ def judge_check(labels: Annotated[Path, typer.Argument(help="Hand-labelled JSONL
 def sweep(spec: Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. recipes/sweeps/example.yaml.")],
           out: Annotated[Path | None, typer.Option(help="Override the spec's sweep folder.")] = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="List the points and a time estimate; run nothing.")] = False,
-          summarize: Annotated[bool, typer.Option("--summarize", help="Only summarise the points evaluated so far.")] = False):
+          summarize: Annotated[bool, typer.Option("--summarize", help="Only summarise the points evaluated so far.")] = False,
+          only: Annotated[list[str] | None, typer.Option(help="Run only this config (every seed); repeatable.")] = None):
     """Train and evaluate a grid of recipe overrides x seeds (resumable); sweep.csv + Pareto plot."""
     from polyalign.sweep import load_sweep, run_sweep, summarize_finished
 
     if summarize:
         summarize_finished(load_sweep(spec), out=out, console=console)
     else:
-        run_sweep(load_sweep(spec), out=out, dry_run=dry_run, console=console)
+        run_sweep(load_sweep(spec), out=out, dry_run=dry_run, console=console, only=only)
 
 
 @app.command("probe")

@@ -291,17 +291,33 @@ def _task_data(e: EvalSpec, task: str) -> tuple[str | None, str | None]:
 
 
 def finalist_configs(spec: SweepSpec, points: list[Point]) -> list[tuple[FinalistEval, set[str]]]:
-    """Each finalist evaluation with the configs it covers (unknown names are errors)."""
+    """Each finalist evaluation with the configs among ``points`` it covers (names unknown to the
+    spec are errors; a finalist left out of ``points`` by ``--only`` is simply not evaluated)."""
+    known = {p.config for p in expand_points(spec)}
     names = {p.config for p in points}
     out = []
     for i, fe in enumerate(spec.finalist_eval):
         configs = set(fe.configs if fe.configs is not None else spec.point_seeds)
-        unknown = sorted(configs - names)
+        unknown = sorted(configs - known)
         if unknown:
             raise PolyalignError(f"sweep: finalist_eval[{i}] names unknown config(s) {', '.join(unknown)}; "
-                                 f"configs: {', '.join(sorted(names))}")
-        out.append((fe, configs))
+                                 f"configs: {', '.join(sorted(known))}")
+        if configs & names:
+            out.append((fe, configs & names))
     return out
+
+
+def select_points(spec: SweepSpec, only: list[str] | None) -> list[Point]:
+    """The spec's points, or only those of the configs named in ``only`` (every seed of each):
+    one finalist's seeds can be rerun into a fresh folder without retraining the whole grid."""
+    points = expand_points(spec)
+    if not only:
+        return points
+    names = list(dict.fromkeys(p.config for p in points))
+    unknown = [c for c in only if c not in names]
+    if unknown:
+        raise PolyalignError(f"sweep: --only names unknown config(s) {', '.join(unknown)}; configs: {', '.join(names)}")
+    return [p for p in points if p.config in only]
 
 
 def _steps_and_batch(recipe: Any) -> tuple[int, int]:
@@ -382,13 +398,15 @@ def _eval_config(e: EvalSpec, model: str, task: str, out: Path, adapter: str | N
                       batch_size=e.batch_size, dtype=e.dtype, device=e.device)
 
 
-def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = False, console: Any = None) -> dict[str, Any]:
-    """Run (or with ``dry_run`` only list and estimate) every point of ``spec``; see the module doc."""
+def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = False, console: Any = None,
+              only: list[str] | None = None) -> dict[str, Any]:
+    """Run (or with ``dry_run`` only list and estimate) every point of ``spec`` (or of the configs
+    in ``only``); see the module doc."""
     from rich.console import Console
 
     console = console or Console()
     out = Path(out or spec.out)
-    points = expand_points(spec)
+    points = select_points(spec, only)
     base_model = spec.model or point_recipe(spec, out, points[0]).model
     est = estimate(spec, out, points)        # also binds every point's recipe before any work starts
     if dry_run:

@@ -189,6 +189,9 @@ def test_sweep_cli_dry_run(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "learning_rate-0.001/seed0" in res.stdout and "total estimate" in res.stdout
     assert not (tmp_path / "s").exists()
+    res = run_cli("sweep", TINY, "--out", tmp_path / "s", "--dry-run", "--only", "learning_rate-0.01")
+    assert res.returncode == 0, res.stderr
+    assert "learning_rate-0.01/seed1" in res.stdout and "learning_rate-0.001/seed0" not in res.stdout
     res = run_cli("sweep", tmp_path / "nope.yaml")
     assert res.returncode == 2 and "sweep spec not found" in res.stderr and "Traceback" not in res.stderr
     help_ = run_cli("--help")
@@ -233,6 +236,19 @@ def test_finalist_eval_runs_only_for_the_finalists_and_the_baseline(tmp_path, sh
     md = (out / "sweep.md").read_text()
     assert "mgsm:accuracy" in md and "| baseline | accuracy (mgsm) |" in md
     assert next(x for x in md.splitlines() if x.startswith("| other | 0 |")).count("| - ") >= 1
+
+
+def test_only_runs_the_named_configs_and_their_finalist_tasks(tmp_path, shared):
+    path = finalist_spec(tmp_path, shared)
+    chosen = run_sweep(load_sweep(path), out=tmp_path / "a", dry_run=True, console=quiet(), only=["chosen"])
+    assert [r["point"] for r in chosen["points"]] == ["chosen/seed0", "chosen/seed1"]
+    other = run_sweep(load_sweep(path), out=tmp_path / "b", dry_run=True, console=quiet(), only=["other"])
+    gs = other["figures"]["generation_seconds"][0]
+    # no finalist among the points: MGSM is not costed (nor run) for the baseline either
+    assert [r["point"] for r in other["points"]] == ["other/seed0"] and other["baseline_seconds"] == pytest.approx(12 * gs)
+    assert chosen["baseline_seconds"] > other["baseline_seconds"]
+    with pytest.raises(PolyalignError, match="--only names unknown config.*nope; configs: chosen, other"):
+        run_sweep(load_sweep(path), out=tmp_path / "c", dry_run=True, console=quiet(), only=["nope"])
 
 
 def test_finalist_eval_errors(tmp_path, shared):
