@@ -16,47 +16,36 @@ from typing import Any
 import yaml
 
 from polyalign.data.records import atomic_write_text
-from polyalign.train.msd_config import SELECTIVE_TEMPLATE
 
 
 @dataclass
 class DemoPlan:
-    """What the demo runs. ``quick`` shrinks languages, prompts and steps to fit ~5 minutes."""
+    """What the demo runs: a shipped recipe (plain data) with overrides, and the evaluation's size.
+    ``quick`` shrinks languages, prompts and steps to fit ~5 minutes."""
 
     eval_languages: list[str]
-    train_languages: list[str]
-    eval_limit: int
+    eval_limit: int                       # prompts per language and task (harmful, benign)
     max_new_tokens: int
-    steps: int
-    learning_rate: float
-    batch_size: int = 4
-    lora_r: int = 16
-    gen_tokens: int = 48
-    teacher_template: str = SELECTIVE_TEMPLATE   # the paper's template collapses a 0.5B model (docs/msd.md)
-    benign_retain: bool = True                   # keep benign behaviour and language (docs/msd.md)
-    extra: dict[str, Any] = field(default_factory=dict)
+    recipe: str = "msd_selective"         # the study's finalist (docs/study.md)
+    overrides: list[str] = field(default_factory=list)
 
 
-FULL = DemoPlan(eval_languages=["en", "zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"],
-                train_languages=["zh", "th", "ar", "sw"], eval_limit=8, max_new_tokens=24, steps=16,
-                learning_rate=5e-5, gen_tokens=32)
-QUICK = DemoPlan(eval_languages=["en", "zh", "th", "sw"], train_languages=["zh", "th", "sw"], eval_limit=4,
-                 max_new_tokens=24, steps=6, learning_rate=5e-5, gen_tokens=24)
+FULL = DemoPlan(eval_languages=["en", "zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"], eval_limit=16,
+                max_new_tokens=40)
+QUICK = DemoPlan(eval_languages=["en", "zh", "th", "sw"], eval_limit=4, max_new_tokens=24,
+                 overrides=["max_steps=6", "per_device_train_batch_size=4", "save_steps=2", "data.limit=8",
+                            "data.benign_limit=8", "msd.max_new_tokens=24", "msd.student_languages=[zh, th, sw]",
+                            "msd.benign_languages=[zh, th, sw]", "msd.language_hint=[zh, th]",
+                            "msd.retain_languages=[sw]"])
 
 
-def demo_recipe(model: str, out: Path, plan: DemoPlan):
-    from polyalign.train.recipes import DataSettings, Recipe
+def demo_recipe(model: str, out: Path, plan: DemoPlan, dtype: str | None = None):
+    from polyalign.train.recipes import load_recipe
 
-    return Recipe(method="msd", model=model, output_dir=str(out / "msd"),
-                  data=DataSettings(source="builtin:harmful", benign_source="builtin:benign"),
-                  msd={"mode": "on_policy", "divergence": "reverse_kl", "dpsw": True,
-                       "student_languages": plan.train_languages, "max_new_tokens": plan.gen_tokens,
-                       "teacher_template": plan.teacher_template,
-                       "benign_target": "retain" if plan.benign_retain else "teacher"},
-                  lora={"r": plan.lora_r, "alpha": 2 * plan.lora_r},
-                  training={"max_steps": plan.steps, "learning_rate": plan.learning_rate,
-                            "per_device_train_batch_size": plan.batch_size, "save_steps": max(1, plan.steps // 3),
-                            "disable_tqdm": False})
+    recipe = load_recipe(plan.recipe, [f"model={model}", f"output_dir={out / 'msd'}", *plan.overrides])
+    recipe.dtype = dtype
+    recipe.training["disable_tqdm"] = False
+    return recipe
 
 
 def _evaluate(tag: str, model_spec: str, out: Path, plan: DemoPlan, model: Any, tok: Any,
@@ -67,7 +56,7 @@ def _evaluate(tag: str, model_spec: str, out: Path, plan: DemoPlan, model: Any, 
     for task in ("builtin-harmful", "builtin-benign"):
         cfg = EvalConfig(model=model_spec, adapter=adapter, task=task, out=str(out / tag / task),
                          languages=plan.eval_languages, limit=plan.eval_limit, max_new_tokens=plan.max_new_tokens,
-                         batch_size=16)   # the README's figures were measured at 16 (evaluation's default is 32)
+                         batch_size=32)   # as the study's sweep (bf16 results depend a little on the batch)
         res[task] = run_eval(cfg, model=model, tokenizer=tok)
     return res
 
@@ -95,8 +84,7 @@ def run_demo(model: str = "builtin:qwen2.5-coder-0.5b-instruct", out: str | Path
         atomic_write_text(out / "timings.json", json.dumps(timings, indent=1))
         console.print(f"[green]{name}[/green] done in {timings[name]:.0f} s")
 
-    recipe = demo_recipe(model, out, plan)
-    recipe.dtype = dtype
+    recipe = demo_recipe(model, out, plan, dtype)
     atomic_write_text(out / "recipe.yaml", yaml.safe_dump(asdict(recipe), sort_keys=False, allow_unicode=True))
 
     t0 = stage("1/4 baseline evaluation")
@@ -124,7 +112,7 @@ def run_demo(model: str = "builtin:qwen2.5-coder-0.5b-instruct", out: str | Path
     done("trained_eval", t0)
 
     t0 = stage("4/4 report")
-    summary = write_demo_report(out, before, after, plan, timings, console)
+    summary = write_demo_report(out, before, after, recipe, timings, console)
     done("report", t0)
     return summary
 
@@ -142,18 +130,19 @@ def demo_rows(before: dict, after: dict) -> list[dict[str, Any]]:
     return rows
 
 
-def write_demo_report(out: Path, before: dict, after: dict, plan: DemoPlan, timings: dict, console: Any) -> dict:
+def write_demo_report(out: Path, before: dict, after: dict, recipe: Any, timings: dict, console: Any) -> dict:
     from polyalign.eval.report import bar_chart, render_table
 
     rows = demo_rows(before, after)
-    trained = set(plan.train_languages)
+    trained = set(recipe.msd["student_languages"])
     header = ["lang", "ASR", "invalid", "over-refusal (benign)", "benign answers in language"]
     cells = [[r["lang"] + ("" if r["lang"] in trained or r["lang"] == "en" else " (unseen)"),
               *[_change(r, k) for k in ("asr", "invalid", "over_refusal", "fidelity")]] for r in rows]
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "lang"}
     summary = {"rows": rows, "mean": mean, "timings": timings}
-    md = ["# polyalign demo", "", f"Model `{before['builtin-harmful']['model']}`, MSD on-policy + LoRA, "
-          f"{plan.steps} steps, trained languages: {', '.join(plan.train_languages)} (others unseen).", "",
+    md = ["# polyalign demo", "", f"Model `{before['builtin-harmful']['model']}`, MSD on-policy + LoRA "
+          f"(`recipe.yaml`), {recipe.training['max_steps']} steps of {recipe.training['per_device_train_batch_size']}, "
+          f"trained languages: {', '.join(sorted(trained))} (others unseen).", "",
           demo_markdown(summary), "", "![demo](demo.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))

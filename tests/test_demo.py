@@ -2,12 +2,15 @@
 
 import json
 
+import yaml
 from rich.console import Console
 
 from polyalign.demo import DemoPlan, run_demo
 
-PLAN = DemoPlan(eval_languages=["en", "th"], train_languages=["th"], eval_limit=2, max_new_tokens=4, steps=2,
-                learning_rate=1e-3, batch_size=2, lora_r=4, gen_tokens=4)
+PLAN = DemoPlan(eval_languages=["en", "th"], eval_limit=2, max_new_tokens=4,
+                overrides=["max_steps=2", "per_device_train_batch_size=2", "learning_rate=1e-3", "lora.r=4",
+                           "data.limit=2", "data.benign_limit=2", "msd.max_new_tokens=4", "msd.student_languages=[th]",
+                           "msd.benign_languages=[th]", "msd.language_hint=[th]", "msd.retain_languages=[]"])
 
 
 def test_demo_pipeline_and_resume(tmp_path):
@@ -19,7 +22,11 @@ def test_demo_pipeline_and_resume(tmp_path):
               "trained/builtin-benign/results.json"):
         assert (out / f).exists(), f
     assert [r["lang"] for r in summary["rows"]] == ["en", "th"]
-    assert "| th |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| th |" in report and "2 steps of 2, trained languages: th" in report
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())     # the shipped recipe + the plan's overrides
+    assert recipe["msd"]["harmful_hint"] == "refuse" and recipe["msd"]["retain_languages"] == []
+    assert recipe["training"]["max_steps"] == 2 and recipe["data"]["source"] == "builtin:harmful"
     base = json.loads((out / "baseline" / "builtin-harmful" / "results.json").read_text())
     after = json.loads((out / "trained" / "builtin-harmful" / "results.json").read_text())
     assert base["generated"] == 4 and after["generated"] == 4 and base["fingerprint"] != after["fingerprint"]

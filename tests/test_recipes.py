@@ -146,3 +146,20 @@ def test_recipes_by_name_and_in_the_wheel(tmp_path, monkeypatch):
     shipped = {p.name for g in globs for p in (ROOT / "polyalign").glob(g)}
     assert {p.name for p in RECIPES} <= shipped and "benchmark.jsonl" in shipped
     assert (ROOT / "recipes" / "msd_onpolicy.yaml").resolve() == BY_NAME["msd_onpolicy"]   # compat path
+
+
+def test_selective_recipe_is_the_study_finalist(tmp_path):
+    """msd_selective.yaml (the demo's recipe) writes out the study's finalist point; a change to
+    either without the other would make the demo train something the study never measured."""
+    from dataclasses import asdict
+
+    from polyalign.sweep import expand_points, load_sweep, point_recipe
+    from polyalign.train.msd_config import MSDConfig
+
+    spec = load_sweep(ROOT / "recipes" / "sweeps" / "study_0.5b_bf16.yaml")
+    point = next(p for p in expand_points(spec) if p.config == "refuse_hint_32steps")
+    studied, shipped = point_recipe(spec, tmp_path, point), load_recipe(BY_NAME["msd_selective"])
+    assert asdict(MSDConfig(**studied.msd)) == asdict(MSDConfig(**shipped.msd))
+    assert asdict(studied.data) == asdict(shipped.data) and studied.lora == shipped.lora
+    assert studied.training == shipped.training and studied.model == shipped.model
+    assert (studied.method, studied.seed, studied.dtype, shipped.dtype) == ("msd", 0, "bf16", None)
