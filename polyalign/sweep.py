@@ -551,13 +551,14 @@ def summarize_sweep(spec: SweepSpec, out: Path, points: list[Point], console: An
         all_rows += csv_rows("baseline", "baseline", "", "", t, paired_table(base_rows[t], base_rows[t], kinds[t],
                                                                               iters=spec.bootstrap), True)
     per_point: list[dict[str, Any]] = []
+    judged: dict[tuple[str, str], list[dict[str, Any]]] = {}     # (point, task) -> its judged rows
     for p in points:
         pooled: dict[str, Any] = {"point": p.name, "config": p.config, "seed": p.seed, "overrides": list(p.overrides)}
         for t in tasks:
             if t not in spec.eval.tasks and not (point_dir(out, p) / "eval" / t / "results.json").exists():
                 continue                       # a finalist task this point was not evaluated on
-            table = paired_table(base_rows[t], load_judged(point_dir(out, p) / "eval" / t), kinds[t],
-                                 iters=spec.bootstrap)
+            judged[p.name, t] = load_judged(point_dir(out, p) / "eval" / t)
+            table = paired_table(base_rows[t], judged[p.name, t], kinds[t], iters=spec.bootstrap)
             all_rows += csv_rows(p.name, p.config, " ".join(p.overrides), p.seed, t, table, False)
             for r in table:
                 if r["lang"] == POOLED:
@@ -577,10 +578,14 @@ def summarize_sweep(spec: SweepSpec, out: Path, points: list[Point], console: An
         keys = list(dict.fromkeys(k for p in mine for k in p if k.endswith(":diff")))
         configs[c] = {"seeds": [p["seed"] for p in mine], "overrides": mine[0]["overrides"],
                       **aggregate_seeds([{k: p.get(k) for k in keys} for p in mine], keys)}
+        if len(mine) > 1:
+            for key, res in _over_seeds([p["point"] for p in mine], base_rows, judged, kinds, spec.bootstrap).items():
+                if key in configs[c]:
+                    configs[c][key]["ci"] = [res["lo"], res["hi"]]
     summary = {"points": per_point, "configs": configs, "baseline": str(out / "baseline"),
                "pooled_over": "non-English languages, cluster bootstrap over prompt ids"}
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=1))
-    atomic_write_text(out / "sweep.md", sweep_markdown(per_point, all_rows))
+    atomic_write_text(out / "sweep.md", sweep_markdown(per_point, all_rows, configs))
     plotted = pareto_plot(per_point, configs, tasks, kinds, out / "pareto.png")
     if console is not None:
         _print_summary(configs, console)
@@ -591,7 +596,33 @@ def summarize_sweep(spec: SweepSpec, out: Path, points: list[Point], console: An
     return summary
 
 
-def sweep_markdown(per_point: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+def _over_seeds(names: list[str], base_rows: dict[str, list[dict[str, Any]]],
+                judged: dict[tuple[str, str], list[dict[str, Any]]], kinds: dict[str, str],
+                iters: int) -> dict[str, dict[str, Any]]:
+    """A config's pooled changes averaged over its seeds, each with a two-stage (prompts, then
+    seeds) bootstrap interval: ``{task:metric:diff: seeds_bootstrap_diff(...)}``, over the
+    non-English pairs every seed has."""
+    from polyalign.eval.stats import METRICS, metrics_for, pair_rows, seeds_bootstrap_diff
+
+    out = {}
+    for t, base in base_rows.items():
+        if not all((n, t) in judged for n in names):
+            continue
+        by_seed = [{(a["prompt_id"], a["lang"]): (a, b) for a, b in pair_rows(base, judged[n, t]) if a["lang"] != "en"}
+                   for n in names]
+        keys = [k for k in by_seed[0] if all(k in m for m in by_seed[1:])]
+        if not keys:
+            continue
+        for metric in metrics_for(kinds[t]):
+            flag = METRICS[metric][1]
+            out[f"{t}:{metric}:diff"] = seeds_bootstrap_diff(
+                [k[0] for k in keys], [flag(by_seed[0][k][0]) for k in keys],
+                [[flag(m[k][1]) for k in keys] for m in by_seed], iters=iters)
+    return out
+
+
+def sweep_markdown(per_point: list[dict[str, Any]], rows: list[dict[str, Any]],
+                   configs: dict[str, dict[str, Any]] | None = None) -> str:
     """One row per trained point: each pooled change with its 95 % interval (pp), and English
     harmful refusal before -> after (the study's "English not down")."""
     keys = list(dict.fromkeys(k for p in per_point for k in p if k.endswith(":diff")))
@@ -606,7 +637,27 @@ def sweep_markdown(per_point: list[dict[str, Any]], rows: list[dict[str, Any]]) 
         lines.append("| " + " | ".join([p["config"], str(p["seed"]), *cells]) + " |")
     return "\n".join(["Change vs the baseline, pooled over the non-English languages (pp, 95 % interval: cluster",
                       "bootstrap over prompts); written by `polyalign sweep`.", "", *lines, "",
-                      *_per_language_markdown(rows)])
+                      *_seeds_markdown(configs or {}, keys, english), *_per_language_markdown(rows)])
+
+
+def _seeds_markdown(configs: dict[str, dict[str, Any]], keys: list[str], english: dict[str, dict[str, Any]]) -> list[str]:
+    """Configs run with several seeds: each pooled change's mean over seeds, with the two-stage
+    (prompts, then seeds) 95 % interval, and English harmful refusal per seed."""
+    multi = {c: v for c, v in configs.items() if len(v["seeds"]) > 1}
+    if not multi:
+        return []
+    header = ["config", "seeds", *[":".join(k.split(":")[:2]) for k in keys], "en harmful refused"]
+    lines = ["Configs over their seeds: mean change (pp) with a 95 % interval from a two-stage bootstrap",
+             "(prompt clusters, then seeds), which counts seed-to-seed spread as well as prompt sampling.", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for c, v in multi.items():
+        cells = [f"{100 * v[k]['mean']:+.1f} [{100 * v[k]['ci'][0]:+.1f}, {100 * v[k]['ci'][1]:+.1f}]"
+                 if k in v and "ci" in v[k] else (f"{100 * v[k]['mean']:+.1f}" if k in v else "-") for k in keys]
+        ens = [english[f"{c}/seed{s}"] for s in v["seeds"] if f"{c}/seed{s}" in english]
+        en = (f"{100 * ens[0]['harmful_refusal_baseline']:.1f} -> "
+              + " / ".join(f"{100 * e['harmful_refusal']:.1f}" for e in ens)) if ens else "-"
+        lines.append("| " + " | ".join([c, ", ".join(map(str, v["seeds"])), *cells, en]) + " |")
+    return [*lines, ""]
 
 
 def _per_language_markdown(rows: list[dict[str, Any]]) -> list[str]:

@@ -12,6 +12,7 @@ from polyalign.eval.stats import (
     newcombe_paired,
     paired_table,
     seed_spread,
+    seeds_bootstrap_diff,
     share_ci,
     wilson,
 )
@@ -94,6 +95,52 @@ def test_cluster_bootstrap_is_seeded_and_wider_for_correlated_languages():
     assert (a["hi"] - a["lo"]) > 1.4 * (naive["hi"] - naive["lo"])     # ~sqrt(3) wider
     same = cluster_bootstrap_diff(clusters, after, after)
     assert same["lo"] == same["hi"] == 0
+
+
+def _seeds_reference(clusters, before, after, iters, seed, alpha=0.05):
+    """seeds_bootstrap_diff by explicit loops in float64, replaying the same generator draws."""
+    import numpy as np
+
+    ids = list(dict.fromkeys(clusters))
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, len(ids), size=(iters, len(ids)))
+    pick = rng.integers(0, len(after), size=(iters, len(after)))
+    stats = []
+    for i in range(iters):
+        rows = [j for c in draw[i] for j, cl in enumerate(clusters) if cl == ids[c]]
+        base = sum(before[j] for j in rows) / len(rows)
+        stats.append(sum(sum(after[s][j] for j in rows) / len(rows) for s in pick[i]) / len(after) - base)
+    stats.sort()
+    diffs = [sum(a) / len(a) - sum(before) / len(before) for a in after]
+    return sum(diffs) / len(diffs), float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
+
+
+def test_seeds_bootstrap_matches_loops_and_one_seed_is_the_cluster_bootstrap():
+    import random
+
+    r = random.Random(3)
+    clusters = [p for p in range(12) for _ in range(2)]
+    before = [r.random() < 0.3 for _ in clusters]
+    after = [[r.random() < q for _ in clusters] for q in (0.4, 0.6, 0.5)]
+    got = seeds_bootstrap_diff(clusters, before, after, iters=300, seed=5)
+    want = _seeds_reference(clusters, before, after, iters=300, seed=5)
+    assert (got["diff"], got["lo"], got["hi"]) == pytest.approx(want, abs=1e-12)
+    assert got["seeds"] == 3 and len(got["per_seed"]) == 3 and got["n"] == 24 and got["clusters"] == 12
+    one = seeds_bootstrap_diff(clusters, before, after[:1], iters=500, seed=1)
+    ref = cluster_bootstrap_diff(clusters, before, after[0], iters=500, seed=1)
+    assert (one["diff"], one["lo"], one["hi"]) == pytest.approx((ref["diff"], ref["lo"], ref["hi"]), abs=1e-12)
+
+
+def test_seeds_bootstrap_widens_with_seed_spread():
+    clusters = list(range(40))
+    before = [False] * 40
+    agree = [[p < 12 for p in clusters]] * 2                          # both seeds +30
+    split = [[p < 4 for p in clusters], [p < 20 for p in clusters]]  # +10 and +50: the same mean
+    a, b = (seeds_bootstrap_diff(clusters, before, x, iters=2000, seed=0) for x in (agree, split))
+    assert a["diff"] == pytest.approx(0.3) and b["diff"] == pytest.approx(0.3)
+    assert (b["hi"] - b["lo"]) > 1.5 * (a["hi"] - a["lo"])
+    with pytest.raises(ValueError, match="one flag per pair"):
+        seeds_bootstrap_diff(clusters, before, [[True]])
 
 
 def _rows(flags: dict[tuple[str, str], bool], key: str = "refused") -> list[dict]:

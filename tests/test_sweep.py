@@ -111,7 +111,12 @@ def test_sweep_writes_results_csv_and_plot(swept):
     en = next(r for r in rows if r["point"] == "learning_rate-0.01/seed1" and r["task"] == "builtin-harmful"
               and r["lang"] == "en")
     assert row.endswith(f"{100 * float(en['harmful_refusal_baseline']):.1f} -> {100 * float(en['harmful_refusal']):.1f} |")
-    assert sum(line.startswith("| learning_rate-") and "(builtin-" not in line for line in md) == 4
+    # 4 point rows, then one row per config over its two seeds (mean with a prompts-then-seeds interval)
+    assert sum(line.startswith("| learning_rate-") and "(builtin-" not in line for line in md) == 6
+    over = cfg["builtin-harmful:harmful_refusal:diff"]
+    assert over["ci"][0] <= over["mean"] <= over["ci"][1]
+    seeds_row = next(line for line in md if line.startswith("| learning_rate-0.01 | 0, 1 |"))
+    assert f"{100 * over['mean']:+.1f} [{100 * over['ci'][0]:+.1f}, {100 * over['ci'][1]:+.1f}]" in seeds_row
     base_th = next(r for r in rows if r["point"] == "baseline" and r["task"] == "builtin-harmful" and r["lang"] == "th")
     line = next(x for x in md if x.startswith("| baseline | harmful_refusal (builtin-harmful) |"))
     assert f"{100 * float(base_th['harmful_refusal']):.1f}" in line.split(" | ")[3]       # en, th, sw, non-en

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable
 from statistics import mean, stdev
 from typing import Any
 
-__all__ = ["METRICS", "wilson", "share_ci", "newcombe_paired", "cluster_bootstrap_diff", "pair_rows",
-           "paired_table", "metrics_for", "seed_spread", "aggregate_seeds", "POOLED"]
+__all__ = ["METRICS", "wilson", "share_ci", "newcombe_paired", "cluster_bootstrap_diff", "seeds_bootstrap_diff",
+           "pair_rows", "paired_table", "metrics_for", "seed_spread", "aggregate_seeds", "POOLED"]
 
 POOLED = "non-en"      # the ``lang`` of pooled rows: all non-English languages together
 
@@ -144,6 +144,43 @@ def cluster_bootstrap_diff(clusters: list[Any], before: list[bool], after: list[
     return {"n": int(cnt.sum()), "clusters": len(ids), "before": before_share, "after": after_share,
             "diff": after_share - before_share, "lo": lo, "hi": hi, "before_ci": pct(boot_b),
             "after_ci": pct(boot_a)}
+
+
+def seeds_bootstrap_diff(clusters: list[Any], before: list[bool], after: list[list[bool]], iters: int = 2000,
+                         seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """A recipe's pooled change averaged over its training seeds, with a two-stage bootstrap
+    interval that counts both sources of chance: which prompts were drawn and which seeds.
+
+    Args:
+        clusters, before: the prompt id and the baseline's flag of each pair (shared by all seeds).
+        after: one list of flags per seed, aligned with ``clusters``.
+
+    Each resample draws prompt clusters with replacement (the same draw for every seed, so the
+    pairing with the baseline holds), then seeds with replacement; its statistic is the mean over
+    the drawn seeds of (seed's pooled share - baseline's). With one seed this is
+    :func:`cluster_bootstrap_diff`'s interval; with several, seed-to-seed spread widens it.
+    """
+    import numpy as np
+
+    if not after or any(len(a) != len(clusters) for a in after) or len(before) != len(clusters):
+        raise ValueError("seeds_bootstrap_diff: every seed needs one flag per pair, as many as clusters")
+    ids = list(dict.fromkeys(clusters))
+    pos = {c: i for i, c in enumerate(ids)}
+    index = np.array([pos[c] for c in clusters], dtype=int)
+    cnt = np.bincount(index, minlength=len(ids)).astype(float)                          # [C]
+    sb = np.bincount(index, weights=np.asarray(before, float), minlength=len(ids))     # [C]
+    sa = np.stack([np.bincount(index, weights=np.asarray(a, float), minlength=len(ids)) for a in after])  # [S, C]
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, len(ids), size=(iters, len(ids)))          # prompts first: one seed = cluster bootstrap
+    pick = rng.integers(0, len(after), size=(iters, len(after)))      # then seeds
+    m = cnt[draw].sum(1)                                              # [iters]
+    base = sb[draw].sum(1) / m
+    per_seed = sa[:, draw].sum(-1) / m                                # [S, iters]
+    boot = np.take_along_axis(per_seed.T, pick, axis=1).mean(1) - base
+    lo, hi = (float(v) for v in np.quantile(boot, [alpha / 2, 1 - alpha / 2]))
+    diffs = sa.sum(1) / cnt.sum() - sb.sum() / cnt.sum()
+    return {"n": int(cnt.sum()), "clusters": len(ids), "seeds": len(after), "diff": float(diffs.mean()),
+            "lo": lo, "hi": hi, "per_seed": [float(d) for d in diffs]}
 
 
 # --- judged rows (runner's judged.jsonl) -> paired table ---------------------------------------
