@@ -28,6 +28,7 @@ class DemoPlan:
     max_new_tokens: int
     recipe: str = "msd_selective"         # the study's finalist (docs/study.md)
     overrides: list[str] = field(default_factory=list)
+    eval_batch_size: int = 32             # as the study's sweep (bf16 results depend a little on the batch)
 
 
 FULL = DemoPlan(eval_languages=["en", "zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"], eval_limit=16,
@@ -37,6 +38,9 @@ QUICK = DemoPlan(eval_languages=["en", "zh", "th", "sw"], eval_limit=4, max_new_
                             "data.benign_limit=8", "msd.max_new_tokens=24", "msd.student_languages=[zh, th, sw]",
                             "msd.benign_languages=[zh, th, sw]", "msd.language_hint=[zh, th]",
                             "msd.retain_languages=[sw]"])
+# sessions 4-8's demo (docs/msd.md runs 1-8): its recipe, 8 prompts per language, 24 tokens, batch 16
+V1 = DemoPlan(eval_languages=FULL.eval_languages, eval_limit=8, max_new_tokens=24, recipe="msd_demo_v1",
+              eval_batch_size=16)
 
 
 def demo_recipe(model: str, out: Path, plan: DemoPlan, dtype: str | None = None):
@@ -56,7 +60,7 @@ def _evaluate(tag: str, model_spec: str, out: Path, plan: DemoPlan, model: Any, 
     for task in ("builtin-harmful", "builtin-benign"):
         cfg = EvalConfig(model=model_spec, adapter=adapter, task=task, out=str(out / tag / task),
                          languages=plan.eval_languages, limit=plan.eval_limit, max_new_tokens=plan.max_new_tokens,
-                         batch_size=32)   # as the study's sweep (bf16 results depend a little on the batch)
+                         batch_size=plan.eval_batch_size)
         res[task] = run_eval(cfg, model=model, tokenizer=tok)
     return res
 

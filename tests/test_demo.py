@@ -38,3 +38,27 @@ def test_demo_pipeline_and_resume(tmp_path):
         res = json.loads((out / tag / "builtin-harmful" / "results.json").read_text())
         assert res["generated"] == 0 and res["cached"] == 4
     assert again["rows"] == summary["rows"]
+
+
+def test_docs_rerun_snippets_build_the_recipes_they_describe(monkeypatch, tmp_path):
+    """docs/msd.md's "to rerun" snippets (runs 1-8, the demo before the study's recipe) bind."""
+    import re
+    from pathlib import Path
+
+    import polyalign.demo as demo
+    from polyalign.train.msd_config import MSDConfig
+
+    built = {}
+
+    def fake_run_demo(model="builtin:qwen2.5-coder-0.5b-instruct", out="runs/demo", plan=None, **_):
+        built[out] = MSDConfig(**demo.demo_recipe(model, tmp_path, plan).msd)
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    text = (Path(__file__).resolve().parents[1] / "docs" / "msd.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        if "run_demo(" in block:
+            exec(block, {})
+    assert len(built) == 8
+    assert built["runs/demo_paper_template"].teacher_template.startswith("You are a helpful assistant.")
+    assert built["runs/demo"].benign_target == "retain" and built["runs/demo"].student_languages == ["zh", "th", "ar", "sw"]
+    assert built["runs/demo_expB"].student_languages == ["zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"]
+    assert built["runs/demo_1.5b_expC"].teacher_template == "{english_query}"
