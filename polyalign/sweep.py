@@ -626,7 +626,10 @@ def sweep_markdown(per_point: list[dict[str, Any]], rows: list[dict[str, Any]],
     """One row per trained point: each pooled change with its 95 % interval (pp), and English
     harmful refusal before -> after (the study's "English not down")."""
     keys = list(dict.fromkeys(k for p in per_point for k in p if k.endswith(":diff")))
-    english = {r["point"]: r for r in rows if r["lang"] == "en" and "harmful_refusal" in r}
+    english: dict[str, dict[str, Any]] = {}      # the main safety task's row (a finalist XSafety has one too)
+    for r in rows:
+        if r["lang"] == "en" and "harmful_refusal" in r:
+            english.setdefault(r["point"], r)
     header = ["point", "seed", *[":".join(k.split(":")[:2]) for k in keys], "en harmful refused"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for p in per_point:

@@ -263,3 +263,15 @@ def test_finalist_eval_errors(tmp_path, shared):
         run_sweep(load_sweep(finalist_spec(tmp_path, shared, configs=["nope"])), dry_run=True, console=quiet())
     with pytest.raises(PolyalignError, match=r"finalist_eval\[0\].*limt"):
         load_sweep(finalist_spec(tmp_path, shared, limt=3))
+
+
+def test_sweep_markdown_english_column_is_the_main_safety_task():
+    """A finalist safety task (XSafety) also has English harmful refusal; the column is the main task's."""
+    from polyalign.sweep import sweep_markdown
+
+    point = {"point": "a/seed0", "config": "a", "seed": 0, "t1:harmful_refusal:diff": 0.1,
+             "t1:harmful_refusal:diff_ci": [0.0, 0.2]}
+    rows = [{"point": "a/seed0", "task": task, "lang": "en", "harmful_refusal": after, "harmful_refusal_baseline": 0.5,
+             "harmful_refusal_diff": after - 0.5} for task, after in (("t1", 0.75), ("xsafety", 0.25))]
+    line = next(x for x in sweep_markdown([point], rows).splitlines() if x.startswith("| a | 0 |"))
+    assert line.endswith("50.0 -> 75.0 |")
