@@ -387,3 +387,23 @@ def test_teacher_probe_counts_in_language_refusals(capsys):
         assert row["n_per_category"] == 4
         assert row["harmful_refused_in_language"] <= min(row["harmful_refused"], row["in_language"])
     assert "in the query's language" in capsys.readouterr().out
+
+
+def test_a_model_built_and_passed_in_trains_as_run_recipe_builds_it(tmp_path):
+    """The demo builds the policy itself after an evaluation has used the RNG: the adapter's random
+    init was then unseeded, and the demo's model differed from the study's same-seed point."""
+    from safetensors.torch import load_file
+
+    from polyalign.train.recipes import build_model
+
+    def recipe(out):
+        return Recipe(method="msd", model=SPEC, output_dir=str(tmp_path / out),
+                      data=DataSettings(source="builtin:harmful", limit=4),
+                      msd={"student_languages": ["th"], "max_new_tokens": 4}, lora={"r": 4, "alpha": 8},
+                      training={"max_steps": 2, "learning_rate": 1e-2, "per_device_train_batch_size": 2})
+    own = load_file(str(run_recipe(recipe("own")) / "adapter_model.safetensors"))
+    torch.manual_seed(1234)
+    torch.rand(1000)                                        # whatever ran before
+    model, tok = build_model(recipe("passed"))
+    passed = load_file(str(run_recipe(recipe("passed"), model=model, tokenizer=tok) / "adapter_model.safetensors"))
+    assert own.keys() == passed.keys() and all(torch.equal(own[k], passed[k]) for k in own)

@@ -214,8 +214,14 @@ def training_arguments(r: Recipe, resume_dir: str | None = None):
 
 
 def build_model(r: Recipe):
+    """The recipe's policy and tokenizer, seeded by the recipe first (the adapter's init is random),
+    so a model built here and passed to :func:`run_recipe` (the demo does) trains exactly as one
+    ``run_recipe`` builds itself, whatever ran before (an evaluation, another model)."""
+    from transformers import set_seed
+
     from polyalign.models import attach_lora, load_model, load_tokenizer
 
+    set_seed(r.seed)
     tok = load_tokenizer(r.model)
     model = load_model(r.model, dtype=precision(r)[0])
     model.train()
