@@ -62,3 +62,14 @@ def test_docs_rerun_snippets_build_the_recipes_they_describe(monkeypatch, tmp_pa
     assert built["runs/demo"].benign_target == "retain" and built["runs/demo"].student_languages == ["zh", "th", "ar", "sw"]
     assert built["runs/demo_expB"].student_languages == ["zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"]
     assert built["runs/demo_1.5b_expC"].teacher_template == "{english_query}"
+
+
+def test_shipped_plans_bind(tmp_path):
+    from polyalign.demo import FULL, QUICK, V1, demo_recipe
+    from polyalign.train.msd_config import MSDConfig
+
+    full, quick, v1 = (demo_recipe("builtin:qwen2.5-coder-0.5b-instruct", tmp_path, p) for p in (FULL, QUICK, V1))
+    assert (full.training["max_steps"], full.msd["harmful_hint"]) == (32, "refuse")
+    q = MSDConfig(**quick.msd)
+    assert quick.training["max_steps"] == 6 and q.student_languages == ["zh", "th", "sw"] and q.retain_languages == ["sw"]
+    assert MSDConfig(**v1.msd).benign_target == "retain" and v1.training["max_steps"] == 16
