@@ -278,7 +278,7 @@ def probe(model: Annotated[str, typer.Option(help="Model spec.")],
 
 
 @app.command("demo")
-def demo(quick: Annotated[bool, typer.Option(help="Smaller run (~5 min on 2 CPU cores).")] = False,
+def demo(quick: Annotated[bool, typer.Option(help="Smaller run: 4 languages, 6 steps of 4.")] = False,
          model: Annotated[str, typer.Option(help="Model spec.")] = "builtin:qwen2.5-coder-0.5b-instruct",
          out: Annotated[Path, typer.Option(help="Demo folder.")] = Path("runs/demo"),
          dtype: Dtype = None):

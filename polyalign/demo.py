@@ -21,7 +21,7 @@ from polyalign.data.records import atomic_write_text
 @dataclass
 class DemoPlan:
     """What the demo runs: a shipped recipe (plain data) with overrides, and the evaluation's size.
-    ``quick`` shrinks languages, prompts and steps to fit ~5 minutes."""
+    ``quick`` shrinks languages, prompts and steps (a smoke run of the real model)."""
 
     eval_languages: list[str]
     eval_limit: int                       # prompts per language and task (harmful, benign)
