@@ -103,6 +103,17 @@ def newcombe_paired(before: list[bool], after: list[bool], alpha: float = 0.05) 
             "discordant": (b, c)}
 
 
+def _cluster_sums(clusters: list[Any], flags: list[list[bool]]) -> tuple[list[Any], Any, list[Any]]:
+    """(cluster ids in first-seen order, pairs per cluster, each flag list summed per cluster)."""
+    import numpy as np
+
+    ids = list(dict.fromkeys(clusters))
+    pos = {c: i for i, c in enumerate(ids)}
+    index = np.array([pos[c] for c in clusters], dtype=int)
+    cnt = np.bincount(index, minlength=len(ids)).astype(float)
+    return ids, cnt, [np.bincount(index, weights=np.asarray(f, bool).astype(float), minlength=len(ids)) for f in flags]
+
+
 def cluster_bootstrap_diff(clusters: list[Any], before: list[bool], after: list[bool], iters: int = 2000,
                            seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
     """Pooled ``after - before`` over all pairs, with a cluster-bootstrap percentile interval.
@@ -123,14 +134,7 @@ def cluster_bootstrap_diff(clusters: list[Any], before: list[bool], after: list[
     if not clusters:
         return {"n": 0, "clusters": 0, "before": nan, "after": nan, "diff": nan, "lo": nan, "hi": nan,
                 "before_ci": [nan, nan], "after_ci": [nan, nan]}
-    ids = list(dict.fromkeys(clusters))
-    index = {c: i for i, c in enumerate(ids)}
-    cnt, sb, sa = np.zeros(len(ids)), np.zeros(len(ids)), np.zeros(len(ids))
-    for c, x, y in zip(clusters, before, after):   # per-cluster sums: [C]
-        i = index[c]
-        cnt[i] += 1
-        sb[i] += bool(x)
-        sa[i] += bool(y)
+    ids, cnt, (sb, sa) = _cluster_sums(clusters, [before, after])   # per-cluster sums: [C]
     rng = np.random.default_rng(seed)
     draw = rng.integers(0, len(ids), size=(iters, len(ids)))          # [iters, C]
     m = cnt[draw].sum(1)
@@ -164,12 +168,8 @@ def seeds_bootstrap_diff(clusters: list[Any], before: list[bool], after: list[li
 
     if not after or any(len(a) != len(clusters) for a in after) or len(before) != len(clusters):
         raise ValueError("seeds_bootstrap_diff: every seed needs one flag per pair, as many as clusters")
-    ids = list(dict.fromkeys(clusters))
-    pos = {c: i for i, c in enumerate(ids)}
-    index = np.array([pos[c] for c in clusters], dtype=int)
-    cnt = np.bincount(index, minlength=len(ids)).astype(float)                          # [C]
-    sb = np.bincount(index, weights=np.asarray(before, float), minlength=len(ids))     # [C]
-    sa = np.stack([np.bincount(index, weights=np.asarray(a, float), minlength=len(ids)) for a in after])  # [S, C]
+    ids, cnt, (sb, *per) = _cluster_sums(clusters, [before, *after])    # [C] each
+    sa = np.stack(per)                                                  # [S, C]
     rng = np.random.default_rng(seed)
     draw = rng.integers(0, len(ids), size=(iters, len(ids)))          # prompts first: one seed = cluster bootstrap
     pick = rng.integers(0, len(after), size=(iters, len(after)))      # then seeds
