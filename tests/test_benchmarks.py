@@ -1,5 +1,6 @@
 """The benchmark script runs end to end on builtin:tiny-random and prints every figure (no timing asserted)."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,10 @@ def test_fused_divergence_runs_and_both_sides_agree():
     ratios = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("ratio ")]
     assert ratios == ["fused_vs_unfused_time", "fused_vs_unfused_peak_memory"]
     losses = next(line for line in res.stdout.splitlines() if line.startswith("# loss")).split()
-    assert losses[3] == losses[5].rstrip(";")                       # "# loss fused X unfused X;"
+    # "# loss fused X unfused Y;": the two reduce over the vocabulary in different orders (chunked vs whole), so they agree to
+    # fp32 rounding, not digit for digit (AVX2, AVX-512 and AMX kernels round differently).
+    fused, unfused = float(losses[3]), float(losses[5].rstrip(";"))
+    assert math.isclose(fused, unfused, rel_tol=1e-4, abs_tol=1e-6), (fused, unfused)
 
 
 def test_bf16_quality_guard_runs_on_tiny_model(tmp_path):
