@@ -5,7 +5,7 @@ and without ``contiguous_head_input`` (polyalign.models.loading), side by side i
 
 Without the hook, generation's first step multiplies a strided ``hidden[:, -1:, :]`` by a head
 weight that needs no gradient, and torch's CPU matmul expands the [V, H] weight once per row
-(BENCHMARKS.md, session 7). Prints seconds per ``generate`` call and the ratio.
+(BENCHMARKS.md, 2026-12-03 section). Prints seconds per ``generate`` call and the ratio.
 """
 
 from __future__ import annotations

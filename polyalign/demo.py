@@ -38,7 +38,7 @@ QUICK = DemoPlan(eval_languages=["en", "zh", "th", "sw"], eval_limit=4, max_new_
                             "data.benign_limit=8", "msd.max_new_tokens=24", "msd.student_languages=[zh, th, sw]",
                             "msd.benign_languages=[zh, th, sw]", "msd.language_hint=[zh, th]",
                             "msd.retain_languages=[sw]"])
-# sessions 4-8's demo (docs/msd.md runs 1-8): its recipe, 8 prompts per language, 24 tokens, batch 16
+# the demo before commit e0983df, 2026-12-03 (docs/msd.md runs 1-8): its recipe, 8 prompts per language, 24 tokens, batch 16
 V1 = DemoPlan(eval_languages=FULL.eval_languages, eval_limit=8, max_new_tokens=24, recipe="msd_demo_v1",
               eval_batch_size=16)
 
