@@ -33,7 +33,7 @@ def shared() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny():
-    """(model, tokenizer) of builtin:tiny-random, built once per session."""
+    """(model, tokenizer) of builtin:tiny-random, built once per pytest session."""
     from polyalign.models import load_model, load_tokenizer
 
     return load_model("builtin:tiny-random"), load_tokenizer("builtin:tiny-random")
