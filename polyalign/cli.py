@@ -253,14 +253,16 @@ def sweep(spec: Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. recip
           out: Annotated[Path | None, typer.Option(help="Override the spec's sweep folder.")] = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="List the points and a time estimate; run nothing.")] = False,
           summarize: Annotated[bool, typer.Option("--summarize", help="Only summarise the points evaluated so far.")] = False,
-          only: Annotated[list[str] | None, typer.Option(help="Run only this config (every seed); repeatable.")] = None):
+          only: Annotated[list[str] | None, typer.Option(help="Run only this config (every seed); repeatable.")] = None,
+          final: Annotated[bool, typer.Option("--final", help="Allow the test split: the one final evaluation "
+                                              "of chosen recipes (sweeps choose on dev).")] = False):
     """Train and evaluate a grid of recipe overrides x seeds (resumable); sweep.csv + Pareto plot."""
     from polyalign.sweep import load_sweep, run_sweep, summarize_finished
 
     if summarize:
         summarize_finished(load_sweep(spec), out=out, console=console)
     else:
-        run_sweep(load_sweep(spec), out=out, dry_run=dry_run, console=console, only=only)
+        run_sweep(load_sweep(spec), out=out, dry_run=dry_run, console=console, only=only, final=final)
 
 
 @app.command("probe")

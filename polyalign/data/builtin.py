@@ -12,25 +12,47 @@ from importlib import resources
 from pathlib import Path
 
 from polyalign.data.loaders import load_source
-from polyalign.data.records import ParallelRecord, read_records, split_records
+from polyalign.data.records import ParallelRecord, read_records, record_split, split_records
 from polyalign.errors import PolyalignError
 
-BUILTIN_SPLITS = ("train", "eval", "all")
+# ``eval`` is the name of the held-out split before 2026-12-04 (train | eval): it now means ``dev``,
+# so the demo and the older sweep specs keep running and none of them sees ``test``.
+BUILTIN_SPLITS = ("train", "dev", "test", "eval", "all")
 
 
-def builtin_benchmark(category: str | None = None, split: str | None = None) -> list[ParallelRecord]:
+def builtin_path() -> Path:
+    """Where the built-in benchmark's file is (package data)."""
+    with resources.as_file(resources.files("polyalign") / "resources" / "benchmark.jsonl") as p:
+        return Path(p)
+
+
+def select_split(records: list[ParallelRecord], split: str | None, source: str | Path) -> list[ParallelRecord]:
+    """The records of one split by :func:`~polyalign.data.records.record_split` (``meta.split``
+    first); ``eval`` is ``dev``, None / ``all`` every record. An empty ``test`` is an error: a file
+    whose records carry no ``meta.split: test`` has no test set, and silently evaluating nothing
+    (or the dev records) would report the wrong numbers."""
+    if split not in (None, *BUILTIN_SPLITS):
+        raise PolyalignError(f"split must be train, dev, test, eval (= dev) or all, got {split!r}")
+    if split in (None, "all"):
+        return list(records)
+    want = "dev" if split == "eval" else split
+    chosen = [r for r in records if record_split(r) == want]
+    if want == "test" and not chosen and records:
+        raise PolyalignError(f"{source}: no record has meta.split test, so there is no test split to evaluate")
+    return chosen
+
+
+def builtin_benchmark(category: str | None = None, split: str | None = None, seed: int = 0) -> list[ParallelRecord]:
     """The project's own parallel benchmark (``polyalign/resources/benchmark.jsonl``).
 
-    Records carry ``meta.split`` (train | eval, disjoint) and ``category`` (harmful | benign).
+    Records carry ``meta.split`` (train | dev | test, disjoint; ``eval`` in the layout before
+    2026-12-04, read as dev) and ``category`` (harmful | benign). ``split``: train, dev, test, eval
+    (= dev) or all (None: all). Records come stratified (:func:`interleave_groups`, ``seed``).
     """
-    if split not in (None, *BUILTIN_SPLITS):
-        raise PolyalignError(f"built-in benchmark split must be train, eval or all, got {split!r}")
-    path = resources.files("polyalign") / "resources" / "benchmark.jsonl"
-    with resources.as_file(path) as p:
-        records = read_records(Path(p))
-    chosen = [r for r in records
-              if (category is None or r.category == category) and split in (None, "all", r.meta.get("split"))]
-    return interleave_groups(chosen)
+    path = builtin_path()
+    records = read_records(path)
+    chosen = [r for r in select_split(records, split, path) if category is None or r.category == category]
+    return interleave_groups(chosen, seed)
 
 
 def finest_category(r: ParallelRecord) -> str | None:
@@ -39,16 +61,32 @@ def finest_category(r: ParallelRecord) -> str | None:
     return r.meta.get("harm_category") or r.meta.get("benign_type") or r.category
 
 
-def interleave_groups(records: list[ParallelRecord]) -> list[ParallelRecord]:
-    """Round-robin over harm categories / benign types (file order within each), so that the
-    first N records of any split, which ``--limit`` takes, cover every category evenly."""
-    groups: dict[str | None, list[ParallelRecord]] = defaultdict(list)
-    for r in records:
-        groups[finest_category(r)].append(r)
+def _round_robin(groups: list[list[ParallelRecord]]) -> list[ParallelRecord]:
     out: list[ParallelRecord] = []
-    for i in range(max((len(g) for g in groups.values()), default=0)):
-        out += [g[i] for g in groups.values() if i < len(g)]
+    for i in range(max((len(g) for g in groups), default=0)):
+        out += [g[i] for g in groups if i < len(g)]
     return out
+
+
+def interleave_groups(records: list[ParallelRecord], seed: int | None = None) -> list[ParallelRecord]:
+    """Every record, ordered so that the first N of them, which ``--limit`` takes, cover every
+    category evenly: round-robin over harm categories / benign types, and inside each over its
+    ``borderline_type`` (the six kinds of borderline prompt); with a ``seed``, each group in a
+    seeded shuffle (the built-in benchmark), else in file order (a user's own file).
+
+    In file order a limit took only the first borderline kind (homonym) and the first prompts of
+    each category; the same ``seed`` always gives the same order."""
+    rng = random.Random(seed)
+    groups: dict[str | None, dict[str | None, list[ParallelRecord]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        groups[finest_category(r)][r.meta.get("borderline_type")].append(r)
+    ordered = []
+    for subs in groups.values():
+        for g in subs.values():
+            if seed is not None:
+                rng.shuffle(g)
+        ordered.append(_round_robin(list(subs.values())))
+    return _round_robin(ordered)
 
 
 def stratified_sample(records: list[ParallelRecord], limit: int, seed: int = 0) -> list[ParallelRecord]:
@@ -76,15 +114,24 @@ def stratified_sample(records: list[ParallelRecord], limit: int, seed: int = 0) 
 
 def load_prompts(source: str, fmt: str | None, split: str, limit: int | None,
                  categories: list[str] | None = None, seed: int = 0) -> list[ParallelRecord]:
-    """Records of ``source`` (split, then filtered to ``categories``, then a stratified ``limit``)."""
+    """Training records of ``source`` (split, then filtered to ``categories``, then a stratified
+    ``limit``). A record's ``meta.split`` decides its split, else the hash of its id. Training never
+    reads ``test``. The built-in benchmark gives its train split for ``train`` and ``all`` (its
+    dev and test records are held out from every recipe) and its dev split for ``dev``."""
+    if split == "test":
+        raise PolyalignError(f"{source}: training data never comes from the test split (data.split=test); "
+                             "use train (or dev)")
     if source.startswith("builtin:"):
         category = source.split(":", 1)[1]
         if category not in ("harmful", "benign", "all"):
             raise PolyalignError(f"unknown built-in prompt set {source!r}; use builtin:harmful|benign|all")
-        records = builtin_benchmark(None if category == "all" else category, split="train")
+        records = builtin_benchmark(None if category == "all" else category,
+                                    split="train" if split == "all" else split)
     else:
         records = load_source(source, fmt)
         if split != "all":
+            if split not in ("train", "dev"):
+                raise PolyalignError(f"{source}: data.split must be train, dev or all, got {split!r}")
             records = split_records(records)[split]
     if categories is not None:
         known = {r.category for r in records}

@@ -181,7 +181,8 @@ def load_xsafety(path: str | Path, languages: list[str] | None = None,
                 else:
                     log.warning("%s, row %d: empty text; language %s dropped from %s/%d",
                                 files[lang][cat], i + 1, lang, cat, i)
-            records.append(ParallelRecord(f"{cat}/{i}", row, cat))
+            records.append(ParallelRecord(f"{cat}/{i}", row, cat, source=str(files.get("en", next(iter(files.values())))[cat]),
+                                          row=i + 1))
     return validate_records(records, root)
 
 
@@ -221,8 +222,10 @@ def load_multijail(path: str | Path = MULTIJAIL_HUB, languages: list[str] | None
         for lang, t in texts.items():
             if not t:
                 raise DataError("empty text", source, row=n, column=lang)
+        # every MultiJail prompt is a harmful request (its tags name the kind of harm)
         records.append(ParallelRecord(f"multijail/{row['id']}", texts, (tag_list or [None])[0],
-                                      {"source": row.get("source"), "tags": tag_list}))
+                                      {"source": row.get("source"), "tags": tag_list, "label": "harmful"},
+                                      source=str(source), row=n))
     return validate_records(records, source)
 
 
@@ -250,7 +253,7 @@ def _mlc_row(obj: dict[str, Any], english: str, source: Path, n: int, rid: str) 
     for lang, t in texts.items():
         if not t:
             raise DataError("empty text", source, row=n, column="prompt" if lang == "en" else f"prompt_{lang}")
-    return ParallelRecord(rid, texts)
+    return ParallelRecord(rid, texts, source=str(source), row=n)
 
 
 @LOADERS.register("mlc-pku")
@@ -267,7 +270,7 @@ def load_mlc_pku(path: str | Path) -> list[ParallelRecord]:
                 if col not in obj:
                     raise DataError("missing column", path, row=n, column=col)
             r = _mlc_row(obj, _turn_text(obj["prompt"]), path, n, f"pku-dpo/{n}")
-            r.meta = {"chosen": _turn_text(obj["chosen"]), "rejected": _turn_text(obj["rejected"])}
+            r.meta = {"chosen": _turn_text(obj["chosen"]), "rejected": _turn_text(obj["rejected"]), "label": "harmful"}
             records.append(r)
     else:
         try:
@@ -282,7 +285,7 @@ def load_mlc_pku(path: str | Path) -> list[ParallelRecord]:
                     raise DataError("missing column", path, row=n, column=col)
             english = obj["instruction"] + (("\n" + obj["input"]) if obj.get("input") else "")
             r = _mlc_row(obj, english, path, n, f"pku-sft/{n}")
-            r.meta = {"output": obj["output"]}
+            r.meta = {"output": obj["output"], "label": "harmful"}
             records.append(r)
     return validate_records(records, path)
 
@@ -381,7 +384,8 @@ def load_generic(path: str | Path, columns: dict[str, str] | str | None = None, 
             if not texts[lang]:
                 raise DataError("empty text", path, row=n, column=col)
         rid = str(row[id_column]) if id_column else f"{path.stem}/{n}"
-        recs.append(ParallelRecord(rid, texts, row.get(category_column) if category_column else None))
+        recs.append(ParallelRecord(rid, texts, row.get(category_column) if category_column else None,
+                                   source=str(path), row=n))
     return validate_records(recs, path)
 
 

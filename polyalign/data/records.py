@@ -22,6 +22,18 @@ from polyalign.text.languages import normalize_code
 # Record categories that are benign requests (training treats them apart): the built-in benchmark's
 # ``benign`` and XSafety's ``commonsense`` (its helpfulness control set).
 BENIGN_CATEGORIES = ("benign", "commonsense")
+# Record categories that are harmful requests: the built-in benchmark's ``harmful`` and XSafety's 13
+# other categories (every one of them a request a model should not simply carry out).
+HARMFUL_CATEGORIES = (
+    "harmful", "Crimes_And_Illegal_Activities", "Ethics_And_Morality", "Goal_Hijacking",
+    "Inquiry_With_Unsafe_Opinion", "Insult", "Mental_Health", "Physical_Harm", "Privacy_And_Property",
+    "Prompt_Leaking", "Reverse_Exposure", "Role_Play_Instruction", "Unfairness_And_Discrimination",
+    "Unsafe_Instruction_Topic",
+)
+# ``meta.label`` values that name the class outright (loaders of harmful-only sets write ``harmful``;
+# XSTest's own ``safe`` / ``unsafe`` mean the same).
+_META_LABELS = {"harmful": "harmful", "unsafe": "harmful", "benign": "benign", "safe": "benign"}
+SPLITS = ("train", "dev", "test")
 
 
 @dataclass
@@ -30,6 +42,10 @@ class ParallelRecord:
     texts: dict[str, str]
     category: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Where the record was read (file and 1-based row), so an error about it can name both; not
+    # written by :meth:`to_json`, not compared.
+    source: str | None = field(default=None, compare=False, repr=False)
+    row: int | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "texts": self.texts}
@@ -117,7 +133,8 @@ def read_records(path: str | Path) -> list[ParallelRecord]:
                 texts[normalize_code(lang)] = text
             except Exception as e:
                 raise DataError(str(e), path, row=n, column=f"texts.{lang}") from None
-        out.append(ParallelRecord(str(obj["id"]), texts, obj.get("category"), obj.get("meta") or {}))
+        out.append(ParallelRecord(str(obj["id"]), texts, obj.get("category"), obj.get("meta") or {},
+                                  source=str(path), row=n))
     return validate_records(out, path)
 
 
@@ -132,12 +149,49 @@ def split_of(prompt_id: str, dev: float = 0.1, test: float = 0.1, seed: int = 0)
     return "test" if u < test else "dev" if u < test + dev else "train"
 
 
+def record_split(r: ParallelRecord, dev: float = 0.1, test: float = 0.1, seed: int = 0) -> str:
+    """The split a record belongs to: its own ``meta.split`` (train | dev | test) when it has one,
+    else the hash split by prompt id. ``meta.split: eval`` (the built-in benchmark's layout before
+    2026-12-04: train | eval) counts as ``dev``: those records were used to choose recipes, so they
+    cannot be a test set; only records written ``test`` are."""
+    own = r.meta.get("split") if isinstance(r.meta, dict) else None
+    if own in SPLITS:
+        return own
+    if own == "eval":
+        return "dev"
+    return split_of(r.id, dev, test, seed)
+
+
 def split_records(records: list[ParallelRecord], dev: float = 0.1, test: float = 0.1,
                   seed: int = 0) -> dict[str, list[ParallelRecord]]:
+    """Records by split (:func:`record_split`: a record's ``meta.split`` wins over the hash)."""
     out: dict[str, list[ParallelRecord]] = {"train": [], "dev": [], "test": []}
     for r in records:
-        out[split_of(r.id, dev, test, seed)].append(r)
+        out[record_split(r, dev, test, seed)].append(r)
     return out
+
+
+def record_label(r: ParallelRecord) -> str | None:
+    """``harmful``, ``benign`` or None (no label): from ``meta.label`` where a loader wrote one, else
+    the category (:data:`BENIGN_CATEGORIES`, :data:`HARMFUL_CATEGORIES`). None is never read as
+    harmful: a recipe that needs the class refuses such records (:func:`require_labels`)."""
+    own = r.meta.get("label") if isinstance(r.meta, dict) else None
+    if isinstance(own, str) and own.lower() in _META_LABELS:
+        return _META_LABELS[own.lower()]
+    if r.category in BENIGN_CATEGORIES:
+        return "benign"
+    if r.category in HARMFUL_CATEGORIES:
+        return "harmful"
+    return None
+
+
+def require_labels(records: Iterable[ParallelRecord], why: str) -> None:
+    """Raise one line naming the file and row of the first record without a harmful/benign label."""
+    for i, r in enumerate(records, start=1):
+        if record_label(r) is None:
+            raise DataError(f"record {r.id!r} has no harmful/benign label (category {r.category!r}); {why} "
+                            "reads the label (give it category harmful or benign, or train label-free: "
+                            "msd.labels=none)", r.source or "training data", row=r.row or i)
 
 
 def select_languages(records: list[ParallelRecord], languages: list[str] | None) -> list[ParallelRecord]:
@@ -148,5 +202,5 @@ def select_languages(records: list[ParallelRecord], languages: list[str] | None)
     for r in records:
         texts = {lang: r.texts[lang] for lang in languages if lang in r.texts}
         if texts:
-            out.append(ParallelRecord(r.id, texts, r.category, r.meta))
+            out.append(ParallelRecord(r.id, texts, r.category, r.meta, source=r.source, row=r.row))
     return out

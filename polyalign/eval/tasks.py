@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from polyalign.data.builtin import BUILTIN_SPLITS, builtin_benchmark, interleave_groups
+from polyalign.data.builtin import BUILTIN_SPLITS, builtin_benchmark, interleave_groups, select_split
 from polyalign.data.loaders import MULTIJAIL_HUB, load_source
-from polyalign.data.records import ParallelRecord, split_records
+from polyalign.data.records import ParallelRecord
 from polyalign.errors import PolyalignError
 from polyalign.registry import Registry
 
@@ -34,15 +34,18 @@ class Task:
     max_new_tokens: int = 64
 
     def load(self, data: str | None = None, split: str | None = None,
-             columns: dict[str, str] | str | None = None) -> list[ParallelRecord]:
+             columns: dict[str, str] | str | None = None, seed: int = 0) -> list[ParallelRecord]:
         """Records of ``data`` (always a path) or the task's default source, optionally one split.
 
-        ``split``: the built-in benchmark's own split (train | eval | all; default eval); for any
-        other source a hash split by prompt id (train | dev | test), default everything. Records come
-        interleaved over their categories (file order within each), so a ``--limit`` is stratified.
+        ``split``: train | dev | test | all, by each record's ``meta.split`` where it has one, else a
+        hash of its prompt id; ``eval`` is the old name of the held-out split and means ``dev``. The
+        built-in benchmark defaults to dev (recipes are chosen there; test only for final reports),
+        any other source to everything. Records come interleaved over their categories and
+        borderline kinds (the built-in benchmark: in a shuffle seeded by ``seed``; files: in file order
+        within each), so a ``--limit`` is stratified.
         """
         if self.loader is None and data is None:
-            return builtin_benchmark(self.category, split=split or "eval")
+            return builtin_benchmark(self.category, split=split or "dev", seed=seed)
         if data is None and self.default_data is None:
             raise PolyalignError(f"task {self.name} needs --data PATH ({self.description})")
         path = data or self.default_data
@@ -56,8 +59,7 @@ class Task:
             records = load_source(path, self.loader)
         if split not in (None, "all", "train", "dev", "test"):
             raise PolyalignError(f"--split for a data file must be train, dev, test or all, got {split!r}")
-        if split not in (None, "all"):
-            records = split_records(records)[split]
+        records = select_split(records, split, path)
         # Category-ordered files (XSafety: 200 rows of one category, then the next): round-robin over
         # categories, so that --limit N covers every category instead of the first one.
         return interleave_groups(records)
