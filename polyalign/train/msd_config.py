@@ -47,6 +47,7 @@ LANGUAGE_HINT = "\n\nAnswer in {target_language}."
 REFUSAL_HINT = "\n\nThis request is harmful. Refuse it briefly and politely. Answer in {target_language}."
 HARMFUL_HINTS = {"refuse": REFUSAL_HINT}
 BENIGN_TARGETS = ("teacher", "english", "retain")
+VLLM_MODES = ("colocate", "server")      # TRL's names (GRPOConfig.vllm_mode)
 
 
 @dataclass
@@ -124,6 +125,20 @@ class MSDConfig:
             distilling them teaches the opposite of what is wanted. Refusal = the lexicon judge's
             :func:`polyalign.eval.judges.refusal_phrase`. Counts per language are logged (``gate/...``).
         gating_max_new_tokens: length of the probe answers (refusals come first; 32).
+    On-policy sampling with vLLM (:mod:`polyalign.train.vllm_sampling`; TRL's ``VLLMGeneration``):
+        use_vllm: sample y with vLLM instead of HF ``generate`` (off; needs ``pip install 'polyalign[vllm]'``).
+            One generation per optimizer step covers all of its gradient-accumulation micro-batches;
+            on-policy, the policy's weights (LoRA: merged into the base) are pushed to the engine once
+            per step before it. Same temperature, top_p, max_new_tokens, EOS stop; the seed is
+            TrainingArguments' ``seed`` plus the step. The teacher-gating probe stays on HF ``generate``.
+        vllm_mode: ``colocate`` (default: a ``vllm.LLM`` in each training process, sharing its GPU) or
+            ``server`` (a ``trl vllm-serve --model MODEL`` process on GPUs of its own; rank 0 talks to it).
+        vllm_server_base_url: the server's URL (e.g. ``http://10.0.0.5:8000``); None (default): built from
+            ``vllm_server_host`` (``0.0.0.0``) and ``vllm_server_port`` (8000). Server mode only.
+        vllm_server_timeout: seconds to wait for the server to come up (240).
+        vllm_gpu_memory_utilization: share of the GPU the colocated engine may take for weights and
+            KV cache (0.3, TRL's GRPO default: training needs the rest). Colocate only.
+        vllm_tensor_parallel_size: GPUs per colocated engine (1); must divide the number of processes.
     """
 
     mode: str = "on_policy"
@@ -149,6 +164,14 @@ class MSDConfig:
     retain_languages: list[str] = field(default_factory=list)
     teacher_gating: bool = False
     gating_max_new_tokens: int = 32
+    use_vllm: bool = False
+    vllm_mode: str = "colocate"
+    vllm_server_base_url: str | None = None
+    vllm_server_host: str = "0.0.0.0"
+    vllm_server_port: int = 8000
+    vllm_server_timeout: float = 240.0
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_tensor_parallel_size: int = 1
 
     def hints(self, lang: str, benign: bool | None = None) -> bool:
         """Whether the teacher is told to answer in ``lang`` (``language_hint``: all, none or a list),
@@ -177,6 +200,18 @@ class MSDConfig:
         if self.benign_weight < 0 or self.gating_max_new_tokens < 1:
             raise ValueError(f"need benign_weight >= 0 and gating_max_new_tokens >= 1, got {self.benign_weight}, "
                              f"{self.gating_max_new_tokens}")
+        if self.vllm_mode not in VLLM_MODES:
+            raise ValueError(f"vllm_mode must be one of {VLLM_MODES}, got {self.vllm_mode!r}")
+        if not (0 < self.vllm_gpu_memory_utilization <= 1 and self.vllm_tensor_parallel_size >= 1
+                and 0 < self.vllm_server_port < 65536 and self.vllm_server_timeout > 0):
+            raise ValueError(f"need 0 < vllm_gpu_memory_utilization <= 1, vllm_tensor_parallel_size >= 1, "
+                             f"vllm_server_port in 1..65535 and vllm_server_timeout > 0, got "
+                             f"{self.vllm_gpu_memory_utilization}, {self.vllm_tensor_parallel_size}, "
+                             f"{self.vllm_server_port}, {self.vllm_server_timeout}")
+        if self.use_vllm:                                   # before any model is loaded: one line, what to install
+            from polyalign.train import vllm_sampling
+
+            vllm_sampling.require_vllm()
         if self.mode not in ("on_policy", "off_policy"):
             raise ValueError(f"mode must be on_policy or off_policy, got {self.mode!r}")
         if self.divergence not in KINDS:

@@ -47,6 +47,7 @@ from polyalign.models.batching import (
 from polyalign.models.chat import prompt_ids
 from polyalign.models.sampling import sampling_kwargs
 from polyalign.text import get_language, in_language, refusal_phrase
+from polyalign.train import vllm_sampling
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.mlc_term import MLCHeadCheckpoint, MLCTerm, accumulation_scale, variant_inputs
 from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE, MSDConfig
@@ -180,21 +181,48 @@ class MSDTrainer(Trainer):
         Every generation setting is explicit (:func:`sampling_kwargs`): the model's own
         ``generation_config`` (a repetition penalty, top_k, ...) must not change q.
         ``greedy`` / ``max_new_tokens`` override the config (the teacher-gating probe).
+        ``msd.use_vllm``: the training samples (from the model ``msd.mode`` names) come from vLLM, one
+        engine call per optimizer step (:class:`polyalign.train.vllm_sampling.StepSampler`); the probe
+        stays here.
         """
+        if (self.msd.use_vllm and not greedy and max_new_tokens is None
+                and from_teacher == (self.msd.mode == "off_policy")):
+            return self._vllm_sampler().sample(prompts, self.state.global_step)
         tok = self.processing_class
         ids, mask, _ = left_pad(prompts, tok.pad_token_id)
         device = self.accelerator.device
         kwargs = sampling_kwargs(max_new_tokens or self.msd.max_new_tokens, 0.0 if greedy else self.msd.temperature,
                                  self.msd.top_p, tok.pad_token_id, sorted(self.eos_ids))
+        kwargs.update(vllm_sampling.hf_generation_kwargs(self.accelerator))     # synced_gpus when sharded
         ctx = self.teacher_context(model) if from_teacher else contextlib.nullcontext(model)
-        # TRL's unwrap gathers ZeRO-3 / FSDP shards for generate (a sharded module cannot generate)
-        # and unwraps DDP; on one process it is a plain unwrap.
-        with ctx as wrapped, unwrap_model_for_generation(wrapped, self.accelerator) as gen_model:
+        # TRL's unwrap gathers ZeRO-3 shards for generate (a sharded module cannot generate) and unwraps
+        # DDP / FSDP; under FSDP1 the root unit's own parameters are summoned, as TRL's trainers do.
+        with (ctx as wrapped, unwrap_model_for_generation(wrapped, self.accelerator) as gen_model,
+              vllm_sampling.full_root_params(wrapped, self.accelerator)):
             was_training = gen_model.training
             gen_model.eval()
             out = gen_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             gen_model.train(was_training)
         return trim_generation(out[:, ids.shape[1]:], self.eos_ids, tok.pad_token_id)
+
+    def _vllm_sampler(self) -> vllm_sampling.StepSampler:
+        """The vLLM engine (TRL's ``VLLMGeneration``) and its per-step schedule, built on first use, when
+        the policy is already wrapped (every rank reaches it together: building it is a collective)."""
+        if getattr(self, "_step_sampler", None) is None:
+            engine = vllm_sampling.build_engine(self.model, self.accelerator, self.processing_class, self.msd,
+                                                self.eos_ids)
+            self._step_sampler = vllm_sampling.StepSampler(engine, push_weights=self.msd.mode == "on_policy",
+                                                           seed=self.args.seed, eos_ids=self.eos_ids)
+        return self._step_sampler
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """Trainer fetches an optimizer step's micro-batches before running them; with vLLM their prompts
+        are planned, so the step's first micro-batch samples all of them in one call (TRL's GRPO)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.msd.use_vllm and batches and self.msd.mode in ("on_policy", "off_policy"):
+            side = 0 if self.msd.mode == "on_policy" else 1             # student or teacher prompts
+            self._vllm_sampler().plan([self._prompts(b["examples"])[side] for b in batches])
+        return batches, num_items
 
     # ---------------------------------------------------------------- teacher gating
     def teacher_answers(self, examples: list[dict[str, Any]]) -> list[str]:
@@ -280,17 +308,67 @@ class MSDTrainer(Trainer):
         return h_s, d, raw
 
     def _linear_head(self, module: Any) -> torch.nn.Linear | None:
-        """The LM head when logits are exactly ``head(final hidden state)``; None (unfused path) for a
-        head that is not a plain Linear (LoRA on lm_head, quantised), logit soft-capping or scaling in
-        the config, or weights sharded outside the forward (ZeRO-3, FSDP)."""
+        """The LM head when logits are exactly ``head(final hidden state)``; None (unfused path, with one
+        warning per reason) for a head that is not a plain Linear (LoRA on lm_head, quantised), logit
+        soft-capping or scaling in the config, or a sharded head that trains.
+
+        ZeRO-3 and FSDP shard the head outside the forward. A frozen one (LoRA's base head, the
+        teacher's) is materialised once and kept: ZeRO-3 gathers it (``GatheredParameters``,
+        ``modifier_rank=None``: read only), FSDP2 all-gathers its DTensor (``full_tensor``), FSDP1 summons
+        the root unit's parameters (the head's unit under transformer auto-wrap). Frozen, it cannot
+        change, and the fused divergence reads it only in its forward (dD/dh is saved there). Cost: one
+        V x H copy per rank (1.1 GB for Qwen2.5-7B in bf16) against [B, R, V] logits for student,
+        teacher and their gradient. A head that trains (full fine-tuning) needs its gradient reduced by
+        ZeRO-3 / FSDP inside the model's forward (TRL's ``_ForwardRedirection``), which this path does
+        not do: full logits.
+        """
+        from torch.distributed.tensor import DTensor
+
         m = self.accelerator.unwrap_model(module)
         head, cfg = m.get_output_embeddings(), getattr(m, "config", None)
         capped = any(getattr(cfg, a, None) not in (None, 1, 1.0)
                      for a in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
-        if type(head) is not torch.nn.Linear or capped or self.is_fsdp_enabled:
-            return None
-        w = head.weight
-        return None if hasattr(w, "ds_id") or w.numel() == 0 else head   # ZeRO-3 partitions it outside the forward
+        if type(head) is not torch.nn.Linear:
+            return self._cannot_fuse("the LM head is not a plain Linear (an adapter on lm_head, or quantised)")
+        if capped:
+            return self._cannot_fuse("the model soft-caps or scales its logits")
+        zero3, dtensor = hasattr(head.weight, "ds_id"), isinstance(head.weight, DTensor)
+        if not (zero3 or dtensor or self.is_fsdp_enabled):
+            if head.weight.numel() == 0:
+                return self._cannot_fuse("the LM head's weight is empty outside the forward (sharded by an "
+                                         "engine other than ZeRO-3 / FSDP)")
+            return head
+        if any(p.requires_grad for p in head.parameters()):
+            return self._cannot_fuse("the LM head trains (full fine-tuning) and is sharded (ZeRO-3 / FSDP): its "
+                                     "gradient would have to be reduced inside the model's forward")
+        full_heads = self.__dict__.setdefault("_full_heads", {})
+        if id(head.weight) not in full_heads:
+            if zero3:
+                import deepspeed
+
+                gathered = deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None)
+            else:
+                gathered = vllm_sampling.full_root_params(module, self.accelerator)     # FSDP1; else a no-op
+            with torch.no_grad(), gathered:
+                weight, bias = head.weight, head.bias
+                if dtensor:
+                    weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+                copy_ = torch.nn.Linear(head.in_features, head.out_features, bias=bias is not None, device="meta")
+                copy_.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+                if bias is not None:
+                    copy_.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+            if copy_.weight.shape != (head.out_features, head.in_features):
+                return self._cannot_fuse(f"the sharded LM head could not be gathered (got {tuple(copy_.weight.shape)})")
+            full_heads[id(head.weight)] = copy_
+        return full_heads[id(head.weight)]
+
+    def _cannot_fuse(self, reason: str) -> None:
+        """None, saying once per reason why the fused LM head is off."""
+        warned = self.__dict__.setdefault("_fuse_warned", set())
+        if reason not in warned:
+            warned.add(reason)
+            log.warning("msd.fused_lm_head: %s, so full [B, R, V] logits are used", reason)
+        return None
 
     def _mlc(self, model: Any, examples: list[dict[str, Any]], num_items_in_batch: Any) -> torch.Tensor | float:
         """lambda * L_MLC on its schedule (scaled like the MSD loss under accumulation), else 0."""

@@ -1,0 +1,140 @@
+"""The fused LM head with a sharded head (ZeRO-3, FSDP), and HF sampling's settings under sharding.
+
+No DeepSpeed and no GPU here: a ZeRO-3-like head is emulated (``ds_id``, empty outside the forward,
+materialised by forward hooks as ZeRO-3's are, and by a stand-in ``deepspeed.zero.GatheredParameters``).
+What these tests show is polyalign's side: the head is gathered read-only, the fused loss and
+gradients equal the unfused ones, and where fusing is impossible one warning says why.
+"""
+
+import contextlib
+import importlib.machinery
+import logging
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from polyalign.train import msd_trainer as trainer_mod
+
+from tests.test_fused_msd import loss_and_grads, make_trainer
+
+
+class Zero3Like:
+    """Partitions ``param`` as ZeRO-3 does outside the forward (``ds_id``, numel 0); the modules that
+    use it (the head, and the embeddings it is tied to) materialise it in their forward, and
+    ``deepspeed.zero.GatheredParameters`` (installed by the test) does so for direct reads."""
+
+    def __init__(self, param: torch.nn.Parameter, modules: list[torch.nn.Module]):
+        self.param, self.full = param, param.data.clone()
+        param.ds_id = 7
+        self.gathers: list[dict] = []
+        for m in modules:
+            m.register_forward_pre_hook(lambda *_: self.materialise())
+            m.register_forward_hook(lambda *_: self.partition())
+        self.partition()
+
+    def materialise(self):
+        self.param.data = self.full
+
+    def partition(self):
+        self.param.data = torch.empty(0, dtype=self.full.dtype)
+
+    @contextlib.contextmanager
+    def gathered_parameters(self, params, modifier_rank=0):
+        self.gathers.append({"params": list(params), "modifier_rank": modifier_rank})
+        self.materialise()
+        try:
+            yield
+        finally:
+            self.partition()
+
+
+def fake_zero3(monkeypatch, model) -> Zero3Like:
+    head = model.get_output_embeddings()
+    modules = [head] + ([model.get_input_embeddings()] if model.get_input_embeddings().weight is head.weight else [])
+    sharded = Zero3Like(head.weight, modules)
+    deepspeed = types.ModuleType("deepspeed")
+    deepspeed.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)   # no metadata: "not installed" to accelerate
+    deepspeed.zero = SimpleNamespace(GatheredParameters=sharded.gathered_parameters)
+    monkeypatch.setitem(sys.modules, "deepspeed", deepspeed)
+    return sharded
+
+
+def test_zero3_frozen_head_is_gathered_read_only_and_fused_equals_unfused(tmp_path, monkeypatch):
+    trainer, model = make_trainer(tmp_path)                       # LoRA: the head is frozen
+    head = model.get_output_embeddings()
+    sharded = fake_zero3(monkeypatch, model)
+    assert head.weight.numel() == 0                               # what _linear_head sees outside the forward
+    with monkeypatch.context() as m:                              # fused: full logits must never be computed
+        fused, g_fused = loss_and_grads(trainer, model, True, m)
+    assert sharded.gathers and all(g["modifier_rank"] is None for g in sharded.gathers)
+    assert [p is head.weight for p in sharded.gathers[0]["params"]] == [True]
+    with monkeypatch.context() as m:
+        full, g_full = loss_and_grads(trainer, model, False, m)
+    assert head.weight.numel() == 0 and full > 0
+    torch.testing.assert_close(fused, full, rtol=1e-5, atol=1e-7)
+    assert set(g_fused) == set(g_full) and g_full
+    for n in g_full:                    # fp32: elementwise to 1e-4 of the tensor's largest entry
+        torch.testing.assert_close(g_fused[n], g_full[n], rtol=1e-4, atol=1e-4 * float(g_full[n].abs().max()))
+    # student and teacher share the one gathered copy, gathered once for the run (the head is frozen)
+    trainer.compute_loss(model, {"examples": trainer.train_dataset[:4]})
+    assert len(sharded.gathers) == 1
+    assert trainer._linear_head(model) is trainer._linear_head(model)
+
+
+def test_zero3_trained_head_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
+    trainer, model = make_trainer(tmp_path, lora=False)          # full fine-tuning: the (tied) head trains
+    sharded = fake_zero3(monkeypatch, model)
+    with caplog.at_level(logging.WARNING, logger=trainer_mod.__name__):
+        assert trainer._linear_head(model) is None
+        assert trainer._linear_head(model) is None
+        loss = trainer.compute_loss(model, {"examples": trainer.train_dataset[:4]})
+        trainer.compute_loss(model, {"examples": trainer.train_dataset[:4]})
+    assert torch.isfinite(loss) and not sharded.gathers
+    warnings = [r.getMessage() for r in caplog.records if "fused_lm_head" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "trains" in warnings[0] and "full [B, R, V] logits are used" in warnings[0]
+
+
+def test_unfusable_head_warns_once_per_reason(tmp_path, caplog):
+    trainer, model = make_trainer(tmp_path)
+    model.config.final_logit_softcapping = 30.0
+    with caplog.at_level(logging.WARNING, logger=trainer_mod.__name__):
+        for _ in range(3):
+            assert trainer._linear_head(model) is None
+    assert [r.getMessage() for r in caplog.records].count(
+        "msd.fused_lm_head: the model soft-caps or scales its logits, so full [B, R, V] logits are used") == 1
+
+
+# ---------------------------------------------------------------- HF sampling under sharding
+def _state(zero3: bool = False, fsdp: int | None = None, processes: int = 2):
+    """What TRL's DistributedBackend and Accelerator read from ``accelerator.state``."""
+    return SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3) if zero3 else None,
+                           fsdp_plugin=SimpleNamespace(fsdp_version=fsdp) if fsdp else None,
+                           num_processes=processes, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("state", "synced"), [
+    (dict(zero3=True), True), (dict(fsdp=1), True), (dict(fsdp=2), True),
+    (dict(), False), (dict(zero3=True, processes=1), False),
+])
+def test_hf_sampling_passes_synced_gpus_when_sharded(tmp_path, monkeypatch, state, synced):
+    trainer, model = make_trainer(tmp_path)
+    del trainer.sample_responses                                  # make_trainer stubs it out
+    monkeypatch.setattr(trainer.accelerator, "state", _state(**state))
+    # generation itself is not what is tested: TRL's unwrap would import DeepSpeed under ZeRO-3
+    monkeypatch.setattr(trainer_mod, "unwrap_model_for_generation",
+                        contextlib.contextmanager(lambda m, acc: (yield acc.unwrap_model(m))))
+    seen = []
+
+    def generate(input_ids, attention_mask, **kwargs):
+        seen.append(kwargs)
+        return torch.cat([input_ids, torch.full((input_ids.shape[0], 2), 5)], 1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    out = trainer.sample_responses(model, [[1, 2, 3], [4, 5]], from_teacher=False)
+    assert out == [[5, 5], [5, 5]]
+    assert seen[0].get("synced_gpus") is (True if synced else None)
+    assert seen[0]["temperature"] == trainer.msd.temperature      # the sampling settings are untouched
