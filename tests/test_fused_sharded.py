@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from polyalign.train import msd_trainer as trainer_mod
-
 from tests.test_fused_msd import loss_and_grads, make_trainer
 
 

@@ -39,6 +39,13 @@ class MLCConfig:
             ``provided`` = the record's ``meta.output`` or ``meta.chosen``.
         benign_rejected: the refusal string (English).
         benign_max_new_tokens: length of the model's own answers (128).
+    Harmful prompts without responses of their own (the built-in benchmark's; issue #25's ``mlc_dpo``):
+        harmful_pairs: records labelled harmful (:func:`polyalign.data.records.record_label`) that carry
+            no ``meta.chosen``/``rejected`` (``output`` for SFT) become rows: chosen = ``harmful_chosen``
+            (a refusal), rejected = the model's own greedy English answer before training (cached with
+            the benign ones). Off by default. With ``benign_pairs`` or ``harmful_pairs`` on, every
+            record must carry a harmful/benign label (one without is refused, naming file and row).
+        harmful_chosen: the refusal string (English) chosen for harmful prompts.
     """
 
     paradigm: str = "dpo"
@@ -56,6 +63,8 @@ class MLCConfig:
     benign_chosen: str = "own"
     benign_rejected: str = BENIGN_REFUSAL
     benign_max_new_tokens: int = 128
+    harmful_pairs: bool = False
+    harmful_chosen: str = BENIGN_REFUSAL
 
     def __post_init__(self) -> None:
         if self.benign_chosen not in ("own", "provided"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from polyalign.data.records import BENIGN_CATEGORIES, ParallelRecord
+from polyalign.data.records import BENIGN_CATEGORIES, ParallelRecord, record_label, require_labels
 from polyalign.models.chat import prompt_ids
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.mlc_term import (
@@ -109,10 +109,18 @@ def mlc_rows(records: list[ParallelRecord], cfg: MLCConfig, tokenizer: Any,
     for ``benign_chosen: own``, else ``meta``) and rejected = ``cfg.benign_rejected``.
     """
     rows = []
+    if cfg.benign_pairs or cfg.harmful_pairs:
+        require_labels(records, "mlc.benign_pairs / mlc.harmful_pairs")
     for r in records:
         if any(lang not in r.texts for lang in cfg.languages):
             continue
         meta = r.meta
+        if cfg.harmful_pairs and record_label(r) == "harmful" and not (
+                "output" in meta if cfg.paradigm == "sft" else "chosen" in meta and "rejected" in meta):
+            answer = (benign_answers or {}).get(r.id)
+            if not answer:
+                continue
+            meta = {"output": cfg.harmful_chosen, "chosen": cfg.harmful_chosen, "rejected": answer}
         if cfg.benign_pairs and r.category in BENIGN_CATEGORIES:
             answer = (benign_answers or {}).get(r.id) if cfg.benign_chosen == "own" else \
                 meta.get("output", meta.get("chosen"))
@@ -137,9 +145,14 @@ def mlc_rows(records: list[ParallelRecord], cfg: MLCConfig, tokenizer: Any,
 
 def benign_answers(cfg: MLCConfig, model: Any, tokenizer: Any, records: list[ParallelRecord],
                    output_dir: str) -> dict[str, str] | None:
-    """The model's own English answers to the benign records (``benign_pairs`` with ``benign_chosen: own``)."""
+    """The model's own English answers to the benign records (``benign_pairs`` with ``benign_chosen: own``)
+    and, with ``harmful_pairs``, to the harmful ones (their rejected side)."""
     benign = [r for r in records if r.category in BENIGN_CATEGORIES and all(c in r.texts for c in cfg.languages)]
-    if not (cfg.benign_pairs and cfg.benign_chosen == "own" and benign):
+    if not (cfg.benign_pairs and cfg.benign_chosen == "own"):
+        benign = []
+    if cfg.harmful_pairs:
+        benign += [r for r in records if record_label(r) == "harmful" and all(c in r.texts for c in cfg.languages)]
+    if not benign:
         return None
     from polyalign.train.make_responses import own_english_answers
 

@@ -56,7 +56,11 @@ class MSDConfig:
 
     Sampling:
         mode: ``on_policy`` (the student samples y from p_S(.|x_tgt); paper default) or
-            ``off_policy`` (the frozen teacher samples y from p_T(.|x_tgt, x*, C)).
+            ``off_policy`` (the frozen teacher samples y from p_T(.|x_tgt, x*, C)); ``sft``: no
+            distillation, the comparison of issue #25's ``label_sft``: the frozen teacher answers every
+            training example once, greedily (``max_new_tokens``, in its training context, cached in the
+            output dir), and the student is trained by cross-entropy on those answers (the same targets
+            as distillation would copy, without the teacher's distribution).
         temperature, top_p, max_new_tokens: sampling of y; not reported in the paper
             (our choice: 1.0, 1.0, 256). ``temperature: 0`` decodes greedily (deterministic runs).
     Loss:
@@ -125,6 +129,13 @@ class MSDConfig:
             distilling them teaches the opposite of what is wanted. Refusal = the lexicon judge's
             :func:`polyalign.eval.judges.refusal_phrase`. Counts per language are logged (``gate/...``).
         gating_max_new_tokens: length of the probe answers (refusals come first; 32).
+    Labels (issue #25; a record's harmful/benign label: :func:`polyalign.data.records.record_label`):
+        labels: ``auto`` (default): the label is read only by the settings that need it
+            (:meth:`label_settings`: ``harmful_hint``, ``hint_prompts``, ``benign_target``, ``benign_weight``,
+            ``benign_languages``, ``teacher_gating``), and then every training record must have one
+            (a record without is refused, naming its file and row); ``required``: every record must
+            have one; ``none``: the label is never read (the paper's MSD: the teacher's own judgement
+            decides, with the same context for every prompt), and a setting that needs it is an error.
     On-policy sampling with vLLM (:mod:`polyalign.train.vllm_sampling`; TRL's ``VLLMGeneration``):
         use_vllm: sample y with vLLM instead of HF ``generate`` (off; needs ``pip install 'polyalign[vllm]'``).
             One generation per optimizer step covers all of its gradient-accumulation micro-batches;
@@ -164,6 +175,7 @@ class MSDConfig:
     retain_languages: list[str] = field(default_factory=list)
     teacher_gating: bool = False
     gating_max_new_tokens: int = 32
+    labels: str = "auto"
     use_vllm: bool = False
     vllm_mode: str = "colocate"
     vllm_server_base_url: str | None = None
@@ -172,6 +184,17 @@ class MSDConfig:
     vllm_server_timeout: float = 240.0
     vllm_gpu_memory_utilization: float = 0.3
     vllm_tensor_parallel_size: int = 1
+
+    def label_settings(self) -> list[str]:
+        """The settings that read a prompt's harmful/benign label (empty: the training is label-free)."""
+        return [name for name, on in (
+            ("harmful_hint", self.harmful_hint is not None), ("hint_prompts", self.hint_prompts != "all"),
+            ("benign_target", self.benign_target != "teacher"), ("benign_weight", self.benign_weight != 1.0),
+            ("benign_languages", self.benign_languages is not None), ("teacher_gating", self.teacher_gating)) if on]
+
+    def reads_labels(self) -> bool:
+        """Whether every training record must carry a harmful/benign label."""
+        return self.labels == "required" or (self.labels == "auto" and bool(self.label_settings()))
 
     def hints(self, lang: str, benign: bool | None = None) -> bool:
         """Whether the teacher is told to answer in ``lang`` (``language_hint``: all, none or a list),
@@ -212,8 +235,12 @@ class MSDConfig:
             from polyalign.train import vllm_sampling
 
             vllm_sampling.require_vllm()
-        if self.mode not in ("on_policy", "off_policy"):
-            raise ValueError(f"mode must be on_policy or off_policy, got {self.mode!r}")
+        if self.mode not in ("on_policy", "off_policy", "sft"):
+            raise ValueError(f"mode must be on_policy, off_policy or sft, got {self.mode!r}")
+        if self.labels not in ("auto", "required", "none"):
+            raise ValueError(f"labels must be auto, required or none, got {self.labels!r}")
+        if self.labels == "none" and self.label_settings():
+            raise ValueError(f"labels: none, but {', '.join(self.label_settings())} read the harmful/benign label")
         if self.divergence not in KINDS:
             raise ValueError(f"divergence must be one of {KINDS}, got {self.divergence!r}")
         if self.divergence == "jsd" and not 0 < self.jsd_beta < 1:

@@ -26,7 +26,7 @@ import torch
 from transformers import Trainer
 from trl.models.utils import unwrap_model_for_generation
 
-from polyalign.data.records import BENIGN_CATEGORIES, ParallelRecord, atomic_write_text
+from polyalign.data.records import ParallelRecord, atomic_write_text, record_label, require_labels
 from polyalign.errors import PolyalignError
 from polyalign.losses.msd import (
     dpsw_raw_weights,
@@ -54,25 +54,34 @@ from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE, MSDConfig
 
 log = logging.getLogger(__name__)
 GATE_FILE = "teacher_gate.json"
+SFT_TARGETS_FILE = "sft_targets.json"      # msd.mode: sft, the teacher's greedy answers (token ids)
 
 
 def build_msd_examples(records: list[ParallelRecord], cfg: MSDConfig) -> list[dict[str, Any]]:
     """(target query, English query) pairs: one per record and student language present in it
     (benign records: each of ``cfg.benign_languages`` when set).
 
-    ``benign`` marks benign requests (:data:`BENIGN_CATEGORIES`); ``texts`` keeps the prompt in the
-    teacher and student languages for the MLC term.
+    ``label`` is the record's harmful/benign label (:func:`~polyalign.data.records.record_label`;
+    None with ``cfg.labels: none``, where it is never read) and ``benign`` whether it is benign. A
+    record without a label is never taken for harmful: when the config reads labels
+    (:meth:`MSDConfig.reads_labels`) such a record is refused, naming its file and row; otherwise
+    every prompt gets the same teacher context and the label changes nothing but the logged
+    ``loss/harmful`` / ``loss/benign`` split. ``texts`` keeps the prompt in the teacher and student
+    languages for the MLC term.
     """
+    if cfg.reads_labels():
+        require_labels(records, "msd." + ", msd.".join(cfg.label_settings() or ["labels=required"]))
     out = []
     langs = [cfg.teacher_language, *cfg.student_languages]
     for r in records:
         if cfg.teacher_language not in r.texts:
             continue
-        benign = r.category in BENIGN_CATEGORIES
+        label = None if cfg.labels == "none" else record_label(r)
+        benign = label == "benign"
         for lang in (cfg.benign_languages or cfg.student_languages) if benign else cfg.student_languages:
             if lang in r.texts:
                 out.append({"prompt_id": r.id, "lang": lang, "query": r.texts[lang],
-                            "english": r.texts[cfg.teacher_language], "benign": benign,
+                            "english": r.texts[cfg.teacher_language], "benign": benign, "label": label,
                             "texts": {c: r.texts[c] for c in langs if c in r.texts}})
     return out
 
@@ -141,6 +150,9 @@ class MSDTrainer(Trainer):
             self.add_callback(MLCHeadCheckpoint(self.mlc_term.head))
         if self.msd.teacher_gating:
             self.train_dataset = self._gate(train_dataset)
+        if self.msd.mode == "sft":          # label_sft: the teacher's greedy answers are the targets
+            self.train_dataset = [{**e, "target": t} for e, t in
+                                  zip(self.train_dataset, self.teacher_targets(self.train_dataset), strict=True)]
 
     # ---------------------------------------------------------------- contexts
     def _prompts(self, examples: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
@@ -247,6 +259,46 @@ class MSDTrainer(Trainer):
             atomic_write_text(path, json.dumps(cache, ensure_ascii=False, indent=0))
         return [cache[k] for k in keys]
 
+    def teacher_targets(self, examples: list[dict[str, Any]]) -> list[list[int]]:
+        """``msd.mode: sft``: the frozen teacher's greedy answer (token ids, ``msd.max_new_tokens``) to
+        each example in its training context, what the student is then trained on by cross-entropy;
+        cached in ``output_dir/sft_targets.json`` (keyed by model, context and length)."""
+        _, teacher = self._prompts(examples)
+        name = getattr(getattr(self.accelerator.unwrap_model(self.model), "config", None), "_name_or_path", "")
+        n = self.msd.max_new_tokens
+        keys = [hashlib.sha256(json.dumps(["sft", name, n, t]).encode()).hexdigest()[:24] for t in teacher]
+        path = Path(self.args.output_dir) / SFT_TARGETS_FILE
+        cache = json.loads(path.read_text()) if path.exists() else {}
+        todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values(), key=lambda i: len(teacher[i]))
+        bs = max(8, self.args.per_device_train_batch_size)
+        for start in range(0, len(todo), bs):
+            idx = todo[start:start + bs]
+            out = self.sample_responses(self.model, [teacher[i] for i in idx], from_teacher=True, greedy=True,
+                                        max_new_tokens=n)
+            for i, ids in zip(idx, out):
+                cache[keys[i]] = [int(t) for t in ids]
+        if todo and self.accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(cache))
+        return [cache[k] for k in keys]
+
+    def _sft_loss(self, model: Any, examples: list[dict[str, Any]], student_prompts: list[list[int]]):
+        """(loss, student logits, per-token NLL [B, R], mask [B, R], per-sequence loss, valid): the
+        student's cross-entropy on the teacher's greedy answers, per sequence a mean over its tokens,
+        benign sequences weighted ``benign_weight`` as in distillation."""
+        device = self.accelerator.device
+        responses = [list(e["target"]) for e in examples]
+        batch = {k: v.to(device) for k, v in
+                 response_batch(student_prompts, responses, self.processing_class.pad_token_id).items()}
+        mask = batch["response_mask"]
+        logits = response_logits(model, batch)                                       # [B, R, V]
+        target = batch["input_ids"][:, -mask.shape[1]:]                               # [B, R]
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
+        per_seq, valid = reduce_sequences(nll, mask.to(nll.dtype), mask)
+        benign = torch.tensor([e["benign"] for e in examples], device=device)
+        loss = weighted_mean_over_valid(per_seq, valid, torch.where(benign, self.msd.benign_weight, 1.0), logits)
+        return loss, logits, responses, nll, mask, per_seq, valid, benign
+
     def _gate(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         kept, counts = gate_examples(examples, self.teacher_answers(examples))
         for lang, c in sorted(counts.items()):
@@ -263,6 +315,13 @@ class MSDTrainer(Trainer):
         start = time.perf_counter()
         examples = inputs["examples"]
         student_prompts, teacher_prompts = self._prompts(examples)
+        if self.msd.mode == "sft":
+            loss, logits, responses, nll, mask, per_seq, valid, benign = self._sft_loss(model, examples, student_prompts)
+            if self.mlc_term is not None and model.training:
+                loss = loss + self._mlc(model, examples, num_items_in_batch)
+            self._record(examples, responses, nll.detach(), mask.float(), mask, per_seq.detach(), valid, benign,
+                         time.perf_counter() - start)
+            return (loss, {"student_logits": logits}) if return_outputs else loss
         on_policy = self.msd.mode == "on_policy"
         responses = self.sample_responses(model, student_prompts if on_policy else teacher_prompts,
                                           from_teacher=not on_policy)
