@@ -1,6 +1,7 @@
 """The user-facing docs, step by step: README "Using it", docs/own-data.md, docs/gpu.md.
 (docs/languages.md is tests/test_text.py::test_adding_a_language_is_one_entry.)"""
 
+import dataclasses
 import re
 import shlex
 from pathlib import Path
@@ -85,7 +86,7 @@ def test_gpu_doc(tmp_path, monkeypatch):
 
     from polyalign.errors import PolyalignError
     from polyalign.eval.runner import EvalConfig, run_eval
-    from polyalign.train.recipes import load_recipe, training_arguments
+    from polyalign.train.recipes import load_recipe, precision, training_arguments
 
     doc = (ROOT / "docs" / "gpu.md").read_text()
     assert "--backend vllm" in doc and "dtype=bfloat16" in doc
@@ -93,7 +94,10 @@ def test_gpu_doc(tmp_path, monkeypatch):
                                      f"output_dir={tmp_path}"])
     assert r.dtype == "bfloat16"
     args = training_arguments(r)
-    assert args.use_cpu == (not torch.cuda.is_available()) and args.bf16 == torch.cuda.is_available()
+    assert args.use_cpu == (not torch.cuda.is_available())
+    # LoRA: bf16 base weights, fp32 adapter, no autocast; full fine-tuning: fp32 master weights with
+    # bf16 autocast (recipes.precision). On an H200 (2026-12-04) this line read bf16 == CUDA, and failed.
+    assert not args.bf16 and precision(dataclasses.replace(r, lora=None)) == ("float32", True)
 
     import builtins
 

@@ -1,0 +1,52 @@
+"""scripts/gpu_check.sh on a machine without CUDA stops before the first GPU step and says why;
+its summary table and verdict agreement are computed from the stages' results."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only stop")
+def test_stops_before_the_first_gpu_step_on_cpu(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 3, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "stopped before the first GPU step: torch.cuda.is_available() is False" in res.stdout
+    assert not list(tmp_path.glob("*.json"))                 # no stage ran
+
+
+def test_verdict_agreement_and_summary_table():
+    g = _script()
+    a = {"en/1": "safe", "en/2": "unsafe", "zh/1": "invalid", "zh/2": "safe"}
+    b = {"en/1": "safe", "en/2": "safe", "zh/1": "invalid", "zh/3": "safe"}
+    assert g.agreement(a, b) == "0.667 (2/3)"                  # zh/2 and zh/3 are not in both
+    assert g.agreement(a, {}) == "n/a"
+    res = {"train_hf": {"step_s_after_warmup": 2.5, "sampled_tokens_per_s_after_warmup": 400.0, "peak_gib": 9.1},
+           "train_vllm": {"error": "PolyalignError: msd.use_vllm needs vLLM"},
+           "head_memory": {"ours": {"seconds": 0.5, "tokens_per_second": 9000, "peak_mb": 4096.0},
+                           "ours_unfused": {"seconds": 0.6, "tokens_per_second": 8000, "peak_mb": 8192.0},
+                           "trl_sdft": {"seconds": 1.0, "tokens_per_second": 5000, "peak_mb": 16384.0}},
+           "eval_hf": {"wall_s": 30.0, "peak_gib": 4.0, "verdicts": a},
+           "eval_vllm": {"wall_s": 10.0, "peak_gib": 60.0, "verdicts": b}}
+    text = g.summary({"gpu": "test"}, res, shape_only=True)
+    assert "| MSD step, HF sampling | 2.5 | 400.0 | 9.1 |" in text
+    assert "| MSD step, vLLM colocate | error: PolyalignError: msd.use_vllm needs vLLM" in text
+    assert "fused vs full-logits peak memory: 0.500" in text
+    assert "msd_peak_memory_vs_trl_long (GPU): 0.250" in text
+    assert "msd_step_throughput_vs_trl_long (GPU, separate processes): 2.000" in text
+    assert "hf vs vllm verdict agreement: 0.667 (2/3)" in text and "RANDOM" in text
