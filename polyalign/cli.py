@@ -176,18 +176,30 @@ def eval_cmd(
     backend: Annotated[str, typer.Option(help="hf | vllm")] = "hf",
     dtype: Dtype = None,
     device: Device = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed (vLLM's engine seed too).")] = 0,
+    vllm_tensor_parallel: Annotated[int, typer.Option(help="vllm: GPUs per engine; under accelerate launch the "
+                                                           "ranks / this many engines split the prompts.")] = 1,
+    vllm_gpu_memory_utilization: Annotated[float, typer.Option(help="vllm: share of each GPU the engine takes.")] = 0.9,
+    vllm_max_lora_rank: Annotated[int | None, typer.Option(help="vllm: default the adapter's rank, rounded up.")] = None,
+    vllm_max_model_len: Annotated[int | None, typer.Option(help="vllm: default the model's context length.")] = None,
 ):
-    """Generate (resumable cache), judge, and write results.json, report.md and a per-language plot."""
+    """Generate (resumable cache), judge, and write results.json, report.md and a per-language plot.
+
+    Under ``accelerate launch`` the ranks split the prompts and the main process writes the files."""
     from polyalign.eval.runner import EvalConfig, run_eval
 
     cfg = EvalConfig(model=model, adapter=str(adapter) if adapter else None, task=task, data=data, split=split,
                      columns=columns, judge=judge,
                      languages=languages, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                     backend=backend, out=str(out), dtype=dtype, device=device)
+                     backend=backend, out=str(out), dtype=dtype, device=device, seed=seed,
+                     vllm_tensor_parallel=vllm_tensor_parallel, vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
+                     vllm_max_lora_rank=vllm_max_lora_rank, vllm_max_model_len=vllm_max_model_len)
     results = run_eval(cfg)
     from polyalign.eval.report import print_results
+    from polyalign.eval.runner import process_state
 
-    print_results(results, console)
+    if process_state(cfg.device).is_main_process:     # one table, not one per rank
+        print_results(results, console)
 
 
 @app.command("tasks")

@@ -21,6 +21,7 @@ from polyalign.eval.generation import (
     GenerationSettings,
     GenRequest,
     HFGenerator,
+    VLLMSettings,
     generate_cached,
 )
 from polyalign.eval.judges import JudgeItem, build_judge
@@ -52,10 +53,27 @@ class EvalConfig:
     system: str | None = None
     seed: int = 0
     dtype: str | None = None             # None/auto: bf16 where the hardware does it fast, else fp32
-    device: str | None = None            # None/auto: CUDA when present, else CPU
+    device: str | None = None            # None/auto: CUDA when present (each rank's own GPU under a launcher)
+    # backend vllm: engine options (generation.VLLMSettings); data parallel = launcher ranks / tensor parallel
+    vllm_tensor_parallel: int = 1
+    vllm_gpu_memory_utilization: float = 0.9
+    vllm_max_lora_rank: int | None = None    # None: the adapter's rank, rounded up to one vLLM serves
+    vllm_max_model_len: int | None = None
 
     def __post_init__(self) -> None:
-        require_positive(limit=self.limit, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        require_positive(limit=self.limit, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                         vllm_tensor_parallel=self.vllm_tensor_parallel, vllm_max_lora_rank=self.vllm_max_lora_rank,
+                         vllm_max_model_len=self.vllm_max_model_len)
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise PolyalignError(f"--vllm-gpu-memory-utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.backend not in ("hf", "vllm"):
+            raise PolyalignError(f"unknown backend {self.backend!r}; use hf or vllm")
+
+    def vllm_settings(self) -> VLLMSettings:
+        return VLLMSettings(tensor_parallel=self.vllm_tensor_parallel,
+                            gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+                            max_lora_rank=self.vllm_max_lora_rank, max_model_len=self.vllm_max_model_len,
+                            dtype=self.dtype, seed=self.seed)
 
 
 def select_requests(records: list[ParallelRecord], languages: list[str] | None, limit: int | None) -> list[GenRequest]:
@@ -86,11 +104,11 @@ def provenance(cfg: EvalConfig | None = None) -> dict[str, Any]:
             "config": asdict(cfg) if cfg else None}
 
 
-def _progress():
+def _progress(show: bool = True):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[rate]}"), transient=False)
+                    TextColumn("{task.fields[rate]}"), transient=False, disable=not show)
 
 
 def _with_adapter(cfg: EvalConfig, model: Any) -> tuple[Any, bool]:
@@ -111,16 +129,38 @@ def _with_adapter(cfg: EvalConfig, model: Any) -> tuple[Any, bool]:
     return model, False
 
 
+def process_state(device: str | None = None) -> Any:
+    """accelerate's ``PartialState``: several processes under ``accelerate launch`` / torchrun, one
+    otherwise. Without CUDA (or with ``--device cpu``) the ranks talk over gloo."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available() or (device or "").startswith("cpu"))
+
+
+def rank_device(device: str | None, state: Any) -> str | None:
+    """Where this rank's model goes: the asked device, or under a launcher each rank's own
+    accelerator (``cuda:<local rank>``), never every rank on cuda:0."""
+    if device not in (None, "auto") or state.num_processes == 1:
+        return device
+    return "cpu" if state.device.type == "cpu" else str(state.device)
+
+
 def run_eval(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
     """Run one evaluation; ``model``/``tokenizer`` may be passed in to reuse loaded weights.
 
     With ``cfg.adapter`` set, a passed-in base model gets the adapter for this run only, and a
-    passed-in PEFT model must carry that adapter (checked weight by weight)."""
+    passed-in PEFT model must carry that adapter (checked weight by weight).
+
+    Under ``accelerate launch`` every rank loads its own copy on its own device and generates its
+    share of the prompts (:func:`~polyalign.eval.generation.generate_cached`); the main process
+    judges and writes every file, and every rank returns the same results."""
     task = get_task(cfg.task)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     languages = parse_language_list(cfg.languages)
     records = task.load(cfg.data, cfg.split, cfg.columns)
+    state = process_state(cfg.device)
 
     wrapped = False
     if model is None:
@@ -128,20 +168,26 @@ def run_eval(cfg: EvalConfig, model: Any = None, tokenizer: Any = None) -> dict[
 
         tokenizer = load_tokenizer(cfg.model)
         if cfg.backend != "vllm":
-            model = load_with_adapter(cfg.model, cfg.adapter, dtype=cfg.dtype, device=cfg.device)
+            model = load_with_adapter(cfg.model, cfg.adapter, dtype=cfg.dtype, device=rank_device(cfg.device, state))
     elif cfg.backend == "hf":
         model, wrapped = _with_adapter(cfg, model)
     try:
-        return _run_loaded(cfg, task, records, languages, model, tokenizer, out)
+        results = _run_loaded(cfg, task, records, languages, model, tokenizer, out, state)
     finally:
         if wrapped:
             model.unload()      # the caller's base model leaves exactly as it came in
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        results = broadcast_object_list([results], from_process=0)[0]
+    return results
 
 
 def _run_loaded(cfg: EvalConfig, task: Any, records: list[ParallelRecord], languages: list[str] | None,
-                model: Any, tokenizer: Any, out: Path) -> dict[str, Any]:
+                model: Any, tokenizer: Any, out: Path, state: Any) -> dict[str, Any] | None:
+    """Generate (every rank its share), then judge and write (the main process); None on the others."""
     if task.kind == "mmlu":
-        return _run_mmlu(cfg, task, records, model, tokenizer, out)
+        return _run_mmlu(cfg, task, records, model, tokenizer, out) if state.is_main_process else None
 
     from polyalign.models.loading import weights_fingerprint
 
@@ -150,20 +196,22 @@ def _run_loaded(cfg: EvalConfig, task: Any, records: list[ParallelRecord], langu
     if cfg.backend == "vllm":
         from polyalign.eval.generation import VLLMGenerator
 
-        generator: Any = VLLMGenerator(cfg.model, cfg.adapter)
-        fingerprint = f"vllm:{cfg.model}:{cfg.adapter}"
-    elif cfg.backend == "hf":
+        generator: Any = VLLMGenerator(cfg.model, cfg.adapter, cfg.batch_size, cfg.vllm_settings(),
+                                       launched=state.num_processes > 1)
+        fingerprint = generator.fingerprint(cfg.model)  # the adapter's sha256, never its path
+    else:
         generator = HFGenerator(model, tokenizer, cfg.batch_size)
         fingerprint = weights_fingerprint(model)       # what generates: base spec, dtype, adapter weights
-    else:
-        raise PolyalignError(f"unknown backend {cfg.backend!r}; use hf or vllm")
-    cache = GenerationCache(out / "generations.jsonl")
-    with _progress() as prog, merged_for_generation(model if cfg.backend == "hf" else None):
+    # One writer: the main process alone reads and appends the cache (the others keep theirs in memory).
+    cache = GenerationCache(out / "generations.jsonl" if state.is_main_process else None)
+    with _progress(state.is_main_process) as prog, merged_for_generation(model if cfg.backend == "hf" else None):
         bar = prog.add_task(f"generate {cfg.task}", total=None, rate="")
 
         def tick(done: int, total: int, rate: float) -> None:
             prog.update(bar, completed=done, total=total, rate=f"{rate:.1f} words/s")
-        rows, generated, cached = generate_cached(generator, requests, settings, cache, fingerprint, tick)
+        rows, generated, cached = generate_cached(generator, requests, settings, cache, fingerprint, tick, state)
+    if not state.is_main_process:
+        return None
 
     by_req = [(r, rows[k]) for r, k in zip(requests, rows)]
     judge = build_judge(cfg.judge, out / "verdicts.jsonl")
@@ -220,12 +268,16 @@ def merged_for_generation(model: Any) -> Iterator[None]:
     base (benchmarks/precision.py, ``eval_adapter_vs_base``). So the wrappers are also swapped for
     their base layers for the duration. And unmerging is not exact in bf16 (W + dW - dW rounds), so
     a base model shared by several evaluations (a sweep) would drift: the base weights are copied
-    before the merge and written back after it."""
+    before the merge and written back after it.
+
+    Only on the CPU: that copy is every adapted base weight (13 GB at 7B in bf16), which a GPU
+    cannot spare, and on a GPU the wrappers' extra kernels cost little next to the copy (and
+    ``--backend vllm`` is the fast path there). Off the CPU the adapter generates unmerged."""
     import torch
 
     from polyalign.models.adapters import is_peft
 
-    if model is None or not is_peft(model) or getattr(model, "merged", False):
+    if model is None or not is_peft(model) or getattr(model, "merged", False) or not _on_cpu(model):
         yield
         return
     wrappers = [(name, m) for name, m in model.named_modules() if getattr(m, "base_layer", None) is not None]
@@ -243,6 +295,10 @@ def merged_for_generation(model: Any) -> Iterator[None]:
             for base, params in saved:
                 for k, t in params.items():
                     getattr(base, k).copy_(t)
+
+
+def _on_cpu(model: Any) -> bool:
+    return all(p.device.type == "cpu" for p in model.parameters())
 
 
 def _swap_in_base_layers(model: Any, wrappers: list[tuple[str, Any]]) -> list[tuple[Any, str, Any]]:

@@ -63,20 +63,37 @@ class OpenAIChat:
 
 
 class HFChat:
-    """A local Hugging Face chat model as backend (greedy)."""
+    """A local Hugging Face chat model as backend (greedy), batched.
 
-    def __init__(self, spec: str, max_new_tokens: int = 16):
+    Inputs go to the model's own device (a judge on the GPU gets CUDA tensors), and
+    :meth:`complete_many` answers ``batch_size`` prompts per ``generate`` call, left-padded."""
+
+    def __init__(self, spec: str, max_new_tokens: int = 16, batch_size: int = 16):
         from polyalign.models import load_model, load_tokenizer
 
         self.tok, self.model, self.max_new_tokens = load_tokenizer(spec), load_model(spec), max_new_tokens
+        self.batch_size = batch_size
 
     def complete(self, system: str, user: str) -> str:
+        return self.complete_many(system, [user])[0]
+
+    def complete_many(self, system: str, users: list[str]) -> list[str]:
+        """One answer per user turn, in order (greedy; padding does not change them)."""
         import torch
 
-        msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = self.tok(text, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tok.pad_token_id)
-        return self.tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = [self.tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": u}],
+                                              tokenize=False, add_generation_prompt=True) for u in users]
+        device = next(self.model.parameters()).device
+        answers: list[str] = []
+        old_side, self.tok.padding_side = self.tok.padding_side, "left"   # new tokens follow each prompt
+        try:
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tok(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                               add_special_tokens=False).to(device)
+                with torch.no_grad():
+                    out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                              pad_token_id=self.tok.pad_token_id)
+                answers += self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        finally:
+            self.tok.padding_side = old_side
+        return answers
