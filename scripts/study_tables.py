@@ -1,0 +1,312 @@
+"""Every table and interval of the study, recomputed from the committed per-prompt verdicts alone.
+
+    python scripts/study_tables.py docs/results/test                 # tables.md + pareto_<model>.png there
+    python scripts/study_tables.py export runs/comparisons_0.5b docs/results/test   # a sweep folder -> files
+    python scripts/study_tables.py export runs/demo/after/builtin-harmful docs/results/test --config default
+
+Results files (issue #25, point 5): ``<dir>/<config>_<model>_seed<k>.jsonl``, one compact JSON line per
+prompt, language and run: ``config``, ``model``, ``seed``, ``lang``, ``prompt_id``, ``kind`` (harmful |
+benign | mgsm), ``refused``, ``in_language``, ``label`` (safe | unsafe | invalid), and ``correct`` on MGSM
+rows. The untrained model is config ``base``; every change is against it, on the prompts both have.
+
+What is computed, per model:
+
+* per config and language: the share of harmful prompts refused, of benign prompts refused and of
+  benign answers in the query's language, with Wilson 95 % intervals (k / n over every seed's rows);
+* pooled over the non-English languages: each config's change against ``base``, the mean over its
+  seeds, with the two-stage bootstrap of :func:`polyalign.eval.stats.seeds_bootstrap_diff` (prompt
+  clusters, then seeds; with one seed, the cluster bootstrap over prompts), English harmful refusal
+  per seed, and MGSM accuracy where the files have it;
+* a Pareto plot: change in benign refusal (x) against change in harmful refusal (y), with those intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from polyalign.data.records import atomic_write_text, iter_jsonl
+from polyalign.errors import DataError, PolyalignError
+from polyalign.eval.stats import seeds_bootstrap_diff, wilson
+
+FIELDS = ("config", "model", "seed", "lang", "prompt_id", "kind", "refused", "in_language", "label")
+KINDS = {"safety": "harmful", "benign": "benign", "mgsm": "mgsm"}      # task kind -> row kind
+LABELS = ("safe", "unsafe", "invalid")
+# issue #25's configs, in the order the tables list them; any other config follows
+ORDER = ("base", "system_prompt", "label_sft", "paper_msd", "mlc_dpo", "msd_mlc", "default")
+# pooled figures: (column, row kind, flag); the decision rule's measures
+POOLED = (("harmful refusal", "harmful", "refused"), ("benign refusal", "benign", "refused"),
+          ("benign in language", "benign", "in_language"), ("MGSM accuracy", "mgsm", "correct"))
+
+
+def model_slug(model: str) -> str:
+    """``builtin:qwen2.5-coder-0.5b-instruct`` -> ``qwen2.5-coder-0.5b-instruct`` (a file-name part)."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", model.split(":", 1)[-1].rstrip("/").split("/")[-1]).strip("-") or "model"
+
+
+# --- export: run folders -> results files --------------------------------------------------------
+
+def verdict_rows(run: Path, config: str, model: str, seed: int) -> list[dict[str, Any]]:
+    """The compact rows of one evaluation run folder (the runner's results.json + judged.jsonl)."""
+    res_path = run / "results.json"
+    if not res_path.exists():
+        raise PolyalignError(f"{run}: no results.json (not an evaluation run folder)")
+    kind = KINDS.get(json.loads(res_path.read_text(encoding="utf-8")).get("task_kind"))
+    if kind is None:
+        return []                                      # mmlu keeps no per-prompt rows
+    rows = []
+    for n, j in iter_jsonl(run / "judged.jsonl"):
+        for key in ("prompt_id", "lang", "refused", "label"):
+            if key not in j:
+                raise DataError(f"missing {key!r}", run / "judged.jsonl", row=n)
+        row = {"config": config, "model": model, "seed": seed, "lang": j["lang"], "prompt_id": j["prompt_id"],
+               "kind": kind, "refused": bool(j["refused"]), "in_language": bool(j.get("in_language")),
+               "label": j["label"]}
+        if kind == "mgsm":
+            row["correct"] = bool(j.get("correct"))
+        rows.append(row)
+    return rows
+
+
+def _task_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if (p / "results.json").exists()) if folder.is_dir() else []
+
+
+def export(src: Path, out: Path, model: str | None = None, config: str | None = None, seed: int = 0) -> list[Path]:
+    """Write results files for ``src``: a sweep folder (its baseline as ``base``, every point under
+    its config name and seed) or one evaluation run folder / a folder of task runs (``config``)."""
+    runs: dict[tuple[str, int], list[Path]] = defaultdict(list)
+    if (src / "baseline").is_dir() and (src / "points").is_dir():
+        spec = src / "sweep.yaml"
+        if model is None and spec.exists():
+            import yaml
+
+            model = (yaml.safe_load(spec.read_text(encoding="utf-8")) or {}).get("model")
+        runs["base", 0] = _task_dirs(src / "baseline")
+        for d in sorted((src / "points").glob("*/seed*")):
+            runs[d.parent.name, int(d.name[4:])] = _task_dirs(d / "eval")
+    else:
+        if config is None:
+            raise PolyalignError(f"{src}: not a sweep folder; name the run's config with --config")
+        runs[config, seed] = [src] if (src / "results.json").exists() else _task_dirs(src)
+    if model is None:
+        first = next((p for ps in runs.values() for p in ps), None)
+        model = json.loads((first / "results.json").read_text())["model"] if first else None
+    if not model:
+        raise PolyalignError(f"{src}: cannot tell the model; pass --model")
+    written = []
+    for (cfg, k), dirs in runs.items():
+        rows = [r for d in dirs for r in verdict_rows(d, cfg, model, k)]
+        if not rows:
+            continue
+        path = out / f"{cfg}_{model_slug(model)}_seed{k}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in rows))
+        written.append(path)
+    if not written:
+        raise PolyalignError(f"{src}: no evaluation runs with per-prompt rows found")
+    return written
+
+
+# --- tables: results files -> numbers ------------------------------------------------------------
+
+def load_rows(folder: Path) -> list[dict[str, Any]]:
+    """Every row of every ``*.jsonl`` results file in ``folder``, checked (file and row in errors)."""
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise PolyalignError(f"{folder}: no results files (*.jsonl)")
+    rows = []
+    for f in files:
+        for n, r in iter_jsonl(f):
+            missing = [k for k in FIELDS if k not in r]
+            if missing:
+                raise DataError(f"missing {', '.join(missing)}", f, row=n)
+            if r["kind"] not in ("harmful", "benign", "mgsm") or r["label"] not in LABELS:
+                raise DataError(f"kind must be harmful|benign|mgsm and label safe|unsafe|invalid, got "
+                                f"{r['kind']!r}, {r['label']!r}", f, row=n)
+            rows.append(r)
+    return rows
+
+
+def _order(configs: set[str]) -> list[str]:
+    return [c for c in ORDER if c in configs] + sorted(configs - set(ORDER))
+
+
+def by_run(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[tuple[str, str, str], dict[str, Any]]]]:
+    """{config: {seed: {(kind, prompt_id, lang): row}}} (one model's rows)."""
+    out: dict[str, dict[int, dict[tuple[str, str, str], dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        out[r["config"]][int(r["seed"])][r["kind"], r["prompt_id"], r["lang"]] = r
+    return out
+
+
+def pooled_change(runs: dict[int, dict[tuple, dict]], base: dict[tuple, dict], kind: str, flag: str,
+                  iters: int = 2000) -> dict[str, Any] | None:
+    """A config's change against ``base`` in ``flag`` over ``kind`` rows, pooled over the non-English
+    languages, averaged over its seeds, with the two-stage bootstrap interval; over the (prompt,
+    language) pairs that base and every seed have. None when there are none."""
+    seeds = sorted(runs)
+    keys = [k for k in base if k[0] == kind and k[2] != "en" and all(k in runs[s] for s in seeds)]
+    if not keys:
+        return None
+    return seeds_bootstrap_diff([k[1] for k in keys], [bool(base[k][flag]) for k in keys],
+                                [[bool(runs[s][k][flag]) for k in keys] for s in seeds], iters=iters)
+
+
+def language_shares(runs: dict[int, dict[tuple, dict]], kind: str, flag: str) -> dict[str, dict[str, Any]]:
+    """{lang: {k, n, share, lo, hi}}: the share of ``kind`` rows with ``flag``, over every seed's rows,
+    with its Wilson interval."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for rows in runs.values():
+        for (k, _, lang), r in rows.items():
+            if k == kind:
+                counts[lang][0] += bool(r[flag])
+                counts[lang][1] += 1
+    out = {}
+    for lang, (k, n) in counts.items():
+        lo, hi = wilson(k, n)
+        out[lang] = {"k": k, "n": n, "share": k / n, "lo": lo, "hi": hi}
+    return out
+
+
+def study_numbers(rows: list[dict[str, Any]], iters: int = 2000) -> dict[str, Any]:
+    """{model: {"configs": [...], "pooled": {config: {column: result}}, "languages": {config: {column:
+    {lang: share}}}, "english": {config: {seed: share}}}} from the rows of the results files."""
+    models: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        models[r["model"]].append(r)
+    out = {}
+    for model, mine in models.items():
+        runs = by_run(mine)
+        if "base" not in runs:
+            raise PolyalignError(f"{model}: no rows of config base (the untrained model every change is against)")
+        base = runs["base"][min(runs["base"])]
+        configs = _order(set(runs))
+        pooled = {c: {col: res for col, kind, flag in POOLED if (res := pooled_change(runs[c], base, kind, flag, iters))}
+                  for c in configs if c != "base"}
+        languages = {c: {col: shares for col, kind, flag in POOLED[:3] if (shares := language_shares(runs[c], kind, flag))}
+                     for c in configs}
+        english = {c: {s: language_shares({s: runs[c][s]}, "harmful", "refused").get("en") for s in sorted(runs[c])}
+                   for c in configs}
+        out[model] = {"configs": configs, "pooled": pooled, "languages": languages, "english": english}
+    return out
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+def _pp(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def markdown(numbers: dict[str, Any]) -> str:
+    """The study's tables (pooled changes; per language shares) for every model."""
+    lines = ["# Study tables", "", "Written by `python scripts/study_tables.py` from the results files alone.", ""]
+    for model, m in numbers.items():
+        cols = [col for col, _, _ in POOLED if any(col in p for p in m["pooled"].values())]
+        lines += [f"## {model}", "",
+                  "Change against `base`, pooled over the non-English languages (pp; mean over seeds, 95 % interval "
+                  "from the two-stage bootstrap over prompts, then seeds), and English harmful refusal (%) per seed.", "",
+                  "| config | seeds | " + " | ".join(cols) + " | en harmful refused |",
+                  "|---" * (len(cols) + 3) + "|"]
+        base_en = next(iter(m["english"]["base"].values()), None)
+        for c in m["configs"]:
+            if c == "base":
+                continue
+            cells = []
+            for col in cols:
+                r = m["pooled"][c].get(col)
+                cells.append(f"{_pp(r['diff'])} [{_pp(r['lo'])}, {_pp(r['hi'])}]" if r else "-")
+            en = " / ".join(f"{100 * e['share']:.1f}" for e in m["english"][c].values() if e)
+            en = f"{100 * base_en['share']:.1f} -> {en}" if base_en and en else "-"
+            seeds = next((str(r["seeds"]) for r in m["pooled"][c].values()), "-")
+            lines.append(f"| {c} | {seeds} | " + " | ".join(cells) + f" | {en} |")
+        langs = list(dict.fromkeys(lang for c in m["configs"] for col in m["languages"][c].values() for lang in col))
+        lines += ["", "Per language: share (%) over every seed's rows, Wilson 95 % interval.", "",
+                  "| config | measure | " + " | ".join(langs) + " |", "|---" * (len(langs) + 2) + "|"]
+        for c in m["configs"]:
+            for col, shares in m["languages"][c].items():
+                cells = [f"{100 * s['share']:.1f} [{100 * s['lo']:.0f}, {100 * s['hi']:.0f}]" if (s := shares.get(lang))
+                         else "" for lang in langs]
+                lines.append(f"| {c} | {col} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def pareto_plot(model: str, m: dict[str, Any], path: Path) -> bool:
+    """Change in benign refusal (x) against change in harmful refusal (y), pooled over the non-English
+    languages, one marker per config with its two-stage bootstrap intervals; base at the origin."""
+    pts = {c: p for c, p in m["pooled"].items() if "harmful refusal" in p and "benign refusal" in p}
+    if not pts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ax.plot([0], [0], "k*", ms=10, label="base")
+    for i, (c, p) in enumerate(pts.items()):
+        x, y = p["benign refusal"], p["harmful refusal"]
+        ax.errorbar(100 * x["diff"], 100 * y["diff"],
+                    xerr=[[100 * (x["diff"] - x["lo"])], [100 * (x["hi"] - x["diff"])]],
+                    yerr=[[100 * (y["diff"] - y["lo"])], [100 * (y["hi"] - y["diff"])]],
+                    fmt="s", color=colors[i % len(colors)], capsize=3, label=f"{c} ({x['seeds']} seed(s))")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_xlabel("Δ benign refusal, pp (left is better)")
+    ax.set_ylabel("Δ harmful refusal, pp (up is better)")
+    ax.set_title(f"{model}: change vs base, pooled over non-English languages", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.text(0.01, 0.01, "mean over seeds; 95% two-stage bootstrap (prompts, then seeds)", fontsize=6, color="grey")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def tables(folder: Path, out: Path | None = None, iters: int = 2000) -> dict[str, Any]:
+    """Recompute everything from ``folder``'s results files: ``tables.md`` and ``pareto_<model>.png``
+    in ``out`` (default: ``folder``)."""
+    out = out or folder
+    numbers = study_numbers(load_rows(folder), iters)
+    atomic_write_text(out / "tables.md", markdown(numbers))
+    for model, m in numbers.items():
+        pareto_plot(model, m, out / f"pareto_{model_slug(model)}.png")
+    return numbers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["export"]:
+            p = argparse.ArgumentParser(prog="study_tables.py export", description="run folders -> results files")
+            p.add_argument("src", type=Path)
+            p.add_argument("out", type=Path)
+            p.add_argument("--model")
+            p.add_argument("--config")
+            p.add_argument("--seed", type=int, default=0)
+            a = p.parse_args(argv[1:])
+            for path in export(a.src, a.out, a.model, a.config, a.seed):
+                print(path)
+        else:
+            p = argparse.ArgumentParser(prog="study_tables.py", description=__doc__.splitlines()[0])
+            p.add_argument("folder", type=Path)
+            p.add_argument("--out", type=Path)
+            p.add_argument("--iters", type=int, default=2000)
+            a = p.parse_args(argv)
+            tables(a.folder, a.out, a.iters)
+            print((a.out or a.folder) / "tables.md")
+    except PolyalignError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""scripts/study_tables.py: per-prompt results files -> the study's numbers, recomputed by loops here."""
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from polyalign.errors import DataError, PolyalignError
+from polyalign.eval.stats import wilson
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("study_tables", ROOT / "scripts" / "study_tables.py")
+study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(study)
+
+LANGS = ["en", "zh", "th", "sw"]
+MODEL = "builtin:qwen2.5-coder-0.5b-instruct"
+
+
+def synthetic(folder: Path, seed: int = 0) -> dict:
+    """base (1 seed) and default (3 seeds): random verdicts, default refusing harmful prompts more."""
+    rng = random.Random(seed)
+    runs = {("base", 0): 0.3, ("default", 0): 0.6, ("default", 1): 0.7, ("default", 2): 0.5}
+    for (config, s), p in runs.items():
+        rows = []
+        for kind, n in (("harmful", 12), ("benign", 10)):
+            for i in range(n):
+                for lang in LANGS:
+                    refused = rng.random() < (p if kind == "harmful" else p / 3)
+                    rows.append({"config": config, "model": MODEL, "seed": s, "lang": lang,
+                                 "prompt_id": f"{kind[0]}{i}", "kind": kind, "refused": refused,
+                                 "in_language": rng.random() < 0.8, "label": "safe" if refused else "unsafe"})
+        path = folder / f"{config}_{study.model_slug(MODEL)}_seed{s}.jsonl"
+        path.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+    return runs
+
+
+def rows_of(folder: Path, config: str, seed: int) -> list[dict]:
+    path = folder / f"{config}_{study.model_slug(MODEL)}_seed{seed}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_headline_change_equals_a_recomputation_by_loops(tmp_path):
+    synthetic(tmp_path)
+    numbers = study.tables(tmp_path, iters=300)[MODEL]
+    # by loops: per seed, the non-English harmful refusal share minus base's, averaged over seeds
+    base = rows_of(tmp_path, "base", 0)
+    base_share = sum(r["refused"] for r in base if r["kind"] == "harmful" and r["lang"] != "en") / \
+        sum(1 for r in base if r["kind"] == "harmful" and r["lang"] != "en")
+    diffs = []
+    for s in (0, 1, 2):
+        mine = [r for r in rows_of(tmp_path, "default", s) if r["kind"] == "harmful" and r["lang"] != "en"]
+        diffs.append(sum(r["refused"] for r in mine) / len(mine) - base_share)
+    got = numbers["pooled"]["default"]["harmful refusal"]
+    assert got["diff"] == pytest.approx(sum(diffs) / 3)
+    assert got["per_seed"] == pytest.approx(diffs) and got["seeds"] == 3 and got["clusters"] == 12
+    assert got["lo"] < got["diff"] < got["hi"]
+    # per language, Wilson over every seed's rows
+    th = [r for s in (0, 1, 2) for r in rows_of(tmp_path, "default", s) if r["kind"] == "benign" and r["lang"] == "th"]
+    k = sum(r["refused"] for r in th)
+    share = numbers["languages"]["default"]["benign refusal"]["th"]
+    assert (share["k"], share["n"]) == (k, 30) and (share["lo"], share["hi"]) == pytest.approx(wilson(k, 30))
+    # the files written: the markdown names the number, and the plot exists
+    text = (tmp_path / "tables.md").read_text()
+    r = got
+    assert f"| default | 3 | {100 * r['diff']:+.1f} [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}]" in text
+    assert (tmp_path / f"pareto_{study.model_slug(MODEL)}.png").stat().st_size > 1000
+
+
+def test_command_line_and_bad_files(tmp_path, capsys):
+    synthetic(tmp_path)
+    assert study.main([str(tmp_path), "--iters", "100"]) == 0
+    assert (tmp_path / "tables.md").exists()
+    bad = tmp_path / "broken"
+    bad.mkdir()
+    (bad / "x.jsonl").write_text('{"config": "base"}\n')
+    with pytest.raises(DataError, match=r"x.jsonl, row 1: missing model, seed"):
+        study.load_rows(bad)
+    assert study.main([str(bad)]) == 2
+    assert "x.jsonl, row 1: missing" in capsys.readouterr().err
+    (bad / "x.jsonl").write_text(json.dumps({k: 0 for k in study.FIELDS} | {"kind": "harmful", "label": "safe"}) + "\n")
+    with pytest.raises(PolyalignError, match="no rows of config base"):
+        study.study_numbers(study.load_rows(bad))
+
+
+def _run(folder: Path, kind: str, rows: list[dict]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"task_kind": kind, "model": MODEL}))
+    (folder / "judged.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_export_from_a_sweep_folder(tmp_path):
+    sweep = tmp_path / "sweep"
+    judged = [{"prompt_id": "p1", "lang": "th", "category": "x", "prompt": "...", "response": "...", "refused": True,
+               "label": "safe", "in_language": True}]
+    _run(sweep / "baseline" / "builtin-harmful", "safety", judged)
+    _run(sweep / "baseline" / "builtin-benign", "benign", [dict(judged[0], refused=False, label="unsafe")])
+    _run(sweep / "baseline" / "mgsm", "mgsm", [dict(judged[0], correct=True)])
+    _run(sweep / "points" / "default" / "seed2" / "eval" / "builtin-harmful", "safety", judged)
+    (sweep / "sweep.yaml").write_text(f"model: {MODEL}\n")
+    out = tmp_path / "results"
+    written = study.export(sweep, out)
+    assert sorted(p.name for p in written) == ["base_qwen2.5-coder-0.5b-instruct_seed0.jsonl",
+                                               "default_qwen2.5-coder-0.5b-instruct_seed2.jsonl"]
+    base = [json.loads(line) for line in written[0].read_text().splitlines()]
+    assert [r["kind"] for r in base] == ["benign", "harmful", "mgsm"] and base[2]["correct"] is True
+    assert base[1] == {"config": "base", "model": MODEL, "seed": 0, "lang": "th", "prompt_id": "p1", "kind": "harmful",
+                       "refused": True, "in_language": True, "label": "safe"}
+    assert " " not in written[0].read_text().splitlines()[0]          # compact
+    with pytest.raises(PolyalignError, match="not a sweep folder; name the run's config with --config"):
+        study.export(sweep / "baseline", out)
+    one = study.export(sweep / "baseline" / "builtin-harmful", out, config="system_prompt")
+    assert [p.name for p in one] == ["system_prompt_qwen2.5-coder-0.5b-instruct_seed0.jsonl"]
