@@ -233,18 +233,19 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
 def check_splits(spec: SweepSpec, final: bool) -> None:
     """Sweeps choose recipes, so they see ``dev``: a ``test`` (or ``all``) split is refused unless the
-    run is ``final``, and a final run evaluates every test record (no ``limit``)."""
+    run is ``final``, and a final run evaluates every test record of the built-in benchmark (no
+    ``limit``; a data set's hash test split, e.g. XSafety's held-out prompts, may keep one)."""
     evals: list[tuple[str, EvalSpec]] = [("eval", spec.eval)]
     evals += [(f"finalist_eval[{i}]", fe) for i, fe in enumerate(spec.finalist_eval)]
     for where, e in evals:
         builtin = any(t not in e.data for t in e.tasks)
-        used = [(f"{where}.split", e.split)] if builtin else []
-        used += [(f"{where}.data_split", e.data_split)] if e.data else []
-        for key, split in used:
+        used = [(f"{where}.split", e.split, builtin)] if builtin else []
+        used += [(f"{where}.data_split", e.data_split, False)] if e.data else []
+        for key, split, whole in used:
             if split in ("test", "all") and not final:
                 raise PolyalignError(f"sweep: {key} is {split}, which holds the test prompts: sweeps choose on dev; "
                                      "pass --final for the one evaluation on test")
-            if split in ("test", "all") and e.limit is not None:
+            if split in ("test", "all") and whole and e.limit is not None:
                 raise PolyalignError(f"sweep: a final evaluation covers every {split} record: set {where}.limit to "
                                      f"null (got {e.limit})")
 
