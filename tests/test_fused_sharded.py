@@ -137,3 +137,54 @@ def test_hf_sampling_passes_synced_gpus_when_sharded(tmp_path, monkeypatch, stat
     assert out == [[5, 5], [5, 5]]
     assert seen[0].get("synced_gpus") is (True if synced else None)
     assert seen[0]["temperature"] == trainer.msd.temperature      # the sampling settings are untouched
+
+
+FSDP2_LIKE = r'''
+import json, os, pathlib, socket, sys, tempfile
+import pytest, torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+sys.path.insert(0, os.getcwd())
+from tests.test_fused_msd import loss_and_grads, make_trainer
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+trainer, model = make_trainer(pathlib.Path(tempfile.mkdtemp()))
+head = model.get_output_embeddings()
+full = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+sharded = torch.nn.Parameter(distribute_tensor(full.detach().clone(), mesh, [Shard(0)]), requires_grad=False)
+# FSDP2: the module holds a DTensor outside its forward and the unsharded weight inside it
+head.register_forward_pre_hook(lambda m, i: m._parameters.__setitem__("weight", full))
+head.register_forward_hook(lambda m, i, o: m._parameters.__setitem__("weight", sharded))
+head._parameters["weight"] = sharded
+out = {"dtensor_outside": isinstance(head.weight, DTensor)}
+with pytest.MonkeyPatch.context() as m:
+    fused, g_fused = loss_and_grads(trainer, model, True, m)
+with pytest.MonkeyPatch.context() as m:
+    unfused, g_full = loss_and_grads(trainer, model, False, m)
+out.update(fused=float(fused), unfused=float(unfused), copy_is_plain=not isinstance(trainer._linear_head(model).weight, DTensor),
+           grads=sorted(g_full) == sorted(g_fused),
+           grad_err=max(float((g_fused[n] - g_full[n]).abs().max() / g_full[n].abs().max()) for n in g_full))
+dist.destroy_process_group()
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_fsdp2_dtensor_head_is_gathered_and_fused_equals_unfused():
+    """A DTensor head (FSDP2's sharded parameter), on a one-process gloo mesh in a subprocess (a process
+    group in the test process would change what accelerate sees in later tests)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", FSDP2_LIKE], cwd=root, capture_output=True, text=True, timeout=300)
+    lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["dtensor_outside"] and out["copy_is_plain"] and out["grads"]
+    assert out["unfused"] > 0 and abs(out["fused"] - out["unfused"]) <= 1e-5 * out["unfused"] + 1e-7
+    assert out["grad_err"] <= 1e-4
