@@ -99,6 +99,12 @@ def test_a_limit_covers_every_borderline_kind_and_category_seeded(bench):
     assert [r.id for r in builtin.builtin_benchmark("benign", "test", seed=0)] == [r.id for r in benign]
     orders = {tuple(r.id for r in builtin.builtin_benchmark("benign", "test", seed=s)) for s in range(5)}
     assert len(orders) > 1
+    # a record added to the file later does not reorder the others of its group
+    homonym = [r.id for r in benign if r.meta.get("borderline_type") == "homonym"]
+    for new in ("b-test-homonym-new", "b-test-homonym-a", "zzz"):
+        more = builtin.interleave_groups([*benign, ParallelRecord(new, {"en": "x"}, "benign", {
+            "split": "test", "benign_type": "borderline", "borderline_type": "homonym"})], seed=0)
+        assert [r.id for r in more if r.id in homonym] == homonym
     from polyalign.eval.runner import select_requests
 
     chosen = select_requests(get_task("builtin-benign").load(split="test"), ["th"], 8)

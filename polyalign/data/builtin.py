@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from polyalign.data.loaders import load_source
-from polyalign.data.records import ParallelRecord, read_records, record_split, split_records
+from polyalign.data.records import ParallelRecord, read_records, record_split, split_records, stable_hash
 from polyalign.errors import PolyalignError
 
 # ``eval`` is the name of the held-out split before 2026-12-04 (train | eval): it now means ``dev``,
@@ -72,11 +72,11 @@ def interleave_groups(records: list[ParallelRecord], seed: int | None = None) ->
     """Every record, ordered so that the first N of them, which ``--limit`` takes, cover every
     category evenly: round-robin over harm categories / benign types, and inside each over its
     ``borderline_type`` (the six kinds of borderline prompt); with a ``seed``, each group in a
-    seeded shuffle (the built-in benchmark), else in file order (a user's own file).
+    seeded order (the built-in benchmark), else in file order (a user's own file).
 
     In file order a limit took only the first borderline kind (homonym) and the first prompts of
-    each category; the same ``seed`` always gives the same order."""
-    rng = random.Random(seed)
+    each category. The seeded order sorts by a hash of (seed, prompt id): the same ``seed`` always
+    gives the same order, and a record added to the file later does not reorder the others of its group."""
     groups: dict[str | None, dict[str | None, list[ParallelRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         groups[finest_category(r)][r.meta.get("borderline_type")].append(r)
@@ -84,7 +84,7 @@ def interleave_groups(records: list[ParallelRecord], seed: int | None = None) ->
     for subs in groups.values():
         for g in subs.values():
             if seed is not None:
-                rng.shuffle(g)
+                g.sort(key=lambda r: stable_hash(f"{seed}:{r.id}"))
         ordered.append(_round_robin(list(subs.values())))
     return _round_robin(ordered)
 
