@@ -37,6 +37,7 @@ def data_inspect(path: Annotated[str, typer.Argument(help="Data file or folder (
 
     from polyalign.data import detect_format, load_source
     from polyalign.data.checks import breakdown, language_checks
+    from polyalign.data.form import form_accuracy, split_counts
     from polyalign.text.languages import get_language
 
     fmt = "generic" if columns else fmt or detect_format(path)
@@ -55,6 +56,15 @@ def data_inspect(path: Annotated[str, typer.Argument(help="Data file or folder (
     console.print("lang-ID agrees: of the texts the language-ID model is confident about (p >= 0.9)")
     for name, counts in breakdown(records).items():
         console.print(f"{name}: " + ", ".join(f"{k} ({n})" for k, n in counts.items()), soft_wrap=True)
+    if any("split" in r.meta for r in records):
+        console.print("split x category: " + "; ".join(
+            f"{s} " + ", ".join(f"{c} {n}" for c, n in sorted(counts.items()))
+            for s, counts in sorted(split_counts(records).items())), soft_wrap=True)
+    form = form_accuracy(records)   # does form alone (first word, final mark, length) give the class away?
+    if form:
+        console.print(f"form-only classifier (first word, final punctuation, length bucket; naive Bayes, "
+                      f"English train -> English test): {form[0]:.1%} accurate on {form[1]} (chance 50 %)",
+                      soft_wrap=True)
 
 
 @data_app.command("convert")
