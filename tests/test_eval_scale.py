@@ -307,3 +307,18 @@ def test_eval_under_accelerate_launch_equals_one_process(tmp_path):
     r3 = json.loads((two / "results.json").read_text())
     assert (r3["generated"], r3["cached"]) == (0, 10)
     assert (two / "generations.jsonl").read_text().splitlines() == g2
+
+
+def test_close_vllm_engines_shuts_down_and_forgets_them(fake_vllm, tmp_path):
+    """A sweep trains on the same GPU after each evaluation: its engines must go."""
+    from polyalign.eval import generation
+
+    gen = generation.VLLMGenerator(str(_model_folder(tmp_path)))
+    again = generation.VLLMGenerator(str(_model_folder(tmp_path)))
+    assert again.llm is gen.llm and len(fake_vllm.instances) == 1      # one engine per engine-argument set
+    stopped = []
+    gen.llm.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=lambda: stopped.append(1)))
+    generation.close_vllm_engines()
+    assert stopped == [1] and generation._ENGINES == {}
+    generation.VLLMGenerator(str(_model_folder(tmp_path)))
+    assert len(fake_vllm.instances) == 2
