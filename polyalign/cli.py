@@ -62,9 +62,10 @@ def data_inspect(path: Annotated[str, typer.Argument(help="Data file or folder (
             for s, counts in sorted(split_counts(records).items())), soft_wrap=True)
     form = form_accuracy(records)   # does form alone (first word, final mark, length) give the class away?
     if form:
+        test = split_counts(records)["test"]
         console.print(f"form-only classifier (first word, final punctuation, length bucket; naive Bayes, "
-                      f"English train -> English test): {form[0]:.1%} accurate on {form[1]} (chance 50 %)",
-                      soft_wrap=True)
+                      f"English train -> English test): {form[0]:.1%} accurate on {form[1]} "
+                      f"(majority class: {max(test.values()) / sum(test.values()):.1%})", soft_wrap=True)
 
 
 @data_app.command("convert")
