@@ -322,3 +322,34 @@ def test_close_vllm_engines_shuts_down_and_forgets_them(fake_vllm, tmp_path):
     assert stopped == [1] and generation._ENGINES == {}
     generation.VLLMGenerator(str(_model_folder(tmp_path)))
     assert len(fake_vllm.instances) == 2
+
+
+@pytest.mark.distributed
+def test_vllm_engines_under_accelerate_launch_split_the_prompts(tmp_path):
+    """2 ranks at tensor parallel 1: two engines, each sent its own batches; at tensor parallel 2:
+    one engine over both ranks, each rank sending it the same prompts. Either way the results hold
+    each prompt once and equal one process's."""
+    worker = Path(__file__).with_name("eval_vllm_worker.py")
+    base = _model_folder(tmp_path)
+    launch = LAUNCH[:-2]                                  # without "-m polyalign.cli"
+    outs = {}
+    for name, cmd in {"one": [sys.executable, str(worker)], "tp1": [*launch, str(worker)],
+                      "tp2": [*launch, str(worker)]}.items():
+        out = tmp_path / name
+        res = subprocess.run([*cmd, str(base), str(out), "2" if name == "tp2" else "1"], capture_output=True,
+                             text=True, cwd=tmp_path, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs[name] = out
+    ranks = {name: [json.loads((outs[name] / f"rank{r}.json").read_text()) for r in (0, 1)] for name in ("tp1", "tp2")}
+    one = json.loads((outs["one"] / "rank0.json").read_text())
+    all_prompts = sorted(p for call in one["sent"] for p in call)
+    r0, r1 = (sorted(p for call in r["sent"] for p in call) for r in ranks["tp1"])
+    assert r0 and r1 and not set(map(tuple, r0)) & set(map(tuple, r1)) and sorted(r0 + r1) == all_prompts
+    assert ranks["tp2"][0]["sent"] == ranks["tp2"][1]["sent"] and sorted(
+        p for call in ranks["tp2"][0]["sent"] for p in call) == all_prompts
+    for name in ("tp1", "tp2"):
+        assert all(r["engine"]["distributed_executor_backend"] == "external_launcher" for r in ranks[name])
+        assert all(r["generated"] == 10 for r in ranks[name])
+        assert (outs[name] / "generations.jsonl").read_text() == (outs["one"] / "generations.jsonl").read_text()
+        assert (outs[name] / "judged.jsonl").read_text() == (outs["one"] / "judged.jsonl").read_text()
+    assert ranks["tp2"][0]["engine"]["tensor_parallel_size"] == "2"
