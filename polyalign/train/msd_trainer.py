@@ -323,16 +323,18 @@ class MSDTrainer(Trainer):
                          time.perf_counter() - start)
             return (loss, {"student_logits": logits}) if return_outputs else loss
         on_policy = self.msd.mode == "on_policy"
-        responses = self.sample_responses(model, student_prompts if on_policy else teacher_prompts,
-                                          from_teacher=not on_policy)
-        device = self.accelerator.device
-        pad = self.processing_class.pad_token_id
-        s_batch = {k: v.to(device) for k, v in response_batch(student_prompts, responses, pad).items()}
-        t_batch = {k: v.to(device) for k, v in response_batch(teacher_prompts, responses, pad).items()}
-        mask = s_batch["response_mask"]                                          # [B, R]
+        stage = getattr(self, "stage_clock", None) or (lambda _name: contextlib.nullcontext())  # msd_profile.py
+        fast = self._fast_step()
+        with stage("sampling"), self._sampling_weights(model, on_policy, fast):
+            responses = self.sample_responses(model, student_prompts if on_policy else teacher_prompts,
+                                              from_teacher=not on_policy)
+        if hasattr(stage, "record"):
+            stage.record(student_prompts=student_prompts, teacher_prompts=teacher_prompts, responses=responses)
         # msd_loss, spelled out so the per-token divergence and raw DPSW weights (two passes over the
         # vocabulary) are computed once and reused for the logs.
-        student_out, d, raw = self._token_divergence(model, s_batch, t_batch, fused=not return_outputs)  # [B, R]
+        student_out, d, raw, mask = self._token_divergence(model, student_prompts, teacher_prompts, responses,
+                                                           fused=not return_outputs, packed=fast, stage=stage)
+        device = self.accelerator.device
         w = normalize_weights(raw, mask) if self.msd.dpsw else mask.to(d.dtype)
         per_seq, valid = reduce_sequences(d, w, mask)                                                  # [B], [B]
         # Benign sequences count benign_weight times (1: the plain batch mean).
@@ -345,26 +347,81 @@ class MSDTrainer(Trainer):
                      time.perf_counter() - start)
         return (loss, {"student_logits": student_out}) if return_outputs else loss
 
-    def _token_divergence(self, model: Any, s_batch: dict, t_batch: dict, fused: bool):
-        """(student output, D [B, R], raw DPSW weights [B, R]). Fused (``msd.fused_lm_head``, where the
-        head allows it): from the final hidden states, output [B, R, H], no [B, R, V] logits held;
-        otherwise from full logits, output the student logits [B, R, V] (``fused=False``: what
-        ``return_outputs`` hands out)."""
+    # The step as it was before issue #26 (one left-padded forward per side over the whole batch, PEFT's
+    # wrappers while sampling): kept selectable so tests and benchmarks/msd_profile.py compare the two.
+    legacy_step: bool = False
+
+    def _fast_step(self) -> bool:
+        """Whether this step packs its forwards by length and folds LoRA while sampling: on one process
+        without ZeRO-3 / FSDP / vLLM. (Grouped forwards are a different number of forward calls per
+        rank, which DDP's hooks and sharded engines' collectives cannot take; vLLM pushes the wrapped
+        module's weights itself.)"""
+        return not (self.legacy_step or self.accelerator.num_processes > 1 or self.is_deepspeed_enabled
+                    or self.is_fsdp_enabled or self.msd.use_vllm)
+
+    def _sampling_weights(self, model: Any, on_policy: bool, fast: bool):
+        """On-policy sampling with LoRA folded into one linear layer per wrapped module
+        (:func:`polyalign.models.sampling.folded_lora`; base weights untouched). Off-policy sampling
+        disables the adapter itself (PEFT's ``disable_adapter`` needs the wrappers in place): as it was."""
+        if not (fast and on_policy):
+            return contextlib.nullcontext()
+        from polyalign.models.sampling import folded_lora
+
+        return folded_lora(self.accelerator.unwrap_model(model))
+
+    def _token_divergence(self, model: Any, student_prompts: list[list[int]], teacher_prompts: list[list[int]],
+                          responses: list[list[int]], fused: bool, packed: bool = False, stage: Any = None):
+        """(student output, D [B, R], raw DPSW weights [B, R], response mask [B, R]). Fused
+        (``msd.fused_lm_head``, where the head allows it): from the final hidden states, no [B, R, V]
+        logits held; otherwise from full logits, output the student logits [B, R, V] (``fused=False``:
+        what ``return_outputs`` hands out).
+
+        ``packed`` (fused only): student and teacher run in length groups and only the real response
+        positions reach the head (:func:`polyalign.models.batching.packed_response_hidden`); D and the
+        weights are scattered back to [B, R] with zeros off the mask, which the loss never reads. Same
+        values as one padded forward up to float rounding; the teacher's prompts (template + English
+        query) are much longer than most students', so padding was a large share of the step."""
+        from polyalign.models.batching import packed_response_hidden, response_mask
+
         cfg = self.msd
+        stage = stage or (lambda _name: contextlib.nullcontext())
+        device, pad = self.accelerator.device, self.processing_class.pad_token_id
         with self.teacher_context(model) as teacher:
             heads = (self._linear_head(model), self._linear_head(teacher)) if fused and cfg.fused_lm_head else None
-        if heads is None or None in heads:
-            student_logits = response_logits(model, s_batch)                    # [B, R, V]
-            with torch.no_grad(), self.teacher_context(model) as teacher:
+        fusable = heads is not None and None not in heads
+        if packed and fusable:
+            mask = response_mask(responses).to(device)                          # [B, R]
+            with stage("student forward"):
+                h_s = packed_response_hidden(model, student_prompts, responses, pad, heads[0], device)   # [N, H]
+            with stage("teacher forward"), torch.no_grad(), self.teacher_context(model) as teacher:
+                h_t = packed_response_hidden(teacher, teacher_prompts, responses, pad, heads[1], device)  # [N, H]
+            with stage("head + divergence"):
+                d_n, raw_n = fused_token_divergence(h_s, h_t, heads[0].weight, heads[0].bias, cfg.divergence,
+                                                    cfg.jsd_beta, cfg.top_k, teacher_weight=heads[1].weight,
+                                                    teacher_bias=heads[1].bias)
+                d = d_n.new_zeros(mask.shape).masked_scatter(mask, d_n)
+                raw = raw_n.new_zeros(mask.shape).masked_scatter(mask, raw_n)
+            return h_s, d, raw, mask
+        s_batch = {k: v.to(device) for k, v in response_batch(student_prompts, responses, pad).items()}
+        t_batch = {k: v.to(device) for k, v in response_batch(teacher_prompts, responses, pad).items()}
+        mask = s_batch["response_mask"]                                          # [B, R]
+        if not fusable:
+            with stage("student forward"):
+                student_logits = response_logits(model, s_batch)                # [B, R, V]
+            with stage("teacher forward"), torch.no_grad(), self.teacher_context(model) as teacher:
                 teacher_logits = response_logits(teacher, t_batch)               # [B, R, V]
-            d = token_divergence(student_logits, teacher_logits, cfg.divergence, cfg.jsd_beta)
-            return student_logits, d, dpsw_raw_weights(student_logits, teacher_logits, cfg.top_k)
-        h_s = response_hidden(model, s_batch, heads[0])                          # [B, R, H]
-        with torch.no_grad(), self.teacher_context(model) as teacher:
+            with stage("head + divergence"):
+                d = token_divergence(student_logits, teacher_logits, cfg.divergence, cfg.jsd_beta)
+                raw = dpsw_raw_weights(student_logits, teacher_logits, cfg.top_k)
+            return student_logits, d, raw, mask
+        with stage("student forward"):
+            h_s = response_hidden(model, s_batch, heads[0])                      # [B, R, H]
+        with stage("teacher forward"), torch.no_grad(), self.teacher_context(model) as teacher:
             h_t = response_hidden(teacher, t_batch, heads[1])                    # [B, R, H]
-        d, raw = fused_token_divergence(h_s, h_t, heads[0].weight, heads[0].bias, cfg.divergence, cfg.jsd_beta,
-                                        cfg.top_k, teacher_weight=heads[1].weight, teacher_bias=heads[1].bias)
-        return h_s, d, raw
+        with stage("head + divergence"):
+            d, raw = fused_token_divergence(h_s, h_t, heads[0].weight, heads[0].bias, cfg.divergence, cfg.jsd_beta,
+                                            cfg.top_k, teacher_weight=heads[1].weight, teacher_bias=heads[1].bias)
+        return h_s, d, raw, mask
 
     def _linear_head(self, module: Any) -> torch.nn.Linear | None:
         """The LM head when logits are exactly ``head(final hidden state)``; None (unfused path, with one
