@@ -129,12 +129,12 @@ def test_device_policy_places_models_on_the_accelerator(monkeypatch):
     import polyalign.models.loading as loading
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device(None) == "cuda" and resolve_device("cpu") == "cpu"
+    assert resolve_device(None) == "cuda:0" and resolve_device("cpu") == "cpu"    # this rank's GPU (no launcher: 0)
     moved = []
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(a) or self)
     monkeypatch.setattr(loading, "default_dtype", lambda: "float32")
     load_model("builtin:tiny-random")
-    assert ("cuda",) in moved
+    assert ("cuda:0",) in moved
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device(None) == "cpu"
     with pytest.raises(ModelError, match="no CUDA device"):

@@ -67,7 +67,8 @@ def clear_quantization_flags(model: Any) -> Any:
     return model
 
 
-def load_tokenizer(spec: str, trust_remote_code: bool = False, padding_side: str = "left"):
+def load_tokenizer(spec: str, trust_remote_code: bool = False, padding_side: str = "left",
+                   revision: str | None = None):
     """Tokenizer with a pad token (EOS if the model has none) and left padding for generation."""
     from transformers import AutoTokenizer
 
@@ -75,8 +76,10 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False, padding_side: str
     if r.kind == "tiny":
         tok = builtin.build_tiny_tokenizer()
     else:
+        extra = {"revision": revision} if revision else {}
         try:
-            tok = AutoTokenizer.from_pretrained(r.location, gguf_file=r.gguf_file, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(r.location, gguf_file=r.gguf_file, trust_remote_code=trust_remote_code,
+                                                **extra)
         except OSError as e:
             raise ModelError(f"cannot load tokenizer for {spec!r}: {e}") from None
     if tok.pad_token is None:
@@ -138,22 +141,42 @@ def resolve_dtype(dtype: str | None) -> str:
     return name
 
 
-def default_device() -> str:
-    """Where models go unless told otherwise: the first CUDA device, else the CPU."""
+def local_device() -> str:
+    """This process's own accelerator: ``cuda:<LOCAL_RANK>`` (torchrun and ``accelerate launch`` set
+    LOCAL_RANK; 0 without a launcher), else ``cpu``. A plain ``cuda`` is the *current* device, cuda:0
+    until someone calls ``set_device``: 8 ranks then each loaded a whole model onto GPU 0."""
+    import os
+
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
+
+
+def default_device() -> str:
+    """Where models go unless told otherwise: this rank's GPU (:func:`local_device`), else the CPU."""
+    return local_device()
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def resolve_device(device: str | None) -> str:
-    """``None`` or ``"auto"`` -> :func:`default_device`; ``cuda`` without a GPU is a one-line error."""
+    """``None`` / ``"auto"`` -> :func:`default_device`; ``cuda`` -> this rank's GPU; an unknown device
+    or ``cuda`` without a GPU is a one-line error."""
     import torch
 
     if device in (None, "auto"):
         return default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    kind = device.split(":", 1)[0]
+    if kind not in DEVICE_TYPES or not (device == kind or device.split(":", 1)[1].isdigit()):
+        raise ModelError(f"--device {device}: unknown device; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__})")
-    return device
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"--device {device}: this machine has no MPS device")
+    return local_device() if device == "cuda" else device
 
 
 def model_dtype(model: Any) -> str:
@@ -162,9 +185,16 @@ def model_dtype(model: Any) -> str:
     return str(getattr(base, "dtype", next(base.parameters()).dtype)).removeprefix("torch.")
 
 
-def load_model(spec: str, dtype: str | None = None, trust_remote_code: bool = False, device: str | None = None):
-    """Causal LM for ``spec`` in eval mode, on ``device`` (default: CUDA when present, else CPU) in
-    ``dtype`` (default: :func:`default_dtype`, bf16 where the hardware does it fast)."""
+def load_model(spec: str, dtype: str | None = None, trust_remote_code: bool = False, device: str | None = None,
+               revision: str | None = None, attn_implementation: str | None = None):
+    """Causal LM for ``spec`` in eval mode, on ``device`` (default: this rank's GPU when present, else
+    CPU) in ``dtype`` (default: :func:`default_dtype`, bf16 where the hardware does it fast).
+
+    Weights go straight to ``device`` through ``device_map`` (no CPU copy moved afterwards). ``cpu``
+    loads without a device_map, as ZeRO-3's ``zero.Init`` and FSDP's ``cpu_ram_efficient_loading``
+    need: they place the weights themselves. ``revision`` and ``attn_implementation`` (``sdpa``,
+    ``flash_attention_2``, ``eager``) go to ``from_pretrained``; ``trust_remote_code`` stays off
+    unless asked for."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -174,22 +204,28 @@ def load_model(spec: str, dtype: str | None = None, trust_remote_code: bool = Fa
     r = resolve_spec(spec)
     if r.kind == "tiny":
         model = builtin.build_tiny_model(builtin.build_tiny_tokenizer()).to(torch_dtype)
+        if device != "cpu":
+            model.to(device)
     else:
         kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        if device != "cpu":
+            kwargs["device_map"] = {"": device}
+        if revision:
+            kwargs["revision"] = revision
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
         if r.gguf_file:
             kwargs["gguf_file"] = r.gguf_file
         else:
             kwargs["use_safetensors"] = True
         try:
             model = AutoModelForCausalLM.from_pretrained(r.location, **kwargs)
-        except OSError as e:
+        except (OSError, ValueError) as e:          # ValueError: an attn_implementation this model lacks
             raise ModelError(f"cannot load model {spec!r}: {e}") from None
         if r.gguf_file:
             clear_quantization_flags(model)
     model.config.polyalign_spec = spec
     contiguous_head_input(model)
-    if device != "cpu":
-        model.to(device)
     return model.eval()
 
 

@@ -8,7 +8,6 @@ the gradient-accumulation scale and the metrics live here once.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from polyalign.losses.mlc import MLCHead, mean_pairwise_cosine, mlc_loss, top_singular_share
 from polyalign.models.batching import left_pad, length_buckets
+from polyalign.train.metrics import MetricSums
 from polyalign.train.mlc_config import MLCConfig
 
 HEAD_FILE = "mlc_head.safetensors"
+HEAD_ATTRIBUTE = "mlc_head"          # the head's name as a submodule of the policy
 
 
 def variant_inputs(variants: list[list[int]], num_languages: int, pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -80,8 +81,8 @@ class MLCTerm:
     def __init__(self, cfg: MLCConfig, model: Any, hidden_size: int, seed: int, device: Any):
         self.cfg = cfg
         self.head = MLCHead(hidden_size, cfg.dim, cfg.projection, seed=seed).to(device)
-        model.mlc_head = self.head
-        self.metrics: dict[str, list[float]] = defaultdict(list)
+        setattr(model, HEAD_ATTRIBUTE, self.head)
+        self.metrics = MetricSums()
 
     def active(self, global_step: int) -> bool:
         """Official schedule: the term on every ``every``-th optimizer step (step 0 included)."""
@@ -92,27 +93,48 @@ class MLCTerm:
         forward through the DDP wrapper before one backward is not allowed; DDP still reduces once)."""
         reps = prompt_representations(model, self.head, inputs, self.cfg.layer)   # [B, L, D]
         loss = mlc_loss(reps, self.cfg.tau)
-        self.metrics["mlc/loss"].append(float(loss.detach()))
-        self.metrics["mlc/top_singular_share"].append(float(top_singular_share(reps.detach())))
-        self.metrics["mlc/pairwise_cosine"].append(float(mean_pairwise_cosine(reps.detach())))
+        self.metrics.add("mlc/loss", float(loss.detach()))
+        self.metrics.add("mlc/top_singular_share", float(top_singular_share(reps.detach())))
+        self.metrics.add("mlc/pairwise_cosine", float(mean_pairwise_cosine(reps.detach())))
         return scale * self.cfg.weight * loss
 
     def zero(self) -> torch.Tensor:
         """0 that touches the head: under DDP every parameter must get a gradient every step."""
         return 0.0 * sum(p.sum() for p in self.head.parameters())
 
-    def flush(self, logs: dict[str, float]) -> None:
-        """Mean of each metric since the last log into ``logs``."""
-        logs.update({k: round(sum(v) / len(v), 6) for k, v in self.metrics.items()})
-        self.metrics.clear()
+    def flush(self, logs: dict[str, float], accelerator: Any) -> None:
+        """Mean of each metric since the last log, over every rank's steps, into ``logs``. Collective:
+        every rank calls it on every logging step."""
+        logs.update(self.metrics.reduce(accelerator))
 
 
-def save_head(head: torch.nn.Module, checkpoint: Path) -> None:
-    """Trainer saves only the adapter for PEFT models: the head goes next to it (safetensors)."""
+def gathered_state(head: torch.nn.Module, accelerator: Any, wrapped_model: Any) -> dict[str, torch.Tensor]:
+    """The head's full weights (CPU) on the main process, whatever shards them. Collective: call it on
+    every rank. ZeRO-3: its partitions gathered (``GatheredParameters``); FSDP: the full state dict of
+    the wrapped policy (``accelerator.get_state_dict``, which holds the head as ``mlc_head.*``; other
+    ranks may get nothing); otherwise the head as it is. Each rank's ``head.state_dict()`` under a
+    sharding engine is its shard: zero-sized tensors were saved."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        full = accelerator.get_state_dict(wrapped_model)
+        marker = f"{HEAD_ATTRIBUTE}."
+        return {k.split(marker, 1)[1]: v.detach().cpu().contiguous() for k, v in full.items() if marker in k}
+    params = list(head.parameters())
+    if any(hasattr(p, "ds_id") for p in params):                     # ZeRO-3 partitioned
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    return {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+
+
+def save_head(state: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """Trainer saves only the adapter for PEFT models: the head's gathered weights (:func:`gathered_state`)
+    go next to it (safetensors)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-              str(Path(checkpoint) / HEAD_FILE))
+    save_file(state, str(Path(checkpoint) / HEAD_FILE))
 
 
 def load_head(head: torch.nn.Module, checkpoint: Path) -> None:
@@ -126,17 +148,21 @@ def load_head(head: torch.nn.Module, checkpoint: Path) -> None:
 
 class MLCHeadCheckpoint(TrainerCallback):
     """Saves the MLC head into each ``checkpoint-N`` and loads it back on ``--resume``, through
-    Trainer's public callback hooks rather than overriding its private save/load methods."""
+    Trainer's public callback hooks rather than overriding its private save/load methods. ``trainer``
+    gives the accelerator and wrapped model that gather the head under ZeRO-3 / FSDP."""
 
-    def __init__(self, head: torch.nn.Module):
-        self.head = head
+    def __init__(self, head: torch.nn.Module, trainer: Any = None):
+        self.head, self.trainer = head, trainer
 
     def _dir(self, args: Any, step: int) -> Path:
         return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
 
     def on_save(self, args, state, control, **kwargs):
+        # every rank gathers (a collective), the first writes
+        head_state = gathered_state(self.head, self.trainer.accelerator, self.trainer.model_wrapped) if self.trainer \
+            else {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         if state.is_world_process_zero:
-            save_head(self.head, self._dir(args, state.global_step))
+            save_head(head_state, self._dir(args, state.global_step))
 
     def on_train_begin(self, args, state, control, **kwargs):
         # On resume Trainer has restored global_step from checkpoint-N before this hook runs.

@@ -53,7 +53,7 @@ class MLCMixin:
         self.mlc = mlc_config
         self.mlc_term = MLCTerm(mlc_config, self.model, hidden_size, self.args.seed, self.args.device)
         self.mlc_head = self.mlc_term.head
-        self.add_callback(MLCHeadCheckpoint(self.mlc_term.head))
+        self.add_callback(MLCHeadCheckpoint(self.mlc_term.head, self))
         self.data_collator = MLCCollator(self.data_collator, self.processing_class.pad_token_id)
 
     def _set_signature_columns_if_needed(self):
@@ -79,8 +79,8 @@ class MLCMixin:
         return (loss, result[1]) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.mlc_term.metrics and "loss" in logs:
-            self.mlc_term.flush(logs)
+        if "loss" in logs:                       # every rank, every logging step: the means are over all ranks
+            self.mlc_term.flush(logs, self.accelerator)
         super().log(logs, start_time)
 
 
@@ -128,7 +128,7 @@ def mlc_rows(records: list[ParallelRecord], cfg: MLCConfig, tokenizer: Any,
                 continue
             meta = {"output": answer, "chosen": answer, "rejected": cfg.benign_rejected}
         row: dict[str, Any] = {"prompt": [{"role": "user", "content": r.texts["en"]}],
-                               "mlc_prompt_ids": [prompt_ids(tokenizer, r.texts[lang])[-cfg.max_length:]
+                               "mlc_prompt_ids": [prompt_ids(tokenizer, r.texts[lang], max_tokens=cfg.max_length)
                                                   for lang in cfg.languages]}
         if cfg.paradigm == "sft":
             if "output" not in meta:

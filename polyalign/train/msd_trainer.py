@@ -13,7 +13,6 @@ and the MLC term over the batch's prompts (``mlc_config``; :mod:`polyalign.train
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -48,6 +47,7 @@ from polyalign.models.chat import prompt_ids
 from polyalign.models.sampling import sampling_kwargs
 from polyalign.text import get_language, in_language, refusal_phrase
 from polyalign.train import vllm_sampling
+from polyalign.train.metrics import MetricSums
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.mlc_term import MLCHeadCheckpoint, MLCTerm, accumulation_scale, variant_inputs
 from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE, MSDConfig
@@ -103,6 +103,22 @@ def gate_examples(examples: list[dict[str, Any]], answers: list[str]) -> tuple[l
     return kept, dict(counts)
 
 
+def frozen_reference(model: Any, args: Any) -> Any:
+    """Full fine-tuning's teacher when none is given: the initial weights loaded again from the
+    policy's spec through :func:`polyalign.models.load_model` (under ZeRO-3 through ``zero.Init``,
+    sharded like the policy), in bf16 when training autocasts to it, else the policy's dtype. A
+    ``deepcopy`` of the policy was a second fp32, unsharded model on every rank."""
+    from polyalign.models.loading import load_model, model_dtype
+    from polyalign.train.recipes import training_device
+
+    spec = getattr(getattr(model, "config", None), "polyalign_spec", None)
+    if spec is None:
+        raise PolyalignError("full fine-tuning needs ref_model= (the frozen teacher): this model was not loaded "
+                             "by polyalign.models.load_model, so its initial weights cannot be loaded again")
+    dtype = "bfloat16" if args.bf16 else model_dtype(model)
+    return load_model(spec, dtype=dtype, device=training_device(args))
+
+
 def _keep_batch(examples: list[dict[str, str]]) -> dict[str, Any]:
     """Collator: the examples travel as plain data; compute_loss tokenises after sampling."""
     return {"examples": examples}
@@ -118,13 +134,14 @@ class MSDTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=_keep_batch,
                          processing_class=processing_class, **kwargs)
         self.msd = msd_config
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._metrics = MetricSums()                 # reduced over ranks at each log
         self._once: dict[str, float] = {}            # logged with the first log line (gate counts)
         # Frozen teacher = the initial weights. LoRA: the same network with the adapter disabled
-        # (no second copy). Full fine-tuning: a frozen copy, sharded like the policy when needed.
+        # (no second copy). Full fine-tuning: the initial weights loaded frozen (:func:`frozen_reference`),
+        # sharded like the policy when needed.
         self.ref_model = None
         if not is_peft(model):
-            ref = ref_model if ref_model is not None else copy.deepcopy(model)
+            ref = ref_model if ref_model is not None else frozen_reference(model, args)
             ref.requires_grad_(False).eval()
             if self.is_deepspeed_enabled:
                 from trl.models.utils import prepare_deepspeed
@@ -135,7 +152,9 @@ class MSDTrainer(Trainer):
 
                 ref = prepare_fsdp(ref, self.accelerator)
             else:
-                ref = self.accelerator.prepare_model(ref, evaluation_mode=True)
+                # On this rank's device in its own dtype: prepare_model would add autocast and fp32 outputs
+                # (the [B, R, V] teacher logits at twice their size, and a bf16 head fed fp32 hidden states).
+                ref = ref.to(self.accelerator.device)
             self.ref_model = ref
         tok = processing_class
         gen_cfg = getattr(model, "generation_config", None)
@@ -147,7 +166,7 @@ class MSDTrainer(Trainer):
             base = self.accelerator.unwrap_model(self.model)
             hidden = base.config.hidden_size if hasattr(base, "config") else base.get_base_model().config.hidden_size
             self.mlc_term = MLCTerm(mlc_config, base, hidden, args.seed, args.device)
-            self.add_callback(MLCHeadCheckpoint(self.mlc_term.head))
+            self.add_callback(MLCHeadCheckpoint(self.mlc_term.head, self))
         if self.msd.teacher_gating:
             self.train_dataset = self._gate(train_dataset)
         if self.msd.mode == "sft":          # label_sft: the teacher's greedy answers are the targets
@@ -160,9 +179,9 @@ class MSDTrainer(Trainer):
         ``benign_target: retain`` and every prompt in ``retain_languages`` the student's own context
         (the frozen model keeps them as they were)."""
         tok, cut = self.processing_class, self.msd.max_prompt_tokens
-        student = [prompt_ids(tok, e["query"])[-cut:] for e in examples]
+        student = [prompt_ids(tok, e["query"], max_tokens=cut) for e in examples]
         teacher = [s if self.msd.retains(e["lang"], e["benign"]) else
-                   prompt_ids(tok, self.teacher_text(e))[-cut:] for s, e in zip(student, examples)]
+                   prompt_ids(tok, self.teacher_text(e), max_tokens=cut) for s, e in zip(student, examples)]
         return student, teacher
 
     def teacher_text(self, e: dict[str, Any]) -> str:
@@ -249,13 +268,23 @@ class MSDTrainer(Trainer):
         cache = json.loads(path.read_text()) if path.exists() else {}
         todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values(), key=lambda i: len(teacher[i]))
         bs = max(8, self.args.per_device_train_batch_size)
-        for start in range(0, len(todo), bs):                       # similar lengths per batch: less padding
-            idx = todo[start:start + bs]
-            out = self.sample_responses(self.model, [teacher[i] for i in idx], from_teacher=True, greedy=True,
-                                        max_new_tokens=n)
-            for i, ids in zip(idx, out):
-                cache[keys[i]] = self.processing_class.decode(ids, skip_special_tokens=True)
-        if todo and self.accelerator.is_main_process:
+        # Each rank probes its share and every rank gets all answers. Sharded engines gather weights per
+        # generate call, a collective: there every rank gets as many prompts (the last one repeated).
+        answers = []
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        with self.accelerator.split_between_processes(todo, apply_padding=sharded) as mine:
+            for start in range(0, len(mine), bs):                  # similar lengths per batch: less padding
+                idx = mine[start:start + bs]
+                out = self.sample_responses(self.model, [teacher[i] for i in idx], from_teacher=True, greedy=True,
+                                            max_new_tokens=n)
+                answers += [(keys[i], self.processing_class.decode(ids, skip_special_tokens=True))
+                            for i, ids in zip(idx, out)]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            answers = gather_object(answers)
+        cache.update(answers)
+        if todo and self.accelerator.is_main_process:              # one writer
             atomic_write_text(path, json.dumps(cache, ensure_ascii=False, indent=0))
         return [cache[k] for k in keys]
 
@@ -503,37 +532,35 @@ class MSDTrainer(Trainer):
         prompts = {e["prompt_id"]: e["texts"] for e in examples if all(c in e["texts"] for c in langs)}
         if not prompts:
             return None
-        variants = [prompt_ids(tok, texts[c])[-cut:] for texts in prompts.values() for c in langs]   # B * L
+        variants = [prompt_ids(tok, texts[c], max_tokens=cut) for texts in prompts.values() for c in langs]   # B * L
         return {k: v.to(self.accelerator.device) for k, v in variant_inputs(variants, len(langs), tok.pad_token_id).items()}
 
     @torch.no_grad()
     def _record(self, examples, responses, d, raw, mask, per_seq, valid, benign, seconds: float) -> None:
+        """Sums and counts of this rank's items (:class:`MetricSums`): the logged values are means over
+        every item of every rank. dpsw_raw_weight: per response token; response_length, loss/<kind>,
+        divergence/<lang>, fidelity/<lang>: per sequence; tokens_per_second: per process."""
         n = mask.sum(-1)
         m = self._metrics
-        m["dpsw_raw_weight"].append(float(raw[mask].mean()) if mask.any() else 0.0)
-        m["response_length"].append(float(n.float().mean()))
-        m["tokens_per_second"].append(float(n.sum()) / max(seconds, 1e-9))
+        m.add("dpsw_raw_weight", float(raw[mask].sum()), float(mask.sum()))
+        m.add("response_length", float(n.sum()), len(n))
+        m.add("tokens_per_second", float(n.sum()), max(seconds, 1e-9))
         for name, rows in (("harmful", valid & ~benign), ("benign", valid & benign)):
             if rows.any():                            # unweighted mean per-sequence loss of each kind
-                m[f"loss/{name}"].append(float(per_seq[rows].mean()))
+                m.add(f"loss/{name}", float(per_seq[rows].sum()), float(rows.sum()))
         texts = self.processing_class.batch_decode(responses, skip_special_tokens=True)
         for e, row_d, row_m, text in zip(examples, d, mask, texts):
             if row_m.any():
-                m[f"divergence/{e['lang']}"].append(float(row_d[row_m].mean()))
-            m[f"fidelity/{e['lang']}"].append(float(in_language(text, e["lang"])))   # y in the query's language
+                m.add(f"divergence/{e['lang']}", float(row_d[row_m].mean()))
+            m.add(f"fidelity/{e['lang']}", float(in_language(text, e["lang"])))   # y in the query's language
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Flush the MSD metrics gathered since the last log (averaged over steps and ranks).
+        # Flush the MSD metrics gathered since the last log: means over every rank's items (every rank
+        # logs at the same steps, so the reductions line up).
         if "loss" in logs:
-            for key, vals in self._metrics.items():
-                value = sum(vals) / len(vals)
-                if "/" not in key:  # per-language / per-kind keys may be absent on some ranks: local mean
-                    t = torch.tensor(value, device=self.accelerator.device)
-                    value = float(self.accelerator.reduce(t, reduction="mean"))
-                logs[key] = round(value, 6)
-            self._metrics.clear()
+            logs.update(self._metrics.reduce(self.accelerator))
             logs.update(self._once)                         # teacher-gating counts, once
             self._once = {}
-            if self.mlc_term is not None and self.mlc_term.metrics:
-                self.mlc_term.flush(logs)
+            if self.mlc_term is not None:
+                self.mlc_term.flush(logs, self.accelerator)
         super().log(logs, start_time)

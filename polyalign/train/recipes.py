@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -44,14 +46,26 @@ class DataSettings:
     benign_source: str | None = None  # benign prompts mixed in so the model keeps answering them
     benign_limit: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("limit", "benign_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number of prompts (or null for all), got {value}")
+
 
 @dataclass
 class Recipe:
+    """``trust_remote_code`` (off unless asked for), ``revision`` and ``attn_implementation`` go to the
+    model's and tokenizer's ``from_pretrained``."""
+
     method: str
     model: str
     output_dir: str
     seed: int = 0
     dtype: str | None = None
+    trust_remote_code: bool = False
+    revision: str | None = None
+    attn_implementation: str | None = None
     data: DataSettings = field(default_factory=DataSettings)
     msd: dict[str, Any] | None = None
     mlc: dict[str, Any] | None = None
@@ -96,9 +110,83 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", dict: "a mapping",
+          list: "a list", type(None): "null"}
+
+
+def _accepts(tp: Any, value: Any) -> bool | None:
+    """Whether ``value`` (as YAML read it) fits the annotation ``tp``; None where the type is not one
+    of the plain ones checked here (enums, classes): the class's own checks decide."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_accepts(a, value) for a in args]
+        return True if True in verdicts else None if None in verdicts else False
+    if tp is Any:
+        return True
+    if tp is bool or tp is type(None) or tp is str:
+        return value is None if tp is type(None) else isinstance(value, tp)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is list or origin is list:
+        return isinstance(value, list) and (not args or all(_accepts(args[0], v) is not False for v in value))
+    if tp is dict or origin is dict:
+        return isinstance(value, dict)
+    return None
+
+
+def _describe(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if typing.get_origin(tp) is list and args:
+        return f"a list of {_describe(args[0]).removeprefix('a ')}"
+    return _KINDS.get(typing.get_origin(tp) or tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_types(cls: type, values: dict[str, Any], where: str, counts: bool = True) -> None:
+    """Each value against its field's annotation in ``cls``: ``msd.benign_weight=abc`` is "msd:
+    benign_weight must be a number, got 'abc'", not a comparison error from deep inside.
+    ``counts``: a whole-number field whose default is positive (top_k, max_new_tokens, r, dim, ...)
+    counts something and must be >= 1."""
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        tp = hints.get(key)
+        if tp is not None and _accepts(tp, value) is False:
+            raise PolyalignError(f"{where}: {key} must be {_describe(tp)}, got {value!r}")
+        default = defaults.get(key)
+        if counts and type(default) is int and default > 0 and type(value) is int and value < 1:
+            raise PolyalignError(f"{where}: {key} must be a positive number, got {value}")
+
+
+# TrainingArguments fields whose values cannot be negative (or zero where the bound is 1) ...
+_TRAINING_MIN = {"learning_rate": 0, "weight_decay": 0, "warmup_steps": 0, "max_grad_norm": 0, "seed": 0,
+                 "data_seed": 0, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
+                 "num_train_epochs": 0, "dataloader_num_workers": 0, "save_total_limit": 1}
+_TRAINING_POSITIVE = ("logging_steps", "save_steps")       # ... and those that must be above zero
+
+
+def check_training(values: dict[str, Any], where: str) -> None:
+    """``training`` values against TrainingArguments' annotations and the bounds above: TrainingArguments
+    takes ``learning_rate: -1`` and the optimizer fails on it mid-setup with a traceback."""
+    from transformers import TrainingArguments
+
+    check_types(TrainingArguments, values, f"{where}: training", counts=False)
+    for key, value in values.items():
+        if key in _TRAINING_MIN and value is not None and value < _TRAINING_MIN[key]:
+            raise PolyalignError(f"{where}: training: {key} must be >= {_TRAINING_MIN[key]}, got {value}")
+        if key in _TRAINING_POSITIVE and value is not None and value <= 0:
+            raise PolyalignError(f"{where}: training: {key} must be > 0, got {value}")
+    steps = values.get("max_steps")
+    if steps is not None and steps != -1 and steps < 1:
+        raise PolyalignError(f"{where}: training: max_steps must be >= 1 (or -1: use num_train_epochs), got {steps}")
+
+
 def _strict(cls: type, values: Any, where: str) -> Any:
-    """``cls(**values)`` for a config dataclass: unknown keys, a non-mapping and bad values are
-    one-line errors naming ``where``."""
+    """``cls(**values)`` for a config dataclass: unknown keys, a non-mapping, values of the wrong
+    type (:func:`check_types`) and values the class rejects are one-line errors naming ``where``."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -107,6 +195,7 @@ def _strict(cls: type, values: Any, where: str) -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise PolyalignError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    check_types(cls, values, where)
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
@@ -136,6 +225,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise PolyalignError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise PolyalignError(f"{path}: expected a mapping of recipe keys, got {type(raw).__name__}")
     raw = _numbers(apply_overrides(raw, overrides or []))
     recipe = _strict(Recipe, raw, str(path))
     recipe.data = _strict(DataSettings, raw.get("data"), f"{path}: data")
@@ -147,8 +238,14 @@ def validate_recipe(r: Recipe, where: str) -> None:
     """Bind every section to its config class without loading a model (CI checks all recipes)."""
     from transformers import TrainingArguments
 
+    from polyalign.models.loading import resolve_dtype
+
     if r.method not in ("msd", "mlc"):
         raise PolyalignError(f"{where}: method must be msd or mlc, got {r.method!r}")
+    if r.seed < 0:
+        raise PolyalignError(f"{where}: seed must be >= 0, got {r.seed}")
+    if r.dtype is not None:
+        resolve_dtype(r.dtype)                      # an unknown dtype: one line, before any model loads
     if r.method == "msd":
         msd = _strict(MSDConfig, r.msd, f"{where}: msd")
         msd_mlc_config(r.mlc, msd, where)
@@ -157,11 +254,16 @@ def validate_recipe(r: Recipe, where: str) -> None:
 
         _strict(MLCConfig, r.mlc, f"{where}: mlc")
     if r.lora is not None:
-        _strict(LoraSettings, r.lora, f"{where}: lora")
+        lora = _strict(LoraSettings, r.lora, f"{where}: lora")
+        if not 0 <= lora.dropout < 1:
+            raise PolyalignError(f"{where}: lora: dropout must be in [0, 1), got {lora.dropout}")
+    if not isinstance(r.training, dict):
+        raise PolyalignError(f"{where}: training: expected a mapping, got {type(r.training).__name__}")
     allowed = {f.name for f in dataclasses.fields(TrainingArguments)}
     unknown = sorted(set(r.training) - allowed)
     if unknown:
         raise PolyalignError(f"{where}: training: unknown TrainingArguments field(s) {', '.join(unknown)}")
+    check_training(r.training, where)
 
 
 MSD_MLC_KEYS = ("weight", "every", "tau", "layer", "projection", "dim")
@@ -213,33 +315,66 @@ def training_arguments(r: Recipe, resume_dir: str | None = None):
     return TrainingArguments(**{**defaults, **r.training})
 
 
-def build_model(r: Recipe):
+def model_options(r: Recipe) -> dict[str, Any]:
+    """The recipe's ``from_pretrained`` options for :func:`polyalign.models.load_model`."""
+    return {"trust_remote_code": r.trust_remote_code, "revision": r.revision,
+            "attn_implementation": r.attn_implementation}
+
+
+def training_device(args: Any) -> str:
+    """Where this rank loads its weights: its own device (``args.device``, ``cuda:<local rank>`` under a
+    launcher), or the CPU where the engine places them itself: ZeRO-3 loads through ``zero.Init`` and
+    FSDP's ``cpu_ram_efficient_loading`` loads on local rank 0 only (both refuse a ``device_map``).
+
+    Reading ``args.device`` sets up accelerate's ``PartialState`` (the process group and each rank's
+    CUDA device): it must come before the model loads, as must TrainingArguments themselves, which
+    register the DeepSpeed config that ``from_pretrained`` reads to load under ``zero.Init``."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.integrations.fsdp import is_fsdp_enabled
+
+    device = args.device
+    if is_deepspeed_zero3_enabled() or is_fsdp_enabled() or device.type == "cpu":
+        return "cpu"
+    return str(device)
+
+
+def build_model(r: Recipe, device: str | None = None):
     """The recipe's policy and tokenizer, seeded by the recipe first (the adapter's init is random),
     so a model built here and passed to :func:`run_recipe` (the demo does) trains exactly as one
-    ``run_recipe`` builds itself, whatever ran before (an evaluation, another model)."""
+    ``run_recipe`` builds itself, whatever ran before (an evaluation, another model). ``device``:
+    :func:`training_device` (default: this rank's GPU, else the CPU)."""
     from transformers import set_seed
 
     from polyalign.models import attach_lora, load_model, load_tokenizer
 
     set_seed(r.seed)
-    tok = load_tokenizer(r.model)
-    model = load_model(r.model, dtype=precision(r)[0])
+    tok = load_tokenizer(r.model, trust_remote_code=r.trust_remote_code, revision=r.revision)
+    model = load_model(r.model, dtype=precision(r)[0], device=device, **model_options(r))
     model.train()
     if r.lora is not None:
         model = attach_lora(model, LoraSettings(**r.lora))
     return model, tok
 
 
+def reference_model(r: Recipe, device: str | None = None):
+    """Full fine-tuning's frozen teacher: the initial weights loaded a second time through the same
+    path (so ``zero.Init`` shards it like the policy), in the recipe's dtype (bf16 where fast): it only
+    runs forwards, so it needs none of the policy's fp32 master weights."""
+    from polyalign.models import load_model
+    from polyalign.models.loading import resolve_dtype
+
+    return load_model(r.model, dtype=resolve_dtype(r.dtype), device=device, **model_options(r)).requires_grad_(False)
+
+
 def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: Any = None) -> Path:
     """Train and save ``output_dir/final`` (adapter or model, heads, tokenizer, recipe)."""
     from transformers import set_seed
 
-    from polyalign.models.adapters import save_checkpoint
-
     set_seed(r.seed)
+    args = training_arguments(r)                   # before any weights load: see training_device
+    device = training_device(args)
     if model is None:
-        model, tokenizer = build_model(r)
-    args = training_arguments(r)
+        model, tokenizer = build_model(r, device)
     records = load_prompts(r.data.source, r.data.format, r.data.split, r.data.limit, r.data.category, r.seed)
     if r.data.benign_source:
         records = records + load_prompts(r.data.benign_source, None, r.data.split, r.data.benign_limit, seed=r.seed)
@@ -252,7 +387,8 @@ def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: An
         if not examples:
             raise PolyalignError(f"no (student, {cfg.teacher_language}) prompt pairs in {r.data.source} for "
                                  f"student languages {cfg.student_languages}")
-        trainer = MSDTrainer(model, args, cfg, examples, tokenizer, mlc_config=msd_mlc_config(r.mlc, cfg))
+        ref = reference_model(r, device) if r.lora is None else None
+        trainer = MSDTrainer(model, args, cfg, examples, tokenizer, ref_model=ref, mlc_config=msd_mlc_config(r.mlc, cfg))
         if trainer.mlc_term is not None:
             heads = {"mlc_head": trainer.mlc_term.head}
     else:
@@ -268,17 +404,37 @@ def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: An
     else:
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     final = Path(r.output_dir) / "final"
-    from polyalign.models.loading import model_dtype
-
-    policy = trainer.accelerator.unwrap_model(trainer.model)
-    save_checkpoint(policy, final, tokenizer, heads=heads,
-                    info={"recipe": dataclasses.asdict(r), "dtype": model_dtype(policy),
-                          "bf16_autocast": bool(args.bf16)})
+    save_final(trainer, final, heads, {"recipe": dataclasses.asdict(r), "bf16_autocast": bool(args.bf16)})
     # one writer, atomically: with several processes each wrote the file at once and a reader could
     # see two histories run together (tests/test_distributed.py failed on it once in CI)
     if trainer.accelerator.is_main_process:
         atomic_write_text(final / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
     return final
+
+
+def save_final(trainer: Any, final: Path, heads: dict[str, Any], info: dict[str, Any]) -> None:
+    """``final/``: the weights through ``trainer.save_model`` on every rank (under ZeRO-3 and FSDP it
+    gathers the shards with ``accelerator.get_state_dict``; the main process writes: adapter or model,
+    tokenizer), the extra heads gathered the same way (:func:`gathered_state`), and provenance.
+    ``save_pretrained`` on the unwrapped model wrote each rank's empty shards instead."""
+    from safetensors.torch import save_file
+
+    from polyalign.models.adapters import CHECKPOINT_INFO, EXTRA_HEADS_FILE, is_peft
+    from polyalign.models.loading import model_dtype
+    from polyalign.train.mlc_term import gathered_state
+
+    trainer.save_model(str(final))
+    states = {name: gathered_state(head, trainer.accelerator, trainer.model_wrapped) for name, head in heads.items()}
+    if not trainer.accelerator.is_main_process:
+        return
+    tensors = {f"{name}.{k}": v for name, state in states.items() for k, v in state.items()}
+    if tensors:
+        save_file(tensors, str(final / EXTRA_HEADS_FILE))
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    base = policy.get_base_model() if is_peft(policy) else policy
+    provenance = {"base_model": getattr(base.config, "polyalign_spec", None), "adapter": is_peft(policy),
+                  "dtype": model_dtype(policy), **info}
+    atomic_write_text(final / CHECKPOINT_INFO, json.dumps(provenance, indent=1, default=str))
 
 
 def _load_finished(trainer: Any, ckpt: Path, heads: dict[str, Any]) -> None:
