@@ -29,12 +29,17 @@ def response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id:
     """prompt + response, left-padded, plus ``response_mask`` [B, R] over the last R positions
     (R = longest response), True where row b has a response token."""
     ids, mask, pos = left_pad([p + r for p, r in zip(prompts, responses)], pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "response_mask": response_mask(responses)}
+
+
+def response_mask(responses: list[list[int]]) -> Tensor:
+    """[B, R] (R = longest response, at least 1), True over row b's last |y_b| positions."""
     R = max(1, max(len(r) for r in responses))
-    resp_mask = torch.zeros((len(responses), R), dtype=torch.bool)
+    mask = torch.zeros((len(responses), R), dtype=torch.bool)
     for i, r in enumerate(responses):
         if r:
-            resp_mask[i, R - len(r):] = True
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "response_mask": resp_mask}
+            mask[i, R - len(r):] = True
+    return mask
 
 
 def response_logits(model, batch: dict[str, Tensor]) -> Tensor:
@@ -109,3 +114,33 @@ def length_buckets(lengths: list[int], overhead: int = 32) -> list[list[int]]:
         groups.append(order[cut[j]:j])
         j = cut[j]
     return groups[::-1]
+
+
+def packed_response_hidden(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, head,
+                           device: torch.device | str, overhead: int = 16) -> Tensor:
+    """:func:`response_hidden` of every row's real response positions only, packed: [sum_i |y_i|, H],
+    row by row, each row's positions in order (the order of ``response_mask``'s True entries).
+
+    Why: one left-padded batch computes every row at the longest prompt + response of the batch.
+    The demo's batches mix nine languages whose prompts differ several-fold in length, and the
+    teacher's (English template + query) are longer still, so most of a padded forward can be
+    padding. Rows run here in :func:`length_buckets` groups, each its own forward; positions count
+    real tokens only (:func:`left_pad`), so every row computes what it would alone, and the packed
+    output feeds the fused head only at the positions the loss reads. Works with or without grad
+    (each group's forward stays in the graph).
+    """
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    rows: list[Tensor | None] = [None] * len(prompts)
+    for group in length_buckets(lengths, overhead):
+        if not any(responses[i] for i in group):
+            continue
+        batch = {k: v.to(device) for k, v in
+                 response_batch([prompts[i] for i in group], [responses[i] for i in group], pad_id).items()}
+        h = response_hidden(model, batch, head)                                # [g, R_g, H]
+        for j, i in enumerate(group):
+            rows[i] = h[j, batch["response_mask"][j]]                          # [|y_i|, H]
+    kept = [r for r in rows if r is not None]
+    if not kept:            # no response token in the batch: an empty [0, H] that is still in the graph
+        batch = {k: v.to(device) for k, v in response_batch(prompts[:1], [[]], pad_id).items()}
+        return response_hidden(model, batch, head)[0, :0]
+    return torch.cat(kept)

@@ -15,6 +15,8 @@ expressed that way; keyword arguments are applied last and win, ``None`` include
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -50,3 +52,63 @@ def sampling_kwargs(max_new_tokens: int, temperature: float, top_p: float = 1.0,
         # one sequence per prompt, with the KV cache
         "num_return_sequences": 1, "use_cache": True,
     }
+
+
+def _linear(weight: Any, bias: Any) -> Any:
+    """A module computing ``x W^T + b`` with tensors it holds as plain attributes (no parameters)."""
+    import torch
+
+    class FoldedLinear(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            return torch.nn.functional.linear(x, weight, bias)
+
+    return FoldedLinear()
+
+
+def _folded(module: Any, adapter: bool) -> Any:
+    """The stand-in for one LoRA ``Linear`` wrapper: its base layer (adapter off), or a linear layer
+    whose weight is base + the active adapters' delta, a new tensor (the base is not written)."""
+    base = module.base_layer
+    if not adapter:
+        return base
+    weight = base.weight.detach()
+    for name in module.active_adapters:
+        if name in module.lora_A:
+            weight = weight + module.get_delta_weight(name).detach().to(weight.dtype)
+    return _linear(weight, None if base.bias is None else base.bias.detach())
+
+
+@contextlib.contextmanager
+def folded_lora(model: Any, adapter: bool = True) -> Iterator[None]:
+    """While generating, every plain LoRA ``Linear`` wrapper of ``model`` is swapped for one linear
+    layer -- base + delta (``adapter=True``: the student) or the base layer itself (``adapter=False``:
+    the adapter-disabled teacher) -- and put back afterwards.
+
+    Why: decoding runs the network one token at a time, and PEFT's wrapper adds, per wrapped layer
+    (7 per transformer block) and token, the adapter's two small matmuls plus a dozen Python-level
+    ops. Unlike ``merge_adapter`` nothing is written into the base weights, so they stay bit for bit
+    what they were, and the adapter's parameters, gradients and optimizer state are untouched. The
+    folded weight equals base + B A * scaling up to rounding (exactly the base while B is 0, as at
+    initialisation). Generation runs in eval mode, where LoRA dropout is the identity. Wrappers with a
+    variant (DoRA), ``fan_in_fan_out`` or an adapter already merged are left as they are, and so is a
+    model that is not a PEFT model.
+    """
+    from polyalign.models.adapters import is_peft
+
+    swapped = []
+    if is_peft(model):
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        for name, m in list(model.named_modules()):
+            if (type(m) is not LoraLinear or m.merged or m.lora_variant or getattr(m, "fan_in_fan_out", False)
+                    or type(m.base_layer).__name__ != "Linear"):
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            swapped.append((model.get_submodule(parent_name) if parent_name else model, attr, m))
+    try:
+        for parent, attr, m in swapped:
+            setattr(parent, attr, _folded(m, adapter and not m.disable_adapters))
+        yield
+    finally:
+        for parent, attr, m in reversed(swapped):
+            setattr(parent, attr, m)

@@ -1,0 +1,309 @@
+"""Where one MSD training step's time goes, on the demo's recipe (issue #26).
+
+    python benchmarks/msd_profile.py                            # 0.5B, recipes/msd_selective.yaml, fast step
+    python benchmarks/msd_profile.py --compare 2                # legacy and fast steps interleaved: both tables + ratio
+    python benchmarks/msd_profile.py --check 2                  # train 2 steps each way from one seed: max |diff|
+    python benchmarks/msd_profile.py --model builtin:tiny-random --batch 4 --max-new-tokens 8 --compare 1   # smoke
+
+Per stage of one step (sampling, teacher forward, student forward, head + divergence, backward,
+optimizer): wall seconds, share of the step, achieved FLOP/s against this machine's measured matmul
+peak in the dtype the policy uses (best of five 2048^3 matmuls, ``precision.matmul_peak``), and the
+share of the tokens the stage computes that are padding. Prints the CPU model, its vector / matrix
+flags and the load average, so a figure says what machine and how busy.
+
+FLOP model (as ``run.py``'s): 2 N per computed token forward (N = the base's non-embedding weights
+without the LM head, plus the adapter's where it is on), the backward 2 N_base + 4 N_lora per student
+token (input gradients through the frozen base, both gradients of the adapter); the LM head 2 H V per
+row it runs on (sampling: one row per sequence and decoding step; head + divergence: student head,
+teacher head and dD/dh = three per response row). Attention scores are left out. "Computed" tokens
+include the padding each path computes: one left-padded batch (legacy), length groups (fast; sampling
+is one padded batch in both).
+
+Timings of the two paths are taken in one process, their steps alternating, on the same batch, the
+same adapter weights (restored after each step) and the same sampling seed, so a loaded machine's
+drift hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+STAGES = ["sampling", "teacher forward", "student forward", "head + divergence", "backward", "optimizer"]
+FLAG_WORDS = ("avx2", "avx512", "amx", "bf16", "fma", "vnni")
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """(model name, the flags that decide matmul speed: AVX2 / AVX-512 / AMX / bf16 / FMA / VNNI)."""
+    model, flags = "unknown", []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = sorted(f for f in value.split() if any(w in f for w in FLAG_WORDS))
+    return model, flags
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+class StageClock:
+    """``trainer.stage_clock``: ``clock(name)`` times a stage; ``record(...)`` keeps the step's token lists."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.info: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+    def record(self, **info: Any) -> None:
+        self.info.update(info)
+
+
+def build_trainer(args: argparse.Namespace, out: str):
+    """The recipe's trainer exactly as ``run_recipe`` builds it (same seeding order), optimizer ready."""
+    from transformers import set_seed
+
+    from polyalign.data.builtin import load_prompts
+    from polyalign.train.msd_config import MSDConfig
+    from polyalign.train.msd_trainer import MSDTrainer, build_msd_examples
+    from polyalign.train.recipes import build_model, load_recipe, training_arguments
+
+    overrides = [f"model={args.model}", f"output_dir={out}", f"max_steps={max(args.check, 1)}"]
+    if args.batch:
+        overrides.append(f"per_device_train_batch_size={args.batch}")
+    if args.max_new_tokens:
+        overrides.append(f"msd.max_new_tokens={args.max_new_tokens}")
+    r = load_recipe(args.recipe, overrides)
+    r.training.update(save_strategy="no", disable_tqdm=True)
+    set_seed(r.seed)
+    model, tok = build_model(r)
+    records = load_prompts(r.data.source, r.data.format, r.data.split, r.data.limit, r.data.category, r.seed)
+    if r.data.benign_source:
+        records = records + load_prompts(r.data.benign_source, None, r.data.split, r.data.benign_limit, seed=r.seed)
+    cfg = MSDConfig(**r.msd)
+    trainer = MSDTrainer(model, training_arguments(r), cfg, build_msd_examples(records, cfg), tok)
+    return trainer, r
+
+
+def adapter_state(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def timed_step(trainer: Any, batch: dict, legacy: bool, seed: int) -> tuple[StageClock, float, float]:
+    """One optimizer step (training_step, optimizer, scheduler) timed by stage: (clock, seconds, loss)."""
+    clock = StageClock()
+    trainer.legacy_step, trainer.stage_clock = legacy, clock
+    backward = trainer.accelerator.backward
+
+    def timed_backward(loss: Any, **kw: Any) -> None:
+        with clock("backward"):
+            backward(loss, **kw)
+
+    trainer.accelerator.backward = timed_backward
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    try:
+        loss = float(trainer.training_step(trainer.model, dict(batch)))
+        clock.record(grads={n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
+                            if p.grad is not None})
+        with clock("optimizer"):
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+            trainer.model.zero_grad(set_to_none=True)
+    finally:
+        trainer.accelerator.backward = backward
+        trainer.stage_clock = None
+    return clock, time.perf_counter() - t0, loss
+
+
+def model_sizes(model: Any) -> dict[str, int]:
+    """Non-embedding base weights without the head, adapter weights, H and V."""
+    head = model.get_output_embeddings().weight
+    emb = model.get_input_embeddings().weight
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    base = sum(p.numel() for n, p in model.named_parameters()
+               if "lora_" not in n and p is not emb and p is not head and p.dim() > 1)
+    return {"base": base, "lora": lora, "H": head.shape[1], "V": head.shape[0]}
+
+
+def work(info: dict[str, Any], sizes: dict[str, int], legacy: bool) -> dict[str, tuple[float, float]]:
+    """Per stage: (model FLOPs, padding share of the tokens computed) for the recorded step."""
+    from polyalign.models.batching import length_buckets
+
+    sp, tp, ys = info["student_prompts"], info["teacher_prompts"], info["responses"]
+    B, n_resp = len(ys), sum(len(y) for y in ys)
+    R = max(1, max(len(y) for y in ys))
+    n_base, n_lora, hv = sizes["base"], sizes["lora"], sizes["H"] * sizes["V"]
+
+    def computed(prompts: list[list[int]]) -> tuple[int, int]:
+        lengths = [len(p) + len(y) for p, y in zip(prompts, ys)]
+        if legacy:
+            return len(lengths) * max(lengths), sum(lengths)
+        groups = length_buckets(lengths, 16)
+        return sum(len(g) * max(lengths[i] for i in g) for g in groups), sum(lengths)
+
+    P = max(len(p) for p in sp)
+    gen_computed = B * P + B * (R - 1)                    # prefill, then one token per row per decoding step
+    gen_real = sum(len(p) for p in sp) + sum(max(len(y) - 1, 0) for y in ys)
+    t_comp, t_real = computed(tp)
+    s_comp, s_real = computed(sp)
+    head_rows = B * R if legacy else n_resp
+    return {
+        "sampling": (2 * (n_base + n_lora) * gen_computed + 2 * hv * B * R, 1 - gen_real / gen_computed),
+        "teacher forward": (2 * n_base * t_comp, 1 - t_real / t_comp),
+        "student forward": (2 * (n_base + n_lora) * s_comp, 1 - s_real / s_comp),
+        "head + divergence": (3 * 2 * hv * head_rows, 1 - n_resp / head_rows),
+        "backward": ((2 * n_base + 4 * n_lora) * s_comp, 1 - s_real / s_comp),
+        "optimizer": (0.0, 0.0),
+    }
+
+
+def table(name: str, seconds: dict[str, float], total: float, flops: dict[str, tuple[float, float]],
+          peak: float) -> str:
+    rows = [f"{name}", "", "| stage | seconds | share | GFLOP/s | of matmul peak | padding |", "|---|---|---|---|---|---|"]
+    for stage in STAGES:
+        sec = seconds.get(stage, 0.0)
+        f, pad = flops[stage]
+        rate = f / sec if sec > 0 and f else 0.0
+        rows.append(f"| {stage} | {sec:.2f} | {sec / total:.1%} | "
+                    + (f"{rate / 1e9:.1f} | {rate / peak:.2f} | {pad:.0%} |" if f else "- | - | - |"))
+    other = total - sum(seconds.get(s, 0.0) for s in STAGES)
+    rows.append(f"| other (tokenising, DPSW, logging) | {other:.2f} | {other / total:.1%} | - | - | - |")
+    rows.append(f"| step | {total:.2f} | 100% | {sum(f for f, _ in flops.values()) / total / 1e9:.1f} | "
+                f"{sum(f for f, _ in flops.values()) / total / peak:.2f} | - |")
+    return "\n".join(rows)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Train ``args.check`` steps with the legacy and the fast step from the same seed; max |diff|."""
+    results = {}
+    for legacy in (True, False):
+        with tempfile.TemporaryDirectory() as out:
+            trainer, _ = build_trainer(args, out)
+            trainer.legacy_step = legacy
+            t0 = time.perf_counter()
+            trainer.train()
+            sec = time.perf_counter() - t0
+            results[legacy] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
+                               adapter_state(trainer.model), sec)
+            print(f"# {'legacy' if legacy else 'fast'}: {args.check} steps in {sec:.1f} s, losses "
+                  f"{results[legacy][0]} ({load()})", flush=True)
+    (lo, wo, _), (ln, wn, _) = results[True], results[False]
+    dl = max(abs(a - b) for a, b in zip(lo, ln, strict=True))
+    dw = max(float((wo[n] - wn[n]).abs().max()) for n in wo)
+    scale = max(float(w.abs().max()) for w in wo.values())
+    print(f"check after {args.check} steps: max |loss diff| {dl:.3g} (losses {lo} vs {ln}); "
+          f"max |adapter diff| {dw:.3g} (largest adapter entry {scale:.3g})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--recipe", default="msd_selective")
+    p.add_argument("--batch", type=int, default=None, help="per_device_train_batch_size (default: the recipe's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="msd.max_new_tokens (default: the recipe's)")
+    p.add_argument("--legacy", action="store_true", help="profile the step before issue #26 (no --compare)")
+    p.add_argument("--compare", type=int, default=0, help="K: K legacy and K fast steps, alternating")
+    p.add_argument("--check", type=int, default=0, help="S: train S steps each way from one seed, print max |diff|")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed first step (a loaded machine, short on time)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from precision import matmul_peak
+
+    from polyalign.models.loading import model_dtype
+
+    model_name, flags = cpu_info()
+    print(f"# cpu: {model_name}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
+    print(f"# flags: {' '.join(flags) or '(none of ' + '/'.join(FLAG_WORDS) + ')'}")
+    print(f"# {load()} at start; torch {torch.__version__}", flush=True)
+    if args.check:
+        check(args)
+        print(f"# {load()} at end")
+        return
+    with tempfile.TemporaryDirectory() as out:
+        trainer, r = build_trainer(args, out)
+        trainer.create_optimizer_and_scheduler(num_training_steps=max(2 * args.compare, 2) + 1)
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.model.train()
+        dtype = model_dtype(trainer.model)
+        peak = matmul_peak(getattr(torch, dtype), 2048, trials=5)
+        print(f"# model {args.model}, {dtype}, recipe {args.recipe}: batch "
+              f"{r.training['per_device_train_batch_size']}, {r.msd['max_new_tokens']} sampled tokens; "
+              f"matmul peak {peak / 1e9:.1f} GFLOP/s ({dtype}, 2048^3, best of 5)", flush=True)
+        batch = next(iter(trainer.get_train_dataloader()))
+        sizes = model_sizes(trainer.model)
+        start = adapter_state(trainer.model)
+
+        def run(legacy: bool) -> tuple[StageClock, float, float]:
+            res = timed_step(trainer, batch, legacy, args.seed)
+            with torch.no_grad():                      # every step from the same adapter (and fresh moments)
+                for n, prm in trainer.model.named_parameters():
+                    if n in start:
+                        prm.copy_(start[n])
+            trainer.optimizer.state.clear()
+            return res
+
+        sides = [True, False] if args.compare else [args.legacy]
+        if not args.no_warmup:
+            run(sides[-1])                                 # warm-up (allocator, first-call costs)
+        reps: dict[bool, list[tuple[StageClock, float, float]]] = {s: [] for s in sides}
+        for k in range(max(args.compare, 1)):
+            for legacy in (sides if k % 2 == 0 else sides[::-1]):
+                reps[legacy].append(run(legacy))
+                print(f"# {'legacy' if legacy else 'fast'} step {k + 1}: {reps[legacy][-1][1]:.2f} s ({load()})",
+                      flush=True)
+        for legacy in sides:
+            runs = reps[legacy]
+            total = statistics.median(t for _, t, _ in runs)
+            seconds = {s: statistics.median(c.seconds.get(s, 0.0) for c, _, _ in runs) for s in STAGES}
+            info = runs[0][0].info
+            lens = [len(y) for y in info["responses"]]
+            print()
+            print(table(f"{'legacy' if legacy else 'fast'} step (median of {len(runs)}): responses "
+                        f"{min(lens)}-{max(lens)} tokens, student prompts "
+                        f"{min(map(len, info['student_prompts']))}-{max(map(len, info['student_prompts']))}, "
+                        f"teacher prompts {min(map(len, info['teacher_prompts']))}-"
+                        f"{max(map(len, info['teacher_prompts']))}",
+                        seconds, total, work(info, sizes, legacy), peak))
+        if args.compare:
+            old, new = (statistics.median(t for _, t, _ in reps[s]) for s in (True, False))
+            print()
+            print(f"ratio msd_step_legacy_vs_fast {old / new:.3f} (legacy {old:.2f} s, fast {new:.2f} s per step)")
+            (c_old, _, l_old), (c_new, _, l_new) = reps[True][0], reps[False][0]
+            g_old, g_new = c_old.info["grads"], c_new.info["grads"]
+            dg = max(float((g_old[n] - g_new[n]).abs().max()) for n in g_old)
+            gmax = max(float(g.abs().max()) for g in g_old.values())
+            same = c_old.info["responses"] == c_new.info["responses"]
+            print(f"# same batch and seed, one step from the same adapter: responses identical: {same}; "
+                  f"|loss diff| {abs(l_old - l_new):.3g} (loss {l_old:.6g}); max |grad diff| {dg:.3g} "
+                  f"(largest grad entry {gmax:.3g})")
+    print(f"# {load()} at end")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Issue #26: the faster MSD step computes what the step before it did.
+
+The fast step (the default on one process) runs student and teacher in length groups, sends only
+the real response positions through the fused head, and samples with LoRA folded into one linear
+layer per wrapped module. ``MSDTrainer.legacy_step = True`` is the step before; both are trained
+here from the same seed and must give the same losses and the same adapter (fp32 tolerances that
+hold on AVX2, AVX-512 and AMX machines).
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from polyalign.models import LoraSettings, attach_lora, load_model, load_tokenizer
+from polyalign.models.batching import packed_response_hidden, response_batch, response_hidden
+from polyalign.models.chat import prompt_ids
+from polyalign.models.sampling import folded_lora, sampling_kwargs
+from polyalign.train.msd_config import MSDConfig
+from polyalign.train.msd_trainer import MSDTrainer, build_msd_examples
+from polyalign.train.recipes import Recipe, load_prompts, training_arguments
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = "builtin:tiny-random"
+
+
+def demo_like_trainer(tmp_path, legacy: bool, steps: int = 2):
+    """The demo recipe's shape on the tiny model: harmful + benign prompts in several languages,
+    English-template teacher with hints, retain languages, DPSW, benign weight; batch 8."""
+    torch.manual_seed(0)
+    model = attach_lora(load_model(SPEC), LoraSettings(r=4, alpha=8))
+    model.train()
+    tok = load_tokenizer(SPEC)
+    cfg = MSDConfig(mode="on_policy", student_languages=["zh", "th", "sw", "bn"], teacher_template="english_only",
+                    language_hint=["zh", "th"], hint_prompts="all", harmful_hint="refuse", retain_languages=["sw"],
+                    benign_target="english", benign_weight=3.0, max_new_tokens=12)
+    recs = load_prompts("builtin:harmful", None, "train", 4, seed=0) + load_prompts("builtin:benign", None, "train", 4,
+                                                                                  seed=0)
+    r = Recipe(method="msd", model=SPEC, output_dir=str(tmp_path / ("legacy" if legacy else "fast")), seed=0,
+               training={"max_steps": steps, "learning_rate": 5e-2, "per_device_train_batch_size": 8,
+                         "save_strategy": "no", "disable_tqdm": True})
+    trainer = MSDTrainer(model, training_arguments(r), cfg, build_msd_examples(recs, cfg), tok)
+    trainer.legacy_step = legacy
+    return trainer, model
+
+
+def adapter(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fast_step_trains_as_the_legacy_step(tmp_path, monkeypatch):
+    import polyalign.models.batching as batching
+
+    real, runs = batching.packed_response_hidden, {}
+    for legacy in (True, False):
+        trainer, model = demo_like_trainer(tmp_path, legacy)
+        calls = []
+        monkeypatch.setattr(batching, "packed_response_hidden", lambda *a, c=calls, **k: c.append(1) or real(*a, **k))
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        runs[legacy] = (losses, adapter(model), calls)
+    (old_loss, old_w, old_calls), (new_loss, new_w, new_calls) = runs[True], runs[False]
+    assert not old_calls and len(new_calls) == 4               # 2 steps x (student, teacher)
+    assert len(old_loss) == len(new_loss) == 2 and all(v > 0 for v in old_loss)
+    torch.testing.assert_close(torch.tensor(new_loss), torch.tensor(old_loss), rtol=1e-4, atol=1e-6)
+    moved = 0
+    for n in old_w:
+        torch.testing.assert_close(new_w[n], old_w[n], rtol=1e-3, atol=1e-5 * max(1.0, float(old_w[n].abs().max())))
+        moved += int(not torch.equal(old_w[n], torch.zeros_like(old_w[n])))
+    assert moved                                                 # the adapter did train
+
+
+def test_packed_hidden_states_are_the_padded_batchs_response_rows(tiny):
+    model, tok = tiny
+    prompts = [prompt_ids(tok, "hi"), prompt_ids(tok, "a much longer prompt " * 6), prompt_ids(tok, "ขอโทษ"), [5, 6]]
+    responses = [[7, 8, 9], [10, 11], [], [12, 13, 14, 15]]
+    head = model.get_output_embeddings()
+    batch = response_batch(prompts, responses, tok.pad_token_id)
+    with torch.no_grad():
+        want = response_hidden(model, batch, head)[batch["response_mask"]]               # [9, H]
+        got = packed_response_hidden(model, prompts, responses, tok.pad_token_id, head, "cpu", overhead=0)
+    assert got.shape == want.shape == (9, model.config.hidden_size)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_hidden_states_keep_the_graph(tiny):
+    model, tok = tiny
+    lora = attach_lora(load_model(SPEC), LoraSettings(r=4, alpha=8))
+    prompts = [prompt_ids(tok, "hi"), prompt_ids(tok, "a much longer prompt " * 6)]
+    h = packed_response_hidden(lora, prompts, [[7, 8], [9]], tok.pad_token_id, lora.get_output_embeddings(), "cpu",
+                               overhead=0)
+    h.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.named_parameters() if "lora_" in n)
+    empty = packed_response_hidden(lora, prompts, [[], []], tok.pad_token_id, lora.get_output_embeddings(), "cpu")
+    assert empty.shape == (0, lora.config.hidden_size) and empty.requires_grad
+
+
+@pytest.mark.parametrize("adapter_on", [True, False])
+def test_folded_lora_samples_as_the_wrapped_model_and_leaves_the_base_bit_exact(tiny, adapter_on):
+    _, tok = tiny
+    torch.manual_seed(0)
+    model = attach_lora(load_model(SPEC), LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)                                # a trained (non-zero) adapter
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wrappers = {n: type(m) for n, m in model.named_modules()}
+    ids = torch.tensor([prompt_ids(tok, "hello there")])
+    kwargs = sampling_kwargs(6, 0.0, pad_token_id=tok.pad_token_id)
+    model.eval()
+
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    def logits_and_tokens(disable: bool):
+        with torch.no_grad(), model.disable_adapter() if disable else torch.no_grad():
+            return model(ids).logits, model.generate(input_ids=ids, **kwargs)
+
+    want_logits, want_tokens = logits_and_tokens(disable=not adapter_on)
+    with folded_lora(model, adapter=adapter_on):
+        assert not any(isinstance(m, LoraLinear) for m in model.modules())
+        got_logits, got_tokens = logits_and_tokens(disable=False)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
+    assert got_tokens.tolist() == want_tokens.tolist()
+    assert {n: type(m) for n, m in model.named_modules()} == wrappers                    # wrappers back
+    for n, p in model.named_parameters():
+        assert torch.equal(p, base[n]), n                                                 # bit for bit
+
+
+def test_folded_lora_swaps_the_wrappers_out_while_inside(tiny):
+    model = attach_lora(load_model(SPEC), LoraSettings(r=4, alpha=8))
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    n_wrapped = sum(isinstance(m, LoraLinear) for m in model.modules())
+    assert n_wrapped
+    with folded_lora(model):
+        assert not any(isinstance(m, LoraLinear) for m in model.modules())
+        assert sum(p.numel() for p in model.parameters()) > 0
+    assert sum(isinstance(m, LoraLinear) for m in model.modules()) == n_wrapped
+    plain = load_model(SPEC)
+    with folded_lora(plain):                                                              # not PEFT: no-op
+        pass
+
+
+def test_profile_script_prints_every_stage_on_the_tiny_model():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "msd_profile.py"), "--model", SPEC,
+                          "--max-new-tokens", "8", "--batch", "4", "--compare", "1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    for row in ("sampling", "teacher forward", "student forward", "head + divergence", "backward", "optimizer",
+                "step"):
+        assert f"| {row} |" in text, (row, text)
+    assert "cpu:" in text and "flags:" in text and "padding" in text
+    assert "ratio msd_step_legacy_vs_fast" in text
