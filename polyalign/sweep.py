@@ -13,6 +13,11 @@ Layout of the sweep folder (``out``)::
 Every stage is skipped when its output exists: a point whose eval results exist is not touched,
 a point whose training finished is only evaluated, and a point killed mid-training restarts from
 its last ``checkpoint-*`` (``run_recipe(resume=True)``).
+
+Sweeps choose recipes, so they evaluate the ``dev`` split; ``test`` is refused unless the run is
+``--final`` (:func:`check_splits`), and a final run evaluates every test record. A point may train
+another recipe (``recipe=PATH``), none (``recipe=none``) and be evaluated with a system prompt in
+each query's language (``eval.system_prompt=safety``): :data:`POINT_OPTIONS`.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ class EvalSpec:
     data: dict[str, str] = field(default_factory=dict)   # task -> local file or folder
     data_split: str | None = None        # tasks in ``data``: meta.split, else hash: train | dev | test (None: all rows)
     judge: str = "lexicon"
-    batch_size: int = 32
+    batch_size: int | None = None        # None: polyalign.eval.runner.DEFAULT_BATCH_SIZES (CPU 32, as before)
     dtype: str | None = None
     device: str | None = None
     backend: str = "hf"                  # hf | vllm (one engine per evaluated point, closed before training)

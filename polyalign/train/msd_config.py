@@ -236,7 +236,7 @@ class MSDConfig:
 
             vllm_sampling.require_vllm()
         if self.mode not in ("on_policy", "off_policy", "sft"):
-            raise ValueError(f"mode must be on_policy, off_policy or sft, got {self.mode!r}")
+            raise ValueError(f"mode must be on_policy or off_policy (or sft, training on the teacher's answers), got {self.mode!r}")
         if self.labels not in ("auto", "required", "none"):
             raise ValueError(f"labels must be auto, required or none, got {self.labels!r}")
         if self.labels == "none" and self.label_settings():
