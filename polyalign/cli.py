@@ -183,7 +183,8 @@ def eval_cmd(
     languages: Languages = None,
     limit: Annotated[int | None, typer.Option(help="At most N prompts per language.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Default: the task's own (mgsm 384, others 64).")] = None,
-    batch_size: int = 32,
+    batch_size: Annotated[int | None, typer.Option(help="Prompts per generate call; default 32 on a CPU, "
+                                                        "128 on a GPU, 512 with vllm.")] = None,
     backend: Annotated[str, typer.Option(help="hf | vllm")] = "hf",
     dtype: Dtype = None,
     device: Device = None,
@@ -209,8 +210,11 @@ def eval_cmd(
     from polyalign.eval.report import print_results
     from polyalign.eval.runner import process_state
 
-    if process_state(cfg.device).is_main_process:     # one table, not one per rank
+    state = process_state(cfg.device)
+    if state.is_main_process:                        # one table, not one per rank
         print_results(results, console)
+    state.wait_for_everyone()
+    state.destroy_process_group()     # a launched rank that exits with gloo's threads alive can abort
 
 
 @app.command("tasks")

@@ -40,3 +40,7 @@ res = run_eval(EvalConfig(model=folder, backend="vllm", out=str(out), languages=
 (engine,) = _ENGINES.values()
 (out / f"rank{rank}.json").write_text(json.dumps({"sent": sent, "generated": res["generated"],
                                                   "engine": {k: str(v) for k, v in engine.kwargs.items()}}))
+from polyalign.eval.runner import process_state  # noqa: E402
+
+process_state().wait_for_everyone()
+process_state().destroy_process_group()

@@ -353,3 +353,26 @@ def test_vllm_engines_under_accelerate_launch_split_the_prompts(tmp_path):
         assert (outs[name] / "generations.jsonl").read_text() == (outs["one"] / "generations.jsonl").read_text()
         assert (outs[name] / "judged.jsonl").read_text() == (outs["one"] / "judged.jsonl").read_text()
     assert ranks["tp2"][0]["engine"]["tensor_parallel_size"] == "2"
+
+
+def test_vllm_tensor_parallel_must_divide_the_launched_ranks(fake_vllm, monkeypatch, tmp_path):
+    from polyalign.eval import runner
+
+    three = SimpleNamespace(num_processes=3, process_index=0, is_main_process=True, device=torch.device("cpu"))
+    monkeypatch.setattr(runner, "process_state", lambda device=None: three)
+    cfg = runner.EvalConfig(model=str(_model_folder(tmp_path)), backend="vllm", out=str(tmp_path / "e"), limit=1,
+                            vllm_tensor_parallel=2)
+    with pytest.raises(PolyalignError, match="does not divide the 3 launched processes"):
+        runner.run_eval(cfg)
+    assert fake_vllm.instances == []
+
+
+def test_batch_size_default_follows_backend_and_device():
+    """The CPU keeps its measured 32; a model on an accelerator gets 128 and vLLM calls 512."""
+    from polyalign.eval.runner import EvalConfig, batch_size
+
+    on_cpu, elsewhere = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta")
+    assert batch_size(EvalConfig(model=SPEC), on_cpu) == 32
+    assert batch_size(EvalConfig(model=SPEC), elsewhere) == 128
+    assert batch_size(EvalConfig(model=SPEC, backend="vllm"), None) == 512
+    assert batch_size(EvalConfig(model=SPEC, batch_size=7), elsewhere) == 7

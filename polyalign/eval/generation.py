@@ -271,10 +271,7 @@ def generate_cached(generator: Any, requests: list[GenRequest], settings: Genera
 
             lead = state.process_index % per_engine == 0      # one copy per engine
             rows = gather_object([rows if lead else []])
-            rows = [row for part in rows for row in part]
-            if not state.is_main_process:
-                cache.rows.update((row["key"], row) for row in rows)   # in memory only: one writer
-                rows = []
+            rows = [row for part in rows for row in part] if state.is_main_process else []   # one writer
         cache.add(rows)
         done += sum(len(b) for b in rounds)
         tokens += sum(len(row["response"].split()) for row in rows)
