@@ -289,7 +289,7 @@ def test_metrics_are_means_over_both_ranks_and_gating_probes_each_prompt_once(tm
             assert r["logs"][key] == pytest.approx(sum(items) / len(items), rel=1e-5), key
     for r in ranks:
         assert r["logs"]["mlc/loss"] == pytest.approx((1.0 + 3.0 + 5.0) / 3, rel=1e-6)
-        assert r["logs"]["response_length"] == pytest.approx(3.0)
+        assert r["logs"]["response_length"] == pytest.approx((2 + 3 + 2 + 3 + 3) / 5)   # first row of each rank: 2 tokens
         assert r["logs"]["dpsw_raw_weight"] == pytest.approx(0.5)
         assert {"fidelity/th", "fidelity/sw"} <= set(r["logs"])
 

@@ -110,14 +110,20 @@ class MLCTerm:
 
 def gathered_state(head: torch.nn.Module, accelerator: Any, wrapped_model: Any) -> dict[str, torch.Tensor]:
     """The head's full weights (CPU) on the main process, whatever shards them. Collective: call it on
-    every rank. ZeRO-3: its partitions gathered (``GatheredParameters``); FSDP: the full state dict of
-    the wrapped policy (``accelerator.get_state_dict``, which holds the head as ``mlc_head.*``; other
-    ranks may get nothing); otherwise the head as it is. Each rank's ``head.state_dict()`` under a
-    sharding engine is its shard: zero-sized tensors were saved."""
+    every rank. ZeRO-3: its partitions gathered (``GatheredParameters``); FSDP 1 or 2: the full state
+    dict of the wrapped policy, which holds the head as ``mlc_head.*`` (torch's ``get_model_state_dict``,
+    as accelerate's ``get_state_dict`` for FSDP2; other ranks may get nothing); otherwise the head as
+    it is. Each rank's ``head.state_dict()`` under a sharding engine is its shard: zero-sized or partial
+    tensors were saved."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
-        full = accelerator.get_state_dict(wrapped_model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # offloading to the CPU (rank 0 only) is what saves GPU memory; on a CPU-only gloo group torch
+        # 2.13 segfaults in it (accelerate's FSDP1 get_state_dict always offloads)
+        offload = accelerator.device.type != "cpu"
+        full = get_model_state_dict(wrapped_model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
         marker = f"{HEAD_ATTRIBUTE}."
         return {k.split(marker, 1)[1]: v.detach().cpu().contiguous() for k, v in full.items() if marker in k}
     params = list(head.parameters())

@@ -131,6 +131,10 @@ class MSDTrainer(Trainer):
     def __init__(self, model: Any, args: Any, msd_config: MSDConfig, train_dataset: list[dict[str, Any]],
                  processing_class: Any, ref_model: Any = None, mlc_config: MLCConfig | None = None, **kwargs: Any):
         args.remove_unused_columns = False
+        if mlc_config is not None and mlc_config.weight > 0 and args.ddp_find_unused_parameters is None:
+            # The MLC head gets its gradient outside DDP's forward (and an exact zero on steps without the
+            # term): DDP looking for unused parameters marks it ready at the forward, then again in backward.
+            args.ddp_find_unused_parameters = False
         super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=_keep_batch,
                          processing_class=processing_class, **kwargs)
         self.msd = msd_config
