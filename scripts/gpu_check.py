@@ -89,19 +89,23 @@ def stage_train(args: argparse.Namespace, use_vllm: bool) -> dict[str, Any]:
     if use_vllm:
         overrides += ["msd.use_vllm=true", "msd.vllm_mode=colocate", "msd.vllm_gpu_memory_utilization=0.3"]
     recipe = load_recipe(ROOT / "recipes" / "msd_selective.yaml", overrides)
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     run_recipe(recipe)
     wall = time.perf_counter() - t0
-    history = json.loads((out / "log_history.json").read_text()) if (out / "log_history.json").exists() else []
+    log_file = out / "final" / "log_history.json"
+    history = json.loads(log_file.read_text()) if log_file.exists() else []
     steps = [h for h in history if "loss" in h]
+    runtime = next((h["train_runtime"] for h in history if "train_runtime" in h), wall)
     tps = [h["tokens_per_second"] for h in steps[1:] if "tokens_per_second" in h]
     final = out / "final"
     saved = sum(f.stat().st_size for f in final.rglob("*.safetensors")) if final.exists() else 0
-    return {"wall_s": round(wall, 1), "steps": len(steps), "losses": [round(h["loss"], 4) for h in steps],
+    return {"wall_s": round(wall, 1), "train_runtime_s": round(runtime, 2), "steps": len(steps),
+            "losses": [round(h["loss"], 4) for h in steps],
             "sampled_tokens_per_s_after_warmup": round(sum(tps) / len(tps), 1) if tps else None,
-            "step_s_after_warmup": round((wall / max(len(steps), 1)), 2),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "final_safetensors_bytes": saved}
+            "step_s_mean": round(runtime / max(len(steps), 1), 2),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None, "final_safetensors_bytes": saved}
 
 
 def stage_head_memory(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,7 +128,8 @@ def stage_eval(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     from polyalign.eval.runner import EvalConfig, run_eval
 
     out = Path(args.out) / f"eval_{backend}"
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     cfg = EvalConfig(model=args.model, task="builtin-harmful", out=str(out), languages=["en", "zh"], limit=16,
                      backend=backend, dtype="bfloat16", max_new_tokens=args.new_tokens,
@@ -138,7 +143,7 @@ def stage_eval(args: argparse.Namespace, backend: str) -> dict[str, Any]:
             row = json.loads(line)
             verdicts[f"{row.get('lang')}/{row.get('prompt_id', row.get('id'))}"] = row.get("label")
     return {"wall_s": round(wall, 1), "n": len(verdicts), "verdicts": verdicts,
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
 
 
 STAGES = {"train_hf": lambda a: stage_train(a, False), "train_vllm": lambda a: stage_train(a, True),
@@ -176,9 +181,9 @@ def summary(info: dict[str, Any], res: dict[str, dict[str, Any]], shape_only: bo
         r = res.get(stage, {})
         return str(r.get(key, f"error: {r['error'][:60]}" if "error" in r else "-"))
 
-    rows = [("MSD step, HF sampling", cell("train_hf", "step_s_after_warmup"),
+    rows = [("MSD step, HF sampling", cell("train_hf", "step_s_mean"),
              cell("train_hf", "sampled_tokens_per_s_after_warmup"), cell("train_hf", "peak_gib")),
-            ("MSD step, vLLM colocate", cell("train_vllm", "step_s_after_warmup"),
+            ("MSD step, vLLM colocate", cell("train_vllm", "step_s_mean"),
              cell("train_vllm", "sampled_tokens_per_s_after_warmup"), cell("train_vllm", "peak_gib"))]
     hm = res.get("head_memory", {})
     for kind, label in (("ours", "fused head, R=512 B=4"), ("ours_unfused", "full logits, R=512 B=4"),

@@ -36,7 +36,7 @@ def test_verdict_agreement_and_summary_table():
     b = {"en/1": "safe", "en/2": "safe", "zh/1": "invalid", "zh/3": "safe"}
     assert g.agreement(a, b) == "0.667 (2/3)"                  # zh/2 and zh/3 are not in both
     assert g.agreement(a, {}) == "n/a"
-    res = {"train_hf": {"step_s_after_warmup": 2.5, "sampled_tokens_per_s_after_warmup": 400.0, "peak_gib": 9.1},
+    res = {"train_hf": {"step_s_mean": 2.5, "sampled_tokens_per_s_after_warmup": 400.0, "peak_gib": 9.1},
            "train_vllm": {"error": "PolyalignError: msd.use_vllm needs vLLM"},
            "head_memory": {"ours": {"seconds": 0.5, "tokens_per_second": 9000, "peak_mb": 4096.0},
                            "ours_unfused": {"seconds": 0.6, "tokens_per_second": 8000, "peak_mb": 8192.0},
