@@ -329,3 +329,31 @@ def test_mlc_head_is_gathered_from_fsdp_shards(tmp_path):
     assert r0["gathered"].keys() == r0["full"].keys()
     for k, v in r0["full"].items():
         torch.testing.assert_close(r0["gathered"][k], v, rtol=0, atol=0)
+
+
+def test_training_arguments_that_transformers_rejects_are_one_line():
+    from polyalign.train.recipes import training_arguments
+
+    r = Recipe(method="msd", model=SPEC, output_dir="x", training={"lr_scheduler_type": "sometimes"})
+    with pytest.raises(PolyalignError, match="training: .*sometimes") as err:
+        training_arguments(r)
+    assert "\n" not in str(err.value)
+
+
+def test_teacher_gating_refuses_fsdp_efficient_loading(tmp_path, monkeypatch):
+    """Ranks other than 0 hold meta weights until FSDP syncs them at train(): gating would probe with
+    none. The run stops at once with the setting to change."""
+    import transformers.integrations.fsdp as fsdp
+
+    from polyalign.models import LoraSettings, attach_lora
+    from polyalign.train.msd_config import MSDConfig
+    from polyalign.train.msd_trainer import MSDTrainer, build_msd_examples
+    from polyalign.train.recipes import load_prompts, training_arguments
+
+    cfg = MSDConfig(student_languages=["th"], max_new_tokens=4, teacher_gating=True)
+    examples = build_msd_examples(load_prompts("builtin:harmful", None, "train", 2), cfg)
+    r = Recipe(method="msd", model=SPEC, output_dir=str(tmp_path / "out"), training={"max_steps": 1})
+    monkeypatch.setattr(fsdp, "is_fsdp_enabled", lambda: True)
+    with pytest.raises(PolyalignError, match="fsdp_cpu_ram_efficient_loading"):
+        MSDTrainer(attach_lora(load_model(SPEC), LoraSettings(r=4, alpha=8)), training_arguments(r), cfg, examples,
+                   load_tokenizer(SPEC))

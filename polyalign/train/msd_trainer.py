@@ -172,6 +172,12 @@ class MSDTrainer(Trainer):
             self.mlc_term = MLCTerm(mlc_config, base, hidden, args.seed, args.device)
             self.add_callback(MLCHeadCheckpoint(self.mlc_term.head, self))
         if self.msd.teacher_gating:
+            from transformers.integrations.fsdp import is_fsdp_enabled
+
+            if is_fsdp_enabled():
+                raise PolyalignError("msd.teacher_gating probes before training starts, where FSDP's "
+                                     "cpu_ram_efficient_loading has left ranks other than 0 without weights: "
+                                     "set fsdp_cpu_ram_efficient_loading to false for a gated run")
             self.train_dataset = self._gate(train_dataset)
         if self.msd.mode == "sft":          # label_sft: the teacher's greedy answers are the targets
             self.train_dataset = [{**e, "target": t} for e, t in

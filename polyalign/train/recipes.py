@@ -312,7 +312,10 @@ def training_arguments(r: Recipe, resume_dir: str | None = None):
                                 "learning_rate": 2e-5, "max_steps": 10, "lr_scheduler_type": "constant",
                                 "use_cpu": not torch.cuda.is_available(), "bf16": autocast_bf16,
                                 "dataloader_num_workers": 0, "disable_tqdm": False}
-    return TrainingArguments(**{**defaults, **r.training})
+    try:
+        return TrainingArguments(**{**defaults, **r.training})
+    except (TypeError, ValueError) as e:      # e.g. lr_scheduler_type: foo; TrainingArguments' own checks
+        raise PolyalignError(f"training: {str(e).strip().splitlines()[0]}") from None
 
 
 def model_options(r: Recipe) -> dict[str, Any]:
