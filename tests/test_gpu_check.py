@@ -50,3 +50,33 @@ def test_verdict_agreement_and_summary_table():
     assert "msd_peak_memory_vs_trl_long (GPU): 0.250" in text
     assert "msd_step_throughput_vs_trl_long (GPU, separate processes): 2.000" in text
     assert "hf vs vllm verdict agreement: 0.667 (2/3)" in text and "RANDOM" in text
+
+
+def test_hub_kernels_stay_off_unless_asked(monkeypatch, tmp_path):
+    """transformers 5.2x fetches `kernels` from the hub by default on CUDA; offline, every load failed
+    on an H200 (2026-12-04). load_model asks for none unless POLYALIGN_HUB_KERNELS=1."""
+    from transformers import AutoModelForCausalLM
+
+    from polyalign.models.builtin import build_tiny_model
+    from polyalign.models.loading import load_model
+
+    calls, model = [], build_tiny_model()
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda location, **kw: calls.append(kw) or model)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    monkeypatch.delenv("POLYALIGN_HUB_KERNELS", raising=False)
+    load_model(str(folder), dtype="float32", device="cpu")
+    monkeypatch.setenv("POLYALIGN_HUB_KERNELS", "1")
+    load_model(str(folder), dtype="float32", device="cpu")
+    assert [c["use_kernels"] for c in calls] == [False, True]
+
+
+def test_a_real_folder_loads_with_hub_kernels_off(tmp_path):
+    """The keyword reaches a real from_pretrained (a transformers without it would refuse it)."""
+    from polyalign.models.builtin import build_tiny_model
+    from polyalign.models.loading import load_model
+
+    build_tiny_model().save_pretrained(tmp_path / "tiny")
+    model = load_model(str(tmp_path / "tiny"), dtype="float32", device="cpu")
+    assert not model.use_kernels and model.config.hidden_size > 0

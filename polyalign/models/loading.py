@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,7 +208,11 @@ def load_model(spec: str, dtype: str | None = None, trust_remote_code: bool = Fa
         if device != "cpu":
             model.to(device)
     else:
-        kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        # transformers 5.2x turns on the hub's `kernels` by default on CUDA: code fetched from the hub at
+        # load time, which fails on an offline cluster (seen on an H200, 2026-12-04) and is remote code
+        # like trust_remote_code. Off unless POLYALIGN_HUB_KERNELS=1.
+        kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
+                                  "use_kernels": os.environ.get("POLYALIGN_HUB_KERNELS", "") == "1"}
         if device != "cpu":
             kwargs["device_map"] = {"": device}
         if revision:
