@@ -357,3 +357,21 @@ def test_teacher_gating_refuses_fsdp_efficient_loading(tmp_path, monkeypatch):
     with pytest.raises(PolyalignError, match="fsdp_cpu_ram_efficient_loading"):
         MSDTrainer(attach_lora(load_model(SPEC), LoraSettings(r=4, alpha=8)), training_arguments(r), cfg, examples,
                    load_tokenizer(SPEC))
+
+
+def test_training_prompts_keep_the_chat_header_when_cut():
+    """MLC's prompt variants (and MSD's contexts, through the same prompt_ids) keep the template's
+    opening turn header when a long prompt is cut to max_length."""
+    from polyalign.data.records import ParallelRecord
+    from polyalign.train.mlc_config import MLCConfig
+    from polyalign.train.mlc_trainer import mlc_rows
+
+    tok = load_tokenizer(SPEC)
+    long = " ".join(f"bread {i}" for i in range(300))
+    rec = ParallelRecord(id="r1", texts={"en": long, "zh": "你好" * 200}, category="harmful",
+                         meta={"chosen": "No.", "rejected": "Sure."})
+    cfg = MLCConfig(languages=["en", "zh"], max_length=100)
+    header = tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    footer = tok("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    for ids in mlc_rows([rec], cfg, tok)[0]["mlc_prompt_ids"]:
+        assert len(ids) <= 100 and ids[:len(header)] == header and ids[-len(footer):] == footer
