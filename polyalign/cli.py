@@ -176,8 +176,8 @@ def eval_cmd(
     out: Annotated[Path, typer.Option(help="Run folder: results.json, generations.jsonl, report.md, plot.")] = Path("runs/eval"),
     adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder trained by polyalign.")] = None,
     data: Annotated[str | None, typer.Option(help="Path: point the task at a local file or the folder a data set ships as.")] = None,
-    split: Annotated[str | None, typer.Option(help="Built-in tasks: train | eval | all (default eval); "
-                                                   "files: train | dev | test by prompt id.")] = None,
+    split: Annotated[str | None, typer.Option(help="train | dev | test | all (default dev; eval = dev): a record's meta.split, "
+                                                   "else a hash of its prompt id.")] = None,
     columns: Columns = None,
     judge: Annotated[str, typer.Option(help="lexicon | llm:SPEC | guard:SPEC.")] = "lexicon",
     languages: Languages = None,

@@ -48,7 +48,7 @@ class EvalConfig:
     out: str = "runs/eval"
     adapter: str | None = None
     data: str | None = None              # always a path (file, or the folder a data set ships as)
-    split: str | None = None             # built-in: train | eval | all (default eval); files: train | dev | test
+    split: str | None = None             # train | dev | test | all (default dev; "eval" = dev): meta.split, else a hash of the id
     columns: str | dict[str, str] | None = None   # own CSV/JSONL: "en=question,th=q_th"
     judge: str = "lexicon"
     languages: str | list[str] | None = None
