@@ -218,6 +218,31 @@ def check(args: argparse.Namespace) -> None:
           f"max |adapter diff| {dw:.3g} (largest adapter entry {scale:.3g})")
 
 
+def flop_model(args: argparse.Namespace) -> None:
+    """No timing: model FLOPs of every step of the recipe (its ``max_steps`` batches, in the trainer's
+    order, every response at ``max_new_tokens``), legacy vs new: what the new step removes where
+    FLOP/s are the same for both (an idle CPU)."""
+    from polyalign.train.recipes import load_recipe
+
+    steps = int(load_recipe(args.recipe).training.get("max_steps", 1))
+    with tempfile.TemporaryDirectory() as out:
+        trainer, r = build_trainer(args, out)
+        sizes = model_sizes(trainer.model)
+        total = {True: defaultdict(float), False: defaultdict(float)}
+        for _, batch in zip(range(steps), trainer.get_train_dataloader()):
+            sp, tp = trainer._prompts(batch["examples"])
+            info = {"student_prompts": sp, "teacher_prompts": tp,
+                    "responses": [[0] * r.msd["max_new_tokens"]] * len(sp)}
+            for legacy in (True, False):
+                for stage, (f, _) in work(info, sizes, legacy).items():
+                    total[legacy][stage] += f
+    print(f"# sizes: {sizes}")
+    for legacy in (True, False):
+        print(f"{'legacy' if legacy else 'new'}: {steps} steps " + ", ".join(
+            f"{k} {v / 1e12:.2f}" for k, v in total[legacy].items()) + f" TFLOP; total {sum(total[legacy].values()) / 1e12:.1f}")
+    print(f"ratio msd_step_flops_legacy_vs_new {sum(total[True].values()) / sum(total[False].values()):.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
@@ -227,6 +252,7 @@ def main() -> None:
     p.add_argument("--legacy", action="store_true", help="profile the step before issue #26 (no --compare)")
     p.add_argument("--compare", type=int, default=0, help="K: K legacy and K fast steps, alternating")
     p.add_argument("--check", type=int, default=0, help="S: train S steps each way from one seed, print max |diff|")
+    p.add_argument("--flop-model", action="store_true", help="no timing: FLOPs of every step of the recipe, legacy vs new")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed first step (a loaded machine, short on time)")
@@ -241,6 +267,9 @@ def main() -> None:
     print(f"# cpu: {model_name}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
     print(f"# flags: {' '.join(flags) or '(none of ' + '/'.join(FLAG_WORDS) + ')'}")
     print(f"# {load()} at start; torch {torch.__version__}", flush=True)
+    if args.flop_model:
+        flop_model(args)
+        return
     if args.check:
         check(args)
         print(f"# {load()} at end")
