@@ -80,3 +80,17 @@ def test_a_real_folder_loads_with_hub_kernels_off(tmp_path):
     build_tiny_model().save_pretrained(tmp_path / "tiny")
     model = load_model(str(tmp_path / "tiny"), dtype="float32", device="cpu")
     assert not model.use_kernels and model.config.hidden_size > 0
+
+
+def test_memory_plan_counts_from_the_model_size():
+    spec = importlib.util.spec_from_file_location("memory_per_gpu", ROOT / "scripts" / "memory_per_gpu.py")
+    mem = importlib.util.module_from_spec(spec)
+    sys.modules["memory_per_gpu"] = mem               # dataclasses look their module up there
+    spec.loader.exec_module(mem)
+    m = mem.Model(params=1e9, layers=2, hidden=8, intermediate=16, heads=2, kv_heads=1, vocab=100)
+    # per layer, r=2: q 8x8, k 8x4, v 8x4, o 8x8, gate 8x16, up 8x16, down 16x8 -> r * (in + out) each
+    assert mem.lora_params(m, 2) == 2 * 2 * ((8 + 8) + (8 + 4) * 2 + (8 + 8) + (8 + 16) * 3)
+    rows = mem.plan(m, gpus=4, lora_r=2, batch=1, response=10)
+    assert rows["ZeRO-3, full"]["weights+optimizer"] == rows["DDP, full"]["weights+optimizer"] / 4 == 4.0
+    assert rows["DDP, LoRA"]["teacher"] == 0 and rows["DDP, full"]["teacher"] == 2.0
+    assert abs(rows["DDP, LoRA"]["logits, unfused"] - 10 * 100 * 12 / 1e9) < 1e-15

@@ -7,6 +7,8 @@ batches, and ``logits_to_keep=R + 1`` computes the LM head only there.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -50,18 +52,41 @@ def response_logits(model, batch: dict[str, Tensor]) -> Tensor:
     return out.logits[:, :-1]
 
 
+def _decoder(model: Any) -> Any:
+    """The transformer body under any wrapper (DDP's ``module``, PEFT, a causal-LM head)."""
+    while hasattr(model, "module") and not hasattr(model, "get_decoder"):
+        model = model.module                                    # DDP / DeepSpeed engine
+    return model.get_decoder()
+
+
+def final_hidden_forward(model, **inputs: Any) -> tuple[Any, Tensor]:
+    """(the model's output, its final post-norm hidden states [B, T, H]) from one normal forward.
+
+    The body's output is caught by a forward hook rather than asked for with ``output_hidden_states``,
+    which would hold every layer's states until the forward returns (under ``no_grad`` nothing else
+    keeps them: ~1 GB at 7B, 28 layers x batch 8 x 600 tokens; issue #24). The normal forward runs so
+    DDP / DeepSpeed wrappers see one."""
+    caught: list[Tensor] = []
+    hook = _decoder(model).register_forward_hook(
+        lambda _m, _a, out: caught.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+    try:
+        out = model(**inputs, use_cache=False)
+    finally:
+        hook.remove()
+    return out, caught[-1]
+
+
 def response_hidden(model, batch: dict[str, Tensor], head) -> Tensor:
     """Final hidden states before each response token, [B, R, H]: ``head`` of them is :func:`response_logits`.
 
-    The model runs its normal forward (so DDP / DeepSpeed wrappers see one) with ``output_hidden_states``;
-    the last hidden state is post-norm, what the LM head consumes. The head itself runs at one position
-    only (``logits_to_keep=1``), whose logits check that ``head`` alone reproduces the model's: a model
+    The model runs its normal forward (:func:`final_hidden_forward`); the last hidden state is
+    post-norm, what the LM head consumes. The head itself runs at one position only
+    (``logits_to_keep=1``), whose logits check that ``head`` alone reproduces the model's: a model
     that post-processes logits (soft-capping, scaling) raises instead of training on the wrong ones.
     """
     R = batch["response_mask"].shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=1, output_hidden_states=True, use_cache=False)
-    h = out.hidden_states[-1]                                   # [B, T, H]
+    out, h = final_hidden_forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  position_ids=batch["position_ids"], logits_to_keep=1)       # h: [B, T, H]
     with torch.no_grad():
         want, got = out.logits[:, -1].float(), head(h[:, -1]).float()       # [B, V]
         if not (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-4:

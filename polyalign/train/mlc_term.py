@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from polyalign.losses.mlc import MLCHead, mean_pairwise_cosine, mlc_loss, top_singular_share
-from polyalign.models.batching import left_pad, length_buckets
+from polyalign.models.batching import final_hidden_forward, left_pad, length_buckets
 from polyalign.train.metrics import MetricSums
 from polyalign.train.mlc_config import MLCConfig
 
@@ -43,9 +43,13 @@ def prompt_representations(model: Any, head: MLCHead, inputs: dict[str, Any], la
     for group in length_buckets(lengths):
         m = max(lengths[i] for i in group)
         idx = torch.tensor(group, device=ids.device)
-        out = model(input_ids=ids[idx, -m:], attention_mask=mask[idx, -m:], position_ids=pos[idx, -m:],
-                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        states.append(out.hidden_states[-1 if layer is None else layer][:, -1])   # last column = last token
+        rows_in = {"input_ids": ids[idx, -m:], "attention_mask": mask[idx, -m:], "position_ids": pos[idx, -m:],
+                   "logits_to_keep": 1}
+        if layer is None:                     # the final state only: no tuple of every layer's states
+            states.append(final_hidden_forward(model, **rows_in)[1][:, -1])      # last column = last token
+        else:
+            out = model(**rows_in, output_hidden_states=True, use_cache=False)
+            states.append(out.hidden_states[layer][:, -1])
         rows.extend(group)
     h = torch.cat(states)[torch.argsort(torch.tensor(rows, device=ids.device))]  # back to collator order
     L = int(inputs["mlc_num_languages"])
