@@ -281,6 +281,9 @@ def sweep(spec: Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. recip
           dry_run: Annotated[bool, typer.Option("--dry-run", help="List the points and a time estimate; run nothing.")] = False,
           summarize: Annotated[bool, typer.Option("--summarize", help="Only summarise the points evaluated so far.")] = False,
           only: Annotated[list[str] | None, typer.Option(help="Run only this config (every seed); repeatable.")] = None,
+          seed: Annotated[list[int] | None, typer.Option(help="Run only this seed of each point; repeatable.")] = None,
+          finalist: Annotated[bool, typer.Option(help="Also run the spec's finalist_eval (--no-finalist: leave "
+                                                      "it for a later run into the same folder).")] = True,
           final: Annotated[bool, typer.Option("--final", help="Allow the test split: the one final evaluation "
                                               "of chosen recipes (sweeps choose on dev).")] = False):
     """Train and evaluate a grid of recipe overrides x seeds (resumable); sweep.csv + Pareto plot."""
@@ -289,7 +292,8 @@ def sweep(spec: Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. recip
     if summarize:
         summarize_finished(load_sweep(spec), out=out, console=console)
     else:
-        run_sweep(load_sweep(spec), out=out, dry_run=dry_run, console=console, only=only, final=final)
+        run_sweep(load_sweep(spec), out=out, dry_run=dry_run, console=console, only=only, final=final,
+                  seeds=seed, finalist=finalist)
 
 
 @app.command("probe")

@@ -408,17 +408,25 @@ def finalist_configs(spec: SweepSpec, points: list[Point]) -> list[tuple[Finalis
     return out
 
 
-def select_points(spec: SweepSpec, only: list[str] | None) -> list[Point]:
-    """The spec's points, or only those of the configs named in ``only`` (every seed of each):
-    one finalist's seeds can be rerun into a fresh folder without retraining the whole grid."""
+def select_points(spec: SweepSpec, only: list[str] | None, seeds: list[int] | None = None) -> list[Point]:
+    """The spec's points, or only those of the configs named in ``only`` and of the ``seeds`` given:
+    one finalist's seeds can be rerun into a fresh folder without retraining the whole grid, and a
+    study too long for one machine's day can be run seed by seed into the same folder."""
     points = expand_points(spec)
-    if not only:
-        return points
-    names = list(dict.fromkeys(p.config for p in points))
-    unknown = [c for c in only if c not in names]
-    if unknown:
-        raise PolyalignError(f"sweep: --only names unknown config(s) {', '.join(unknown)}; configs: {', '.join(names)}")
-    return [p for p in points if p.config in only]
+    if only:
+        names = list(dict.fromkeys(p.config for p in points))
+        unknown = [c for c in only if c not in names]
+        if unknown:
+            raise PolyalignError(f"sweep: --only names unknown config(s) {', '.join(unknown)}; configs: {', '.join(names)}")
+        points = [p for p in points if p.config in only]
+    if seeds:
+        known = sorted({p.seed for p in points})
+        unknown_seeds = [s for s in seeds if s not in known]
+        if unknown_seeds:
+            raise PolyalignError(f"sweep: --seed {', '.join(map(str, unknown_seeds))} is not a seed of the selected "
+                                 f"points; seeds: {', '.join(map(str, known))}")
+        points = [p for p in points if p.seed in seeds]
+    return points
 
 
 def _steps_and_batch(recipe: Any) -> tuple[int, int]:
@@ -506,15 +514,19 @@ def _eval_config(e: EvalSpec, model: str, task: str, out: Path, adapter: str | N
 
 
 def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = False, console: Any = None,
-              only: list[str] | None = None, final: bool = False) -> dict[str, Any]:
+              only: list[str] | None = None, final: bool = False, seeds: list[int] | None = None,
+              finalist: bool = True) -> dict[str, Any]:
     """Run (or with ``dry_run`` only list and estimate) every point of ``spec`` (or of the configs
-    in ``only``); see the module doc. A ``test`` split needs ``final`` (:func:`check_splits`)."""
+    in ``only`` and the ``seeds`` given); see the module doc. A ``test`` split needs ``final``
+    (:func:`check_splits`). ``finalist=False`` leaves the spec's ``finalist_eval`` for a later run."""
     from rich.console import Console
 
     check_splits(spec, final)
     console = console or Console()
     out = Path(out or spec.out)
-    points = select_points(spec, only)
+    points = select_points(spec, only, seeds)
+    if not finalist:
+        spec = dataclasses.replace(spec, finalist_eval=[])
     trained = [p for p in points if p.trains]
     if not spec.model and not trained:
         raise PolyalignError("sweep: no point trains a recipe, so the spec must name its model")

@@ -256,6 +256,21 @@ def test_only_runs_the_named_configs_and_their_finalist_tasks(tmp_path, shared):
         run_sweep(load_sweep(path), out=tmp_path / "c", dry_run=True, console=quiet(), only=["nope"])
 
 
+def test_seed_and_no_finalist_select_a_piece_of_the_study(tmp_path, shared):
+    path = finalist_spec(tmp_path, shared)
+    full = run_sweep(load_sweep(path), out=tmp_path / "a", dry_run=True, console=quiet(), only=["chosen"])
+    one = run_sweep(load_sweep(path), out=tmp_path / "a", dry_run=True, console=quiet(), only=["chosen"], seeds=[1])
+    assert [r["point"] for r in one["points"]] == ["chosen/seed1"]
+    bare = run_sweep(load_sweep(path), out=tmp_path / "a", dry_run=True, console=quiet(), only=["chosen"], seeds=[1],
+                     finalist=False)
+    gs = bare["figures"]["generation_seconds"][0]
+    # without the finalist evaluation neither the point nor the baseline is costed for MGSM
+    assert bare["baseline_seconds"] == pytest.approx(12 * gs) and bare["baseline_seconds"] < full["baseline_seconds"]
+    assert bare["points"][0]["seconds"] < one["points"][0]["seconds"]
+    with pytest.raises(PolyalignError, match="--seed 7 is not a seed of the selected points; seeds: 0, 1"):
+        run_sweep(load_sweep(path), out=tmp_path / "c", dry_run=True, console=quiet(), seeds=[7])
+
+
 def test_finalist_eval_errors(tmp_path, shared):
     with pytest.raises(PolyalignError, match=r"finalist_eval\[0\] repeats task\(s\) builtin-benign"):
         load_sweep(finalist_spec(tmp_path, shared, tasks=["builtin-benign"]))
