@@ -3,7 +3,8 @@
 No DeepSpeed and no GPU here: a ZeRO-3-like head is emulated (``ds_id``, empty outside the forward,
 materialised by forward hooks as ZeRO-3's are, and by a stand-in ``deepspeed.zero.GatheredParameters``).
 What these tests show is polyalign's side: the head is gathered read-only, the fused loss and
-gradients equal the unfused ones, and where fusing is impossible one warning says why.
+gradients equal the unfused ones (a frozen head gathered once, a trained one inside the forward),
+and where fusing is impossible one warning says why.
 """
 
 import contextlib
@@ -83,18 +84,40 @@ def test_zero3_frozen_head_is_gathered_read_only_and_fused_equals_unfused(tmp_pa
     assert trainer._linear_head(model) is trainer._linear_head(model)
 
 
-def test_zero3_trained_head_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
-    trainer, model = make_trainer(tmp_path, lora=False)          # full fine-tuning: the (tied) head trains
+def test_zero3_trained_head_is_fused_inside_the_forward_and_equals_unfused(tmp_path, monkeypatch):
+    """Full fine-tuning: the (tied) head trains and is sharded. The student's forward, head and
+    divergence run inside the wrapper's forward (TRL's _ForwardRedirection), the head is gathered
+    there, and the fused loss and every gradient (the head's included) equal the unfused ones."""
+    trainer, model = make_trainer(tmp_path, lora=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))                        # the student moves off the teacher
+    head = model.get_output_embeddings()
     sharded = fake_zero3(monkeypatch, model)
-    with caplog.at_level(logging.WARNING, logger=trainer_mod.__name__):
-        assert trainer._linear_head(model) is None
-        assert trainer._linear_head(model) is None
-        loss = trainer.compute_loss(model, {"examples": trainer.train_dataset[:4]})
-        trainer.compute_loss(model, {"examples": trainer.train_dataset[:4]})
-    assert torch.isfinite(loss) and not sharded.gathers
-    warnings = [r.getMessage() for r in caplog.records if "fused_lm_head" in r.getMessage()]
-    assert len(warnings) == 1, warnings
-    assert "trains" in warnings[0] and "full [B, R, V] logits are used" in warnings[0]
+    # ZeRO-3 takes the full-size gradient of a partitioned parameter in its own hooks; here the
+    # parameter is made whole again for it, just before autograd accumulates
+    head.weight.register_hook(lambda g: sharded.materialise() or g)
+    assert isinstance(trainer._linear_head(model), trainer_mod.TrainedShardedHead)
+    redirected = []
+
+    class Spy(trainer_mod._ForwardRedirection):
+        def __call__(self, wrapper, original, method, *args, **kwargs):
+            redirected.append(method.__name__)
+            return super().__call__(wrapper, original, method, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "_ForwardRedirection", Spy)
+    with monkeypatch.context() as m:                              # fused: full logits must never be computed
+        fused, g_fused = loss_and_grads(trainer, model, True, m)
+    sharded.partition()
+    assert redirected == ["_student_fused"]
+    assert sharded.gathers and all(g["modifier_rank"] is None for g in sharded.gathers)   # read-only gather
+    with monkeypatch.context() as m:
+        full, g_full = loss_and_grads(trainer, model, False, m)
+    assert full > 0 and "model.embed_tokens.weight" in g_full                 # the tied head's gradient
+    torch.testing.assert_close(fused, full, rtol=1e-5, atol=1e-7)
+    assert set(g_fused) == set(g_full)
+    for n in g_full:                    # fp32: elementwise to 1e-4 of the tensor's largest entry
+        torch.testing.assert_close(g_fused[n], g_full[n], rtol=1e-4, atol=1e-4 * float(g_full[n].abs().max()))
 
 
 def test_unfusable_head_warns_once_per_reason(tmp_path, caplog):
@@ -188,3 +211,59 @@ def test_fsdp2_dtensor_head_is_gathered_and_fused_equals_unfused():
     assert out["dtensor_outside"] and out["copy_is_plain"] and out["grads"]
     assert out["unfused"] > 0 and abs(out["fused"] - out["unfused"]) <= 1e-5 * out["unfused"] + 1e-7
     assert out["grad_err"] <= 1e-4
+
+
+DTENSOR_TRAINED_HEAD = r'''
+import json, socket
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from polyalign.losses.msd import fused_token_divergence
+from polyalign.train.msd_trainer import TrainedShardedHead
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+torch.manual_seed(0)
+plain = torch.nn.Linear(16, 40, bias=True)
+teacher = torch.nn.Linear(16, 40, bias=True).requires_grad_(False)
+h_s, h_t = torch.randn(6, 16, requires_grad=True), torch.randn(6, 16)
+sharded = torch.nn.Linear(16, 40, bias=True)
+sharded.weight = torch.nn.Parameter(distribute_tensor(plain.weight.detach().clone(), mesh, [Shard(0)]))
+sharded.bias = torch.nn.Parameter(distribute_tensor(plain.bias.detach().clone(), mesh, [Shard(0)]))
+def loss(w, b, h):
+    d, _ = fused_token_divergence(h, h_t, w, b, "reverse_kl", teacher_weight=teacher.weight, teacher_bias=teacher.bias)
+    return (d * torch.arange(1, 7)).sum()
+ref = loss(plain.weight, plain.bias, h_s)
+ref.backward()
+g_ref = (plain.weight.grad.clone(), plain.bias.grad.clone(), h_s.grad.clone())
+h_s.grad = None
+with TrainedShardedHead(sharded, "dtensor").full() as (w, b):
+    out = loss(w, b, h_s)
+out.backward()
+gw, gb = sharded.weight.grad, sharded.bias.grad
+res = {"dtensor_grads": isinstance(gw, DTensor) and isinstance(gb, DTensor), "loss_err": abs(float(out - ref)),
+       "grad_err": max(float((a - b_).abs().max()) for a, b_ in
+                       zip(g_ref, (gw.full_tensor(), gb.full_tensor(), h_s.grad)))}
+dist.destroy_process_group()
+print("RESULT " + json.dumps(res))
+'''
+
+
+def test_dtensor_trained_head_gradient_reaches_the_sharded_parameter():
+    """FSDP2 with the head in its own unit: outside its forward the trained head is a DTensor, and the
+    fused divergence's gradient must come back to it (all-gather forward, reduce-scatter backward)
+    equal to the gradient of a plain head. One-process gloo mesh, in a subprocess."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", DTENSOR_TRAINED_HEAD], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["dtensor_grads"] and out["loss_err"] <= 1e-5 and out["grad_err"] <= 1e-5

@@ -71,7 +71,8 @@ class MSDConfig:
         fused_lm_head: compute the LM head inside the divergence, chunk by chunk from the final
             hidden states, so no [B, R, V] logits (V = 151,936 for Qwen) are held for student or
             teacher (on; same loss and gradients). Models whose head is not a plain Linear or whose
-            logits are soft-capped or scaled, and ZeRO-3 / FSDP-sharded heads, use full logits.
+            logits are soft-capped or scaled use full logits; ZeRO-3 / FSDP-sharded heads are
+            gathered (docs/scale.md).
     Contexts:
         teacher_template: the teacher's user turn, or one of the names in ``TEMPLATES`` (``paper``,
             ``selective``, ``english_only``); must contain ``{english_query}``, and

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
-from trl.models.utils import unwrap_model_for_generation
+from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from polyalign.data.records import ParallelRecord, atomic_write_text, record_label, require_labels
 from polyalign.errors import PolyalignError
@@ -55,6 +55,44 @@ from polyalign.train.msd_config import ENGLISH_ONLY_TEMPLATE, MSDConfig
 log = logging.getLogger(__name__)
 GATE_FILE = "teacher_gate.json"
 SFT_TARGETS_FILE = "sft_targets.json"      # msd.mode: sft, the teacher's greedy answers (token ids)
+
+
+class TrainedShardedHead:
+    """A sharded LM head that trains (full fine-tuning under ZeRO-3 / FSDP), for the fused divergence.
+
+    Its weight is whole only inside the engine's forward, and its gradient must reach the engine's
+    own reduction. So the student's forward, head and divergence run inside the wrapper's forward
+    (TRL's ``_ForwardRedirection``, as its DistillationTrainer does), and :meth:`full` hands the
+    divergence a differentiable whole weight: FSDP2's ``DTensor.full_tensor()`` (an all-gather whose
+    backward reduce-scatters), ZeRO-3's ``GatheredParameters`` (read-only) or FSDP1's unsharded view
+    inside the root forward (FSDP1, or FSDP2 with the head in the root unit), cloned. The copy is what the fused backward recomputes from (one V x H
+    per rank, as for a frozen head); its gradient flows to the sharded parameter, which the engine
+    reduces like any other parameter's.
+    """
+
+    def __init__(self, module: torch.nn.Linear, engine: str):
+        self.module, self.engine = module, engine
+
+    @contextlib.contextmanager
+    def full(self):
+        """(weight, bias), whole and differentiable w.r.t. the sharded parameters."""
+        from torch.distributed.tensor import DTensor
+
+        w, b = self.module.weight, self.module.bias
+        if isinstance(w, DTensor):          # FSDP2 with the head in its own unit: sharded outside its forward
+            yield w.full_tensor(), None if b is None else b.full_tensor()
+            return
+        gather = contextlib.nullcontext()
+        if self.engine == "zero3" and getattr(getattr(w, "ds_status", None), "name", None) != "AVAILABLE":
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([p for p in (w, b) if p is not None], modifier_rank=None)
+        with gather:
+            w, b = self.module.weight, self.module.bias
+            if w.dim() != 2 or w.shape != (self.module.out_features, self.module.in_features):
+                raise PolyalignError(f"msd.fused_lm_head: the {self.engine} LM head is not whole inside the forward "
+                                     f"(weight {tuple(w.shape)}); set msd.fused_lm_head: false")
+            yield w.clone(), None if b is None else b.clone()
 
 
 def build_msd_examples(records: list[ParallelRecord], cfg: MSDConfig) -> list[dict[str, Any]]:
@@ -428,7 +466,7 @@ class MSDTrainer(Trainer):
         with self.teacher_context(model) as teacher:
             heads = (self._linear_head(model), self._linear_head(teacher)) if fused and cfg.fused_lm_head else None
         fusable = heads is not None and None not in heads
-        if packed and fusable:
+        if packed and fusable and not isinstance(heads[0], TrainedShardedHead):
             mask = response_mask(responses).to(device)                          # [B, R]
             with stage("student forward"):
                 h_s = packed_response_hidden(model, student_prompts, responses, pad, heads[0], device)   # [N, H]
@@ -453,6 +491,16 @@ class MSDTrainer(Trainer):
                 d = token_divergence(student_logits, teacher_logits, cfg.divergence, cfg.jsd_beta)
                 raw = dpsw_raw_weights(student_logits, teacher_logits, cfg.top_k)
             return student_logits, d, raw, mask
+        if isinstance(heads[0], TrainedShardedHead):      # full fine-tuning under ZeRO-3 / FSDP
+            with stage("teacher forward"), torch.no_grad(), self.teacher_context(model) as teacher:
+                h_t = response_hidden(teacher, t_batch, heads[1])                # [B, R, H]
+            with stage("student forward + head + divergence"):
+                # inside the wrapper's forward, as TRL's DistillationTrainer does, so DDP / FSDP / ZeRO-3
+                # hold the student's parameters and reduce the head's gradient like any other
+                unwrapped = self.accelerator.unwrap_model(model)
+                h_s, d, raw = _ForwardRedirection()(model, unwrapped, self._student_fused, unwrapped, heads[0],
+                                                    s_batch, h_t, heads[1])
+            return h_s, d, raw, mask
         with stage("student forward"):
             h_s = response_hidden(model, s_batch, heads[0])                      # [B, R, H]
         with stage("teacher forward"), torch.no_grad(), self.teacher_context(model) as teacher:
@@ -462,10 +510,21 @@ class MSDTrainer(Trainer):
                                             cfg.top_k, teacher_weight=heads[1].weight, teacher_bias=heads[1].bias)
         return h_s, d, raw, mask
 
-    def _linear_head(self, module: Any) -> torch.nn.Linear | None:
+    def _student_fused(self, student: Any, head: TrainedShardedHead, s_batch: dict[str, torch.Tensor],
+                       h_t: torch.Tensor, teacher_head: torch.nn.Linear) -> tuple[torch.Tensor, ...]:
+        """(h_s, D, raw DPSW weights) of a student whose sharded head trains; runs inside the wrapper's
+        forward (:class:`TrainedShardedHead`)."""
+        cfg = self.msd
+        h_s = response_hidden(student, s_batch, head.module)                     # [B, R, H]
+        with head.full() as (weight, bias):
+            d, raw = fused_token_divergence(h_s, h_t, weight, bias, cfg.divergence, cfg.jsd_beta, cfg.top_k,
+                                            teacher_weight=teacher_head.weight, teacher_bias=teacher_head.bias)
+        return h_s, d, raw
+
+    def _linear_head(self, module: Any) -> torch.nn.Linear | TrainedShardedHead | None:
         """The LM head when logits are exactly ``head(final hidden state)``; None (unfused path, with one
         warning per reason) for a head that is not a plain Linear (LoRA on lm_head, quantised), logit
-        soft-capping or scaling in the config, or a sharded head that trains.
+        soft-capping or scaling in the config.
 
         ZeRO-3 and FSDP shard the head outside the forward. A frozen one (LoRA's base head, the
         teacher's) is materialised once and kept: ZeRO-3 gathers it (``GatheredParameters``,
@@ -473,9 +532,8 @@ class MSDTrainer(Trainer):
         the root unit's parameters (the head's unit under transformer auto-wrap). Frozen, it cannot
         change, and the fused divergence reads it only in its forward (dD/dh is saved there). Cost: one
         V x H copy per rank (1.1 GB for Qwen2.5-7B in bf16) against [B, R, V] logits for student,
-        teacher and their gradient. A head that trains (full fine-tuning) needs its gradient reduced by
-        ZeRO-3 / FSDP inside the model's forward (TRL's ``_ForwardRedirection``), which this path does
-        not do: full logits.
+        teacher and their gradient. A sharded head that trains (full fine-tuning) is a
+        :class:`TrainedShardedHead`, gathered inside the wrapper's forward.
         """
         from torch.distributed.tensor import DTensor
 
@@ -494,8 +552,7 @@ class MSDTrainer(Trainer):
                                          "engine other than ZeRO-3 / FSDP)")
             return head
         if any(p.requires_grad for p in head.parameters()):
-            return self._cannot_fuse("the LM head trains (full fine-tuning) and is sharded (ZeRO-3 / FSDP): its "
-                                     "gradient would have to be reduced inside the model's forward")
+            return TrainedShardedHead(head, "zero3" if zero3 else "dtensor" if dtensor else "fsdp1")
         full_heads = self.__dict__.setdefault("_full_heads", {})
         if id(head.weight) not in full_heads:
             if zero3:
