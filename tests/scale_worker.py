@@ -95,7 +95,7 @@ def fsdp_head() -> None:
 
     from polyalign.losses.mlc import MLCHead
     from polyalign.models.builtin import build_tiny_model
-    from polyalign.train.mlc_term import HEAD_ATTRIBUTE, gathered_state
+    from polyalign.train.mlc_term import HEAD_ATTRIBUTE, gathered_state, load_head, save_head
 
     accelerator = Accelerator(cpu=True)
     # accelerate runs FSDP on accelerators only (on a CPU it quietly falls back to plain DDP); the
@@ -109,7 +109,15 @@ def fsdp_head() -> None:
     wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
     local = {k: v.detach().clone() for k, v in head.state_dict().items()}
     gathered = gathered_state(head, accelerator, wrapped)
-    torch.save({"full": full, "local": local, "gathered": gathered}, out / f"rank{dist.get_rank()}.pt")
+    # --resume: a checkpoint's head (other values) loaded back into the shards, then gathered again
+    saved = {k: v + 1.0 for k, v in full.items()}
+    if dist.get_rank() == 0:
+        save_head(saved, out)
+    dist.barrier()
+    loaded = load_head(head, out, accelerator, wrapped)
+    reloaded = gathered_state(head, accelerator, wrapped)
+    torch.save({"full": full, "local": local, "gathered": gathered, "saved": saved, "loaded": loaded,
+                "reloaded": reloaded}, out / f"rank{dist.get_rank()}.pt")
 
 
 {"gate_metrics": gate_metrics, "train": train, "fsdp_head": fsdp_head}[mode]()

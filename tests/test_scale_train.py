@@ -320,7 +320,8 @@ def test_final_checkpoint_holds_the_trained_weights_under_ddp(tmp_path):
 @pytest.mark.distributed
 def test_mlc_head_is_gathered_from_fsdp_shards(tmp_path):
     """torch FSDP FULL_SHARD over gloo: each rank holds part of the head (rank 0's local state is empty
-    or partial, which is what was saved); gathered_state gives the main process the whole head."""
+    or partial, which is what was saved); gathered_state gives the main process the whole head, and
+    load_head (``--resume``) puts a saved head back into the shards."""
     out = tmp_path / "fsdp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     _launch("fsdp_head", out, torchrun)
@@ -329,6 +330,9 @@ def test_mlc_head_is_gathered_from_fsdp_shards(tmp_path):
     assert r0["gathered"].keys() == r0["full"].keys()
     for k, v in r0["full"].items():
         torch.testing.assert_close(r0["gathered"][k], v, rtol=0, atol=0)
+    assert r0["loaded"] and r0["reloaded"].keys() == r0["saved"].keys()
+    for k, v in r0["saved"].items():
+        torch.testing.assert_close(r0["reloaded"][k], v, rtol=0, atol=0)
 
 
 def test_training_arguments_that_transformers_rejects_are_one_line():
@@ -375,3 +379,34 @@ def test_training_prompts_keep_the_chat_header_when_cut():
     footer = tok("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     for ids in mlc_rows([rec], cfg, tok)[0]["mlc_prompt_ids"]:
         assert len(ids) <= 100 and ids[:len(header)] == header and ids[-len(footer):] == footer
+
+
+def test_mlc_head_resume_under_zero3_loads_inside_a_modifying_gather(tmp_path, monkeypatch):
+    """ZeRO-3: the head's partitions are gathered with modifier_rank=0 while the saved values go in, so
+    the engine re-partitions rank 0's values on exit (a stand-in GatheredParameters records it)."""
+    import contextlib
+    import importlib.machinery
+    import types
+
+    from polyalign.losses.mlc import MLCHead
+    from polyalign.train.mlc_term import load_head, save_head
+
+    head, saved = MLCHead(8, 4, "linear", seed=1), MLCHead(8, 4, "linear", seed=2)
+    save_head({k: v.detach().clone() for k, v in saved.state_dict().items()}, tmp_path)
+    for p in head.parameters():
+        p.ds_id = 1
+    gathers = []
+
+    @contextlib.contextmanager
+    def gathered(params, modifier_rank=None):
+        gathers.append(modifier_rank)
+        yield
+
+    ds = types.ModuleType("deepspeed")
+    ds.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)
+    ds.zero = types.SimpleNamespace(GatheredParameters=gathered)
+    monkeypatch.setitem(sys.modules, "deepspeed", ds)
+    assert load_head(head, tmp_path) and gathers == [0]
+    for k, v in saved.state_dict().items():
+        torch.testing.assert_close(head.state_dict()[k], v, rtol=0, atol=0)
+    assert not load_head(head, tmp_path / "none")

@@ -147,13 +147,37 @@ def save_head(state: dict[str, torch.Tensor], checkpoint: Path) -> None:
     save_file(state, str(Path(checkpoint) / HEAD_FILE))
 
 
-def load_head(head: torch.nn.Module, checkpoint: Path) -> None:
+def load_head(head: torch.nn.Module, checkpoint: Path, accelerator: Any = None, wrapped_model: Any = None) -> bool:
+    """Load the head saved by :func:`save_head` back (``--resume``); False when the checkpoint has none.
+    Collective under a sharding engine (call it on every rank; each reads the file): ZeRO-3 loads it
+    inside ``GatheredParameters(modifier_rank=0)``, which re-partitions rank 0's values; FSDP 1 or 2
+    through torch's ``set_model_state_dict`` on the wrapped policy (full state dict in, shards kept).
+    A plain ``load_state_dict`` there fails on the shards' sizes: what ``--resume`` did before."""
     from safetensors.torch import load_file
 
     f = Path(checkpoint) / HEAD_FILE
-    if f.exists():
-        device = next(head.parameters(), torch.empty(0)).device
-        head.load_state_dict(load_file(str(f), device=str(device)))
+    if not f.exists():
+        return False
+    state = load_file(str(f))
+    if accelerator is not None:
+        from accelerate.utils import DistributedType
+
+        if accelerator.distributed_type == DistributedType.FSDP:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            full = {f"{HEAD_ATTRIBUTE}.{k}": v for k, v in state.items()}
+            set_model_state_dict(wrapped_model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+            return True
+    params = list(head.parameters())
+    if any(hasattr(p, "ds_id") for p in params):                     # ZeRO-3 partitioned
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            head.load_state_dict({k: v.to(params[0].device) for k, v in state.items()})
+        return True
+    device = next(head.parameters(), torch.empty(0)).device
+    head.load_state_dict({k: v.to(device) for k, v in state.items()})
+    return True
 
 
 class MLCHeadCheckpoint(TrainerCallback):
@@ -177,4 +201,6 @@ class MLCHeadCheckpoint(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         # On resume Trainer has restored global_step from checkpoint-N before this hook runs.
         if state.global_step > 0:
-            load_head(self.head, self._dir(args, state.global_step))
+            t = self.trainer
+            load_head(self.head, self._dir(args, state.global_step), t.accelerator if t else None,
+                      t.model_wrapped if t else None)
