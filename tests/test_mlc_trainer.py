@@ -389,3 +389,26 @@ def test_benign_pairs_add_benign_prompts_with_a_helpful_chosen_answer(tmp_path, 
     with pytest.raises(Exception, match="benign_pairs: no benign records"):
         r2 = Recipe(**{**r.__dict__, "output_dir": str(tmp_path / "none")})
         build_mlc_trainer(r2, model, tok, harmful, training_arguments(r2))
+
+
+def test_dpo_full_finetuning_reference_is_loaded_by_polyalign_frozen_in_the_recipe_dtype(shared, tmp_path):
+    """Full fine-tuning DPO: the reference is the model loaded again through polyalign (a built-in model
+    has no hub path for TRL to reload), frozen, in the recipe's dtype, equal to the starting weights;
+    then two steps move the policy and leave the reference where it was."""
+    from polyalign.train.mlc_trainer import build_mlc_trainer
+
+    r = recipe(shared, tmp_path, "dpo", steps=2)
+    r.lora, r.dtype = None, "bfloat16"
+    model, tok = build_model(r)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = build_mlc_trainer(r, model, tok, load_prompts(r.data.source, None, "all", 4), training_arguments(r))
+    ref = trainer.ref_model
+    assert ref is not None and ref is not model and not any(p.requires_grad for p in ref.parameters())
+    assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(p.float(), start[n].float(), rtol=0, atol=1e-2 * float(start[n].abs().max()) + 1e-6)
+    trainer.train()
+    moved = [n for n, p in model.named_parameters() if n in start and not torch.equal(p.detach(), start[n])]
+    assert moved
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(p.float(), start[n].float(), rtol=0, atol=1e-2 * float(start[n].abs().max()) + 1e-6)

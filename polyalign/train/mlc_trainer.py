@@ -160,8 +160,13 @@ def benign_answers(cfg: MLCConfig, model: Any, tokenizer: Any, records: list[Par
                                cfg.benign_max_new_tokens)
 
 
-def build_mlc_trainer(recipe: Any, model: Any, tokenizer: Any, records: list[ParallelRecord], args: Any) -> Any:
-    """The TRL trainer for ``recipe.mlc.paradigm`` with MLC attached."""
+def build_mlc_trainer(recipe: Any, model: Any, tokenizer: Any, records: list[ParallelRecord], args: Any,
+                      device: str | None = None) -> Any:
+    """The TRL trainer for ``recipe.mlc.paradigm`` with MLC attached. DPO with full fine-tuning gets
+    its frozen reference from :func:`polyalign.train.recipes.reference_model` (the model loaded again
+    through polyalign's own path, in the recipe's dtype, after TrainingArguments so ``zero.Init``
+    shards it): TRL's own would reload ``config._name_or_path``, which a built-in or GGUF model does
+    not have, in the policy's fp32."""
     import dataclasses
 
     from datasets import Dataset
@@ -184,7 +189,11 @@ def build_mlc_trainer(recipe: Any, model: Any, tokenizer: Any, records: list[Par
         base["ddp_find_unused_parameters"] = False  # every parameter gets a gradient each step (see compute_loss)
     if cfg.paradigm == "dpo":
         targs = DPOConfig(**base, beta=cfg.beta, loss_type=["sigmoid"], max_length=cfg.max_length)
-        trainer = MLCDPOTrainer(model=model, args=targs, train_dataset=Dataset.from_list(rows),
+        from polyalign.models.adapters import is_peft
+        from polyalign.train.recipes import reference_model
+
+        ref = None if is_peft(model) else reference_model(recipe, device)
+        trainer = MLCDPOTrainer(model=model, ref_model=ref, args=targs, train_dataset=Dataset.from_list(rows),
                                 processing_class=tokenizer)
     elif cfg.paradigm in ("simpo", "orpo"):
         # precompute_ref_log_probs: DPOTrainer then loads no reference copy (these losses need none).

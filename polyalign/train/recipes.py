@@ -397,7 +397,7 @@ def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: An
     else:
         from polyalign.train.mlc_trainer import build_mlc_trainer
 
-        trainer = build_mlc_trainer(r, model, tokenizer, records, args)
+        trainer = build_mlc_trainer(r, model, tokenizer, records, args, device)
         heads = {"mlc_head": trainer.mlc_head}
     last = _last_checkpoint(r.output_dir) if resume else None
     if resume and last is None:
