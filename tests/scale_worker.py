@@ -8,6 +8,11 @@ MODE
     train         run_recipe (MSD + MLC term, LoRA, 2 steps, checkpoint at step 2) into OUT_DIR/run.
     fsdp_head     the tiny policy with an MLC head wrapped in torch FSDP (FULL_SHARD) on gloo: the
                   head's local state (this rank's shard) and gathered_state's, in OUT_DIR/rank<N>.pt.
+    fsdp_trained_head
+                  full fine-tuning's fused head under torch FSDP (FULL_SHARD, one root unit) on gloo:
+                  the student's forward, TrainedShardedHead and the fused divergence inside the
+                  wrapper's forward (TRL's _ForwardRedirection); loss and full gradients against a
+                  one-process full-logits reference, in OUT_DIR/rank<N>.pt.
 """
 
 import json
@@ -120,4 +125,44 @@ def fsdp_head() -> None:
                 "reloaded": reloaded}, out / f"rank{dist.get_rank()}.pt")
 
 
-{"gate_metrics": gate_metrics, "train": train, "fsdp_head": fsdp_head}[mode]()
+def fsdp_trained_head() -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from trl.models.utils import _ForwardRedirection
+
+    from polyalign.losses.msd import fused_token_divergence, token_divergence
+    from polyalign.models.builtin import build_tiny_model
+    from polyalign.train.msd_trainer import TrainedShardedHead
+
+    dist.init_process_group("gloo")
+    student, teacher = build_tiny_model(seed=0), build_tiny_model(seed=1).requires_grad_(False)
+    reference = build_tiny_model(seed=0)                       # the same start, never sharded
+    ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(5))
+    weights = torch.rand(2, 7, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        h_t, t_logits = teacher.model(input_ids=ids).last_hidden_state, teacher(input_ids=ids).logits
+    ref_loss = (token_divergence(reference(input_ids=ids).logits, t_logits, "reverse_kl") * weights).sum()
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
+
+    wrapped = FullyShardedDataParallel(student, device_id=torch.device("cpu"), use_orig_params=True)
+    head = TrainedShardedHead(student.lm_head, "fsdp1")
+    outside = tuple(student.lm_head.weight.shape)              # this rank's shard of the flat parameter
+
+    def loss_inside(model):
+        h = model.model(input_ids=ids).last_hidden_state
+        with head.full() as (w, b):
+            d, _ = fused_token_divergence(h, h_t, w, b, "reverse_kl", teacher_weight=teacher.lm_head.weight)
+        return (d * weights).sum()
+
+    loss = _ForwardRedirection()(wrapped, student, loss_inside, student)
+    loss.backward()
+    with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    torch.save({"loss": loss.detach(), "ref_loss": ref_loss.detach(), "grads": grads, "ref_grads": ref_grads,
+                "outside": outside}, out / f"rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+
+
+{"gate_metrics": gate_metrics, "train": train, "fsdp_head": fsdp_head,
+ "fsdp_trained_head": fsdp_trained_head}[mode]()

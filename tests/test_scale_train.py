@@ -335,6 +335,22 @@ def test_mlc_head_is_gathered_from_fsdp_shards(tmp_path):
         torch.testing.assert_close(r0["reloaded"][k], v, rtol=0, atol=0)
 
 
+def test_trained_head_fused_inside_the_fsdp_forward_equals_full_logits(tmp_path):
+    """Full fine-tuning under torch FSDP FULL_SHARD on 2 gloo processes: outside the forward each rank
+    holds a shard of the (tied) head; the fused divergence computed inside the wrapper's forward
+    gives the loss and every full gradient of a one-process full-logits reference."""
+    out = tmp_path / "fsdp_trained"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    _launch("fsdp_trained_head", out, torchrun)
+    for rank in range(2):
+        r = torch.load(out / f"rank{rank}.pt")
+        assert r["outside"] != tuple(r["ref_grads"]["model.embed_tokens.weight"].shape)   # tied head: sharded outside
+        torch.testing.assert_close(r["loss"], r["ref_loss"], rtol=1e-5, atol=1e-6)
+        assert set(r["grads"]) == set(r["ref_grads"])
+        for n, g in r["ref_grads"].items():
+            torch.testing.assert_close(r["grads"][n], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()))
+
+
 def test_training_arguments_that_transformers_rejects_are_one_line():
     from polyalign.train.recipes import training_arguments
 
