@@ -108,6 +108,34 @@ def stage_train(args: argparse.Namespace, use_vllm: bool) -> dict[str, Any]:
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None, "final_safetensors_bytes": saved}
 
 
+def stage_train_fsdp_full(args: argparse.Namespace) -> dict[str, Any]:
+    """Two MSD steps with full fine-tuning under FSDP2 (configs/accelerate/fsdp.yaml, one process): the
+    trained, sharded LM head fused inside the wrapper's forward (docs/scale.md), which CPUs have
+    checked only over gloo. ``fused`` is False when the log says full logits were used."""
+    out = Path(args.out) / "train_fsdp_full"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "1", "-m", "polyalign.cli", "train",
+           str(ROOT / "recipes" / "msd_selective.yaml"), f"model={args.model}", f"output_dir={out}", "lora=null",
+           "dtype=bfloat16", "training.max_steps=2", "training.per_device_train_batch_size=2", "training.save_steps=1000",
+           "training.gradient_checkpointing=true", f"msd.max_new_tokens={min(args.new_tokens, 64)}",
+           "msd.teacher_gating=false", "data.limit=4", "data.benign_limit=4"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    log_file = out / "final" / "log_history.json"
+    history = json.loads(log_file.read_text()) if log_file.exists() else []
+    steps = [h for h in history if "loss" in h]
+    res = {"wall_s": round(wall, 1), "returncode": p.returncode, "steps": len(steps),
+           "losses": [round(h["loss"], 4) for h in steps],
+           "fused": "full [B, R, V] logits are used" not in p.stderr,
+           "final_safetensors_bytes": sum(f.stat().st_size for f in (out / "final").rglob("*.safetensors"))
+           if (out / "final").exists() else 0}
+    if p.returncode != 0:
+        res["error"] = (p.stderr.strip().splitlines() or ["no output"])[-1][:400]
+        (Path(args.out) / "train_fsdp_full.stderr.txt").write_text(p.stderr[-20000:])
+    return res
+
+
 def stage_head_memory(args: argparse.Namespace) -> dict[str, Any]:
     """Peak memory of one MSD step at response 512, batch 4: fused head vs full [B, R, V] logits, and
     TRL's SDFTTrainer doing the same work (benchmarks/run.py's workers, each in its own process)."""
@@ -147,7 +175,8 @@ def stage_eval(args: argparse.Namespace, backend: str) -> dict[str, Any]:
 
 
 STAGES = {"train_hf": lambda a: stage_train(a, False), "train_vllm": lambda a: stage_train(a, True),
-          "head_memory": stage_head_memory, "eval_hf": lambda a: stage_eval(a, "hf"),
+          "train_fsdp_full": stage_train_fsdp_full, "head_memory": stage_head_memory,
+          "eval_hf": lambda a: stage_eval(a, "hf"),
           "eval_vllm": lambda a: stage_eval(a, "vllm")}
 
 

@@ -38,6 +38,7 @@ def test_verdict_agreement_and_summary_table():
     assert g.agreement(a, {}) == "n/a"
     res = {"train_hf": {"step_s_mean": 2.5, "sampled_tokens_per_s_after_warmup": 400.0, "peak_gib": 9.1},
            "train_vllm": {"error": "PolyalignError: msd.use_vllm needs vLLM"},
+           "train_fsdp_full": {"wall_s": 41.0, "fused": True},
            "head_memory": {"ours": {"seconds": 0.5, "tokens_per_second": 9000, "peak_mb": 4096.0},
                            "ours_unfused": {"seconds": 0.6, "tokens_per_second": 8000, "peak_mb": 8192.0},
                            "trl_sdft": {"seconds": 1.0, "tokens_per_second": 5000, "peak_mb": 16384.0}},
@@ -46,6 +47,7 @@ def test_verdict_agreement_and_summary_table():
     text = g.summary({"gpu": "test"}, res, shape_only=True)
     assert "| MSD step, HF sampling | 2.5 | 400.0 | 9.1 |" in text
     assert "| MSD step, vLLM colocate | error: PolyalignError: msd.use_vllm needs vLLM" in text
+    assert "| MSD full fine-tuning, FSDP2, 2 steps (run) | 41.0 | fused: True | - |" in text
     assert "fused vs full-logits peak memory: 0.500" in text
     assert "msd_peak_memory_vs_trl_long (GPU): 0.250" in text
     assert "msd_step_throughput_vs_trl_long (GPU, separate processes): 2.000" in text
