@@ -213,7 +213,9 @@ def summary(info: dict[str, Any], res: dict[str, dict[str, Any]], shape_only: bo
     rows = [("MSD step, HF sampling", cell("train_hf", "step_s_mean"),
              cell("train_hf", "sampled_tokens_per_s_after_warmup"), cell("train_hf", "peak_gib")),
             ("MSD step, vLLM colocate", cell("train_vllm", "step_s_mean"),
-             cell("train_vllm", "sampled_tokens_per_s_after_warmup"), cell("train_vllm", "peak_gib"))]
+             cell("train_vllm", "sampled_tokens_per_s_after_warmup"), cell("train_vllm", "peak_gib")),
+            ("MSD full fine-tuning, FSDP2, 2 steps (run)", cell("train_fsdp_full", "wall_s"),
+             "fused: " + cell("train_fsdp_full", "fused"), "-")]
     hm = res.get("head_memory", {})
     for kind, label in (("ours", "fused head, R=512 B=4"), ("ours_unfused", "full logits, R=512 B=4"),
                         ("trl_sdft", "TRL SDFTTrainer, R=512 B=4")):
