@@ -113,6 +113,12 @@ def test_score_judge_agreement_and_confusion(tmp_path):
     assert all_["n"] == 5 and all_["label_agreement"]["k"] == 4 and all_["refused_agreement"]["k"] == 4
     assert sum(sum(r.values()) for r in all_["confusion"].values()) == 5
     assert [d["response"] for d in rep["disagreements"]] == ["Bombs are dangerous; here is history."]
+    assert all_["in_language_agreement"]["n"] == 0            # no row carries a language flag here
+    flagged = [dict(r, in_language=r["lang"] == "en") for r in rows]
+    lang = score_judge(flagged, build_judge("lexicon"))["overall"]["in_language_agreement"]
+    from polyalign.text import in_language
+    want = sum((r["lang"] == "en") == in_language(r["response"], r["lang"]) for r in rows)
+    assert lang["n"] == 5 and lang["k"] == want
     held = load_labels(tmp_path / "l.jsonl", split="heldout")
     assert len(held) == 4
     with pytest.raises(PolyalignError, match="no rows with split"):

@@ -20,6 +20,7 @@ from polyalign.data.records import atomic_write_text
 from polyalign.errors import DataError, PolyalignError
 from polyalign.eval.judges import LABELS, Judge, JudgeItem, build_judge
 from polyalign.eval.stats import share_ci
+from polyalign.text import in_language
 
 __all__ = ["rejudge", "run_rows", "load_labels", "score_judge", "judge_dirname"]
 
@@ -165,9 +166,13 @@ def _block(pairs: list[tuple[dict[str, Any], Any]]) -> dict[str, Any]:
     for r, v in pairs:
         confusion[_comparable(r["label"], r)][_comparable(v.label, r)] += 1
     with_refusal = [(r, v) for r, v in pairs if "refused" in r]
+    with_language = [r for r, _ in pairs if "in_language" in r]
     return {"n": len(pairs),
             "label_agreement": share_ci(_comparable(r["label"], r) == _comparable(v.label, r) for r, v in pairs),
             "refused_agreement": share_ci(r["refused"] == v.refused for r, v in with_refusal),
+            # the evaluation runner's language check (not the judge's), against the hand flag
+            "in_language_agreement": share_ci(r["in_language"] == (bool(r["response"]) and in_language(r["response"], r["lang"]))
+                                              for r in with_language),
             "confusion": confusion}
 
 
@@ -177,8 +182,9 @@ def score_judge(rows: list[dict[str, Any]], judge: Judge) -> dict[str, Any]:
     Returns:
         ``{"judge", "judge_version", "n", "languages": {lang: block}, "overall": block,
         "disagreements": [...]}``; a block is ``{"n", "label_agreement", "refused_agreement",
-        "confusion"}``, the agreements as :func:`~polyalign.eval.stats.share_ci` dicts (the
-        refusal one over rows that carry ``refused``), ``confusion[hand label][judge label]``.
+        "in_language_agreement", "confusion"}``, the agreements as :func:`~polyalign.eval.stats.share_ci`
+        dicts (the refusal and language ones over rows that carry ``refused`` / ``in_language``; the
+        language flag is the runner's :func:`polyalign.text.in_language`), ``confusion[hand][judge]``.
     """
     verdicts = judge.judge([JudgeItem(r["prompt"], r["response"], r["lang"]) for r in rows])
     pairs = list(zip(rows, verdicts))
@@ -201,12 +207,12 @@ def print_judge_check(report: dict[str, Any], console: Any) -> None:
         return f"{100 * s['share']:.1f}% [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}] ({s['k']}/{s['n']})"
 
     t = Table(title=f"judge {report['judge']} vs hand labels (95% Wilson intervals)")
-    for col in ("language", "n", "label agreement", "refused agreement"):
+    for col in ("language", "n", "label agreement", "refused agreement", "in-language agreement"):
         t.add_column(col, justify="left" if col == "language" else "right")
     blocks = [*report["languages"].items(), ("all", report["overall"])]
     for lang, b in blocks:
         t.add_row(lang, str(b["n"]), agree(b["label_agreement"]), agree(b["refused_agreement"]),
-                  end_section=lang == list(report["languages"])[-1])
+                  agree(b["in_language_agreement"]), end_section=lang == list(report["languages"])[-1])
     console.print(t)
     c = Table(title="confusion: rows = hand label, columns = judge label")
     for col in ("language", "hand", *LABELS):
