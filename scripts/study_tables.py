@@ -3,6 +3,7 @@
     python scripts/study_tables.py docs/results/test                 # tables.md + pareto_<model>.png there
     python scripts/study_tables.py export runs/comparisons_0.5b docs/results/test   # a sweep folder -> files
     python scripts/study_tables.py export runs/demo/after/builtin-harmful docs/results/test --config default
+    python scripts/study_tables.py forms docs/results/test    # benign refusal by prompt form (built-in benchmark)
 
 Results files (issue #25, point 5): ``<dir>/<config>_<model>_seed<k>.jsonl``, one compact JSON line per
 prompt, language and run: ``config``, ``model``, ``seed``, ``lang``, ``prompt_id``, ``kind`` (harmful |
@@ -342,10 +343,40 @@ def tables(folder: Path, out: Path | None = None, iters: int = 2000) -> dict[str
     return numbers
 
 
+def benign_forms(folder: Path) -> str:
+    """Benign refusal (non-English, %) per config by the prompt's form on the built-in benchmark: its
+    English text ends in "?" or not (v3 added benign instructions, issue #25) and borderline or plain:
+    whether a recipe learned "refuse harm" or "refuse instructions"."""
+    from polyalign.data.builtin import builtin_benchmark
+
+    records = {r.id: r for r in builtin_benchmark(split="all")}
+    cells: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for row in load_rows(folder):
+        rec = records.get(row["prompt_id"])
+        if row["kind"] != "benign" or row["lang"] == "en" or rec is None:
+            continue
+        form = "question" if rec.texts.get("en", "").rstrip().endswith("?") else "not a question"
+        kind = "borderline" if (rec.meta or {}).get("borderline") else "plain"
+        for group in (form, kind):
+            cells[(row["config"], group)][0] += bool(row["refused"])
+            cells[(row["config"], group)][1] += 1
+    groups = ("question", "not a question", "plain", "borderline")
+    lines = ["| config | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+    def cell(config: str, group: str) -> str:
+        k, n = cells.get((config, group), (0, 0))
+        return f"{100 * k / n:.1f} % of {n}" if n else "-"
+
+    for config in _order({c for c, _ in cells}):
+        lines.append(f"| {config} | " + " | ".join(cell(config, g) for g in groups) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] == ["export"]:
+        if argv[:1] == ["forms"]:
+            print(benign_forms(Path(argv[1])))
+        elif argv[:1] == ["export"]:
             p = argparse.ArgumentParser(prog="study_tables.py export", description="run folders -> results files")
             p.add_argument("src", type=Path)
             p.add_argument("out", type=Path)

@@ -118,3 +118,25 @@ def test_export_from_a_sweep_folder(tmp_path):
         study.export(sweep / "baseline", out)
     one = study.export(sweep / "baseline" / "builtin-harmful", out, config="system_prompt")
     assert [p.name for p in one] == ["system_prompt_qwen2.5-coder-0.5b-instruct_seed0.jsonl"]
+
+
+def test_benign_forms_counts_by_the_benchmark_prompt(tmp_path):
+    """Benign refusal by form: a record whose English text ends in "?" counts as a question, others
+    not; English rows and harmful rows are left out; the borderline flag comes from the record."""
+    from polyalign.data.builtin import builtin_benchmark
+
+    benign = [r for r in builtin_benchmark(category="benign", split="test")]
+    question = next(r for r in benign if r.texts["en"].rstrip().endswith("?"))
+    other = next(r for r in benign if not r.texts["en"].rstrip().endswith("?"))
+    rows = [{"config": "base", "model": MODEL, "seed": 0, "lang": lang, "prompt_id": rec.id, "kind": "benign",
+             "refused": refused, "in_language": True, "label": "safe"}
+            for rec, refused in ((question, True), (other, False)) for lang in ("en", "zh", "th")]
+    rows.append({**rows[0], "kind": "harmful", "lang": "zh"})            # not counted
+    (tmp_path / f"base_{study.model_slug(MODEL)}_seed0.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+    table = study.benign_forms(tmp_path).splitlines()
+    assert table[0] == "| config | question | not a question | plain | borderline |"
+    cells = table[2].split(" | ")
+    assert cells[1] == "100.0 % of 2" and cells[2] == "0.0 % of 2"
+    n_border = 2 * sum(bool((r.meta or {}).get("borderline")) for r in (question, other))
+    assert (cells[4].rstrip(" |") == "-") == (n_border == 0) and (cells[3] == "-") == (n_border == 4)
