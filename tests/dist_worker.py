@@ -28,3 +28,10 @@ from accelerate import PartialState  # noqa: E402
 if PartialState().is_main_process:
     hist = json.loads((final / "log_history.json").read_text())
     json.dump([h["loss"] for h in hist if "loss" in h], open(out, "w"))
+
+# Leave the process group explicitly (see tests/scale_worker.py): gloo threads alive at exit can abort a rank.
+import torch.distributed as dist  # noqa: E402
+
+if dist.is_available() and dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()

@@ -161,8 +161,13 @@ def fsdp_trained_head() -> None:
         grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     torch.save({"loss": loss.detach(), "ref_loss": ref_loss.detach(), "grads": grads, "ref_grads": ref_grads,
                 "outside": outside}, out / f"rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
 
 
 {"gate_metrics": gate_metrics, "train": train, "fsdp_head": fsdp_head,
  "fsdp_trained_head": fsdp_trained_head}[mode]()
+
+# Leave the process group explicitly: gloo's threads left running at interpreter exit aborted a rank
+# once ("terminate called without an active exception", exit -6) after all its work was done.
+if torch.distributed.is_available() and torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
