@@ -26,6 +26,7 @@ from polyalign.eval.generation import (
 )
 from polyalign.eval.judges import JudgeItem, build_judge
 from polyalign.eval.tasks import get_task
+from polyalign.models.sampling import decoding_linears
 from polyalign.text.langid import in_language
 from polyalign.text.languages import parse_language_list
 
@@ -223,7 +224,8 @@ def _run_loaded(cfg: EvalConfig, task: Any, records: list[ParallelRecord], langu
         fingerprint = weights_fingerprint(model)       # what generates: base spec, dtype, adapter weights
     # One writer: the main process alone reads and appends the cache (the others keep theirs in memory).
     cache = GenerationCache(out / "generations.jsonl" if state.is_main_process else None)
-    with _progress(state.is_main_process) as prog, merged_for_generation(model if cfg.backend == "hf" else None):
+    with (_progress(state.is_main_process) as prog, merged_for_generation(model if cfg.backend == "hf" else None),
+          decoding_linears(model) if cfg.backend == "hf" else contextlib.nullcontext()):
         bar = prog.add_task(f"generate {cfg.task}", total=None, rate="")
 
         def tick(done: int, total: int, rate: float) -> None:

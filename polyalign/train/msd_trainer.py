@@ -437,14 +437,15 @@ class MSDTrainer(Trainer):
                     or self.is_fsdp_enabled or self.msd.use_vllm)
 
     def _sampling_weights(self, model: Any, on_policy: bool, fast: bool):
-        """On-policy sampling with LoRA folded into one linear layer per wrapped module
-        (:func:`polyalign.models.sampling.folded_lora`; base weights untouched). Off-policy sampling
-        disables the adapter itself (PEFT's ``disable_adapter`` needs the wrappers in place): as it was."""
+        """On-policy sampling with LoRA folded into one linear layer per wrapped module, computed by
+        oneDNN while decoding on a CPU in fp32 (:func:`polyalign.models.sampling.decoding_linears`; base
+        weights untouched). Off-policy sampling disables the adapter itself (PEFT's ``disable_adapter``
+        needs the wrappers in place): as it was."""
         if not (fast and on_policy):
             return contextlib.nullcontext()
-        from polyalign.models.sampling import folded_lora
+        from polyalign.models.sampling import decoding_linears
 
-        return folded_lora(self.accelerator.unwrap_model(model))
+        return decoding_linears(self.accelerator.unwrap_model(model))
 
     def _token_divergence(self, model: Any, student_prompts: list[list[int]], teacher_prompts: list[list[int]],
                           responses: list[list[int]], fused: bool, packed: bool = False, stage: Any = None):

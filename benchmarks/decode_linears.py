@@ -1,0 +1,137 @@
+"""Decoding with oneDNN's few-row products against MKL's, side by side (issue #26).
+
+    python benchmarks/decode_linears.py                      # 0.5B, 3 alternating repeats of each side
+    python benchmarks/decode_linears.py --model builtin:tiny-random --repeats 1     # smoke
+
+Two workloads, each timed with the previous path and with :func:`polyalign.models.sampling.decoding_linears`
+(oneDNN for every linear layer while it multiplies at most ``ONEDNN_MAX_ROWS`` rows), the two sides
+alternating so that a machine's drift hits both alike:
+
+* ``msd sampling``: the demo's on-policy sampling (recipes/msd_selective.yaml): 8 prompts of the
+  built-in benchmark's train split over the eight non-English languages, LoRA r=16 on every linear
+  layer with a non-zero (trained-like) B, temperature 1, 48 new tokens, the same seed on both sides.
+  Previous path: :func:`polyalign.models.sampling.folded_lora` (LoRA folded, MKL products).
+* ``evaluation``: the demo's evaluation batch: 32 dev prompts (harmful and benign, nine languages),
+  greedy, 40 new tokens, the base model. Previous path: the model as loaded.
+
+Also per workload: how many of the rows generated the same tokens both ways (fp32 rounding differs
+between the two libraries, so a near-tie can flip a token and the rest of that row with it), and
+the first layer products alone (rows 8 and 32) per weight shape. Prints the CPU model and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from msd_profile import cpu_info, load  # noqa: E402
+
+
+def prompts(tok, split: str, languages: list[str], n: int, kinds: tuple[str, ...]) -> list[list[int]]:
+    from polyalign.data.builtin import builtin_benchmark
+    from polyalign.models.chat import prompt_ids
+
+    records = [r for kind in kinds for r in builtin_benchmark(kind, split)]
+    texts = [records[i].texts[languages[i % len(languages)]] for i in range(n)]
+    return [prompt_ids(tok, t) for t in texts]
+
+
+def generate(model, tok, ids: list[list[int]], greedy: bool, new_tokens: int, seed: int) -> tuple[float, torch.Tensor]:
+    from polyalign.models.batching import left_pad
+    from polyalign.models.sampling import sampling_kwargs
+
+    x, mask, _ = left_pad(ids, tok.pad_token_id)
+    kwargs = sampling_kwargs(new_tokens, 0.0 if greedy else 1.0, 1.0, tok.pad_token_id)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=x, attention_mask=mask, **kwargs)
+    return time.perf_counter() - t0, out[:, x.shape[1]:]
+
+
+def side_by_side(name: str, model, tok, ids, greedy: bool, new_tokens: int, before, after, repeats: int) -> float:
+    """Median seconds of each side, alternating; prints them, the ratio and the rows' agreement."""
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    outs = {}
+    generate(model, tok, ids[:2], greedy, 4, 0)                              # warm up
+    for _ in range(repeats):
+        for side, ctx in (("before", before), ("after", after)):
+            with ctx():
+                dt, outs[side] = generate(model, tok, ids, greedy, new_tokens, seed=1234)
+            times[side].append(dt)
+    b, a = statistics.median(times["before"]), statistics.median(times["after"])
+    same = sum(torch.equal(x, y) for x, y in zip(outs["before"], outs["after"]))
+    tokens = int((outs["after"] != tok.pad_token_id).sum())
+    print(f"{name}: {len(ids)} rows, {new_tokens} new tokens, {'greedy' if greedy else 'sampled'}; "
+          f"before {b:.2f} s, after {a:.2f} s (medians of {repeats}; each: "
+          f"{', '.join(f'{t:.2f}' for t in times['before'])} / {', '.join(f'{t:.2f}' for t in times['after'])}); "
+          f"{tokens / a:.1f} tokens/s after")
+    print(f"  ratio {name.replace(' ', '_')}_mkl_vs_onednn **{b / a:.3f}**; rows with the same tokens both ways: {same}/{len(ids)}")
+    return b / a
+
+
+def products(model, repeats: int = 20) -> None:
+    """Each distinct linear shape of ``model``, rows 8 and 32: F.linear (MKL) vs oneDNN, ms."""
+    shapes = sorted({tuple(m.weight.shape) for m in model.modules() if type(m) is torch.nn.Linear})
+    for rows in (8, 32):
+        cells = []
+        for out_f, in_f in shapes:
+            w, x = torch.randn(out_f, in_f), torch.randn(rows, in_f)
+            t = {}
+            for side, f in (("mkl", lambda x=x, w=w: torch.nn.functional.linear(x, w)),
+                            ("onednn", lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))):
+                f()
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    f()
+                t[side] = (time.perf_counter() - t0) / repeats * 1e3
+            cells.append(f"[{out_f}x{in_f}] {t['mkl']:.2f}/{t['onednn']:.2f} ms ({t['mkl'] / t['onednn']:.2f}x)")
+        print(f"  products at {rows} rows, MKL/oneDNN: " + "; ".join(cells))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    from polyalign.models import load_model, load_tokenizer
+    from polyalign.models.adapters import LoraSettings, attach_lora
+    from polyalign.models.sampling import decoding_linears, folded_lora, onednn_decoding_enabled
+
+    name, flags = cpu_info()
+    print(f"# CPU: {name}; flags: {' '.join(flags)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{load()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    if not onednn_decoding_enabled():
+        print("oneDNN's linear op is not in this torch build (or POLYALIGN_ONEDNN_DECODE=0): nothing to compare")
+        return
+    tok = load_tokenizer(args.model)
+    base = load_model(args.model, dtype="float32", device="cpu").eval()
+    products(base)
+    langs = ["zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"]
+    ids_eval = prompts(tok, "dev", ["en", *langs], 32, ("harmful", "benign"))
+    side_by_side("evaluation", base, tok, ids_eval, True, 40, contextlib.nullcontext,
+                 lambda: decoding_linears(base), args.repeats)
+
+    torch.manual_seed(0)
+    model = attach_lora(base, LoraSettings(r=16, alpha=32)).eval()
+    with torch.no_grad():
+        for n, prm in model.named_parameters():
+            if "lora_B" in n:
+                prm.normal_(0, 1e-3)                     # a trained-like adapter (B starts at zero)
+    ids_train = prompts(tok, "train", langs, 8, ("harmful",))
+    side_by_side("msd sampling", model, tok, ids_train, False, 48, lambda: folded_lora(model),
+                 lambda: decoding_linears(model), args.repeats)
+    print(f"# {load()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Issue #26: decoding's few-row products go to oneDNN on a CPU in fp32, computing what F.linear does.
+
+oneDNN's op has no backward, so anything that needs a gradient must stay with ``F.linear``; and the
+swap, like ``folded_lora``'s, must put every module back and leave every weight bit for bit.
+"""
+
+import pytest
+import torch
+
+from polyalign.models import LoraSettings, attach_lora, load_model, load_tokenizer
+from polyalign.models.batching import left_pad
+from polyalign.models.chat import prompt_ids
+from polyalign.models.sampling import (
+    ONEDNN_MAX_ROWS,
+    _linear,
+    decoding_linears,
+    onednn_decoding_enabled,
+    sampling_kwargs,
+)
+
+SPEC = "builtin:tiny-random"
+pytestmark = pytest.mark.skipif(not onednn_decoding_enabled(), reason="this torch build has no oneDNN linear op")
+
+
+def onednn_calls(fn) -> int:
+    """How many oneDNN linear ops ``fn()`` ran (torch's profiler names each op)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b by explicit sums in float64."""
+    x64, w64 = x.double().reshape(-1, x.shape[-1]), w.double()
+    out = torch.stack([torch.stack([(row * w64[j]).sum() for j in range(w64.shape[0])]) for row in x64])
+    if b is not None:
+        out = out + b.double()
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (2, 1, 40), (2, ONEDNN_MAX_ROWS, 40)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_for_decoding_matches_a_float64_reference(shape, bias):
+    torch.manual_seed(0)
+    w, b, x = torch.randn(300, 40), torch.randn(300) if bias else None, torch.randn(*shape)
+    layer = _linear(w, b, onednn=True)
+    with torch.no_grad():
+        out = layer(x)
+        calls = onednn_calls(lambda: layer(x))
+    torch.testing.assert_close(out.double(), reference(x, w, b), rtol=1e-5, atol=1e-5)
+    rows = x.numel() // x.shape[-1]
+    assert calls == (1 if rows <= ONEDNN_MAX_ROWS else 0)
+
+
+def test_many_rows_narrow_layers_and_other_dtypes_stay_with_f_linear():
+    torch.manual_seed(0)
+    x = torch.randn(ONEDNN_MAX_ROWS + 1, 40)
+    with torch.no_grad():
+        assert onednn_calls(lambda: _linear(torch.randn(300, 40), None, onednn=True)(x)) == 0     # a prefill
+        assert onednn_calls(lambda: _linear(torch.randn(64, 40), None, onednn=True)(x[:4])) == 0  # k / v size
+        assert onednn_calls(lambda: _linear(torch.randn(300, 40), None, onednn=False)(x[:4])) == 0
+        w16 = torch.randn(300, 40, dtype=torch.bfloat16)
+        assert onednn_calls(lambda: _linear(w16, None, onednn=True)(x[:4].bfloat16())) == 0
+
+
+def test_a_product_that_needs_a_gradient_never_goes_to_onednn():
+    """oneDNN's op has no backward: under autograd the layer must keep the graph."""
+    torch.manual_seed(0)
+    w = torch.randn(300, 40, requires_grad=True)
+    x = torch.randn(4, 40, requires_grad=True)
+    layer = _linear(w, None, onednn=True)
+    assert onednn_calls(lambda: layer(x)) == 0
+    layer(x).square().sum().backward()
+    w_ref, x_ref = w.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x_ref, w_ref).square().sum().backward()
+    torch.testing.assert_close(w.grad, w_ref.grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_decoding_linears_generates_as_the_model_and_puts_everything_back(peft):
+    torch.manual_seed(0)
+    tok = load_tokenizer(SPEC)
+    model = load_model(SPEC)
+    if peft:
+        model = attach_lora(model, LoraSettings(r=4, alpha=8))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+    model.eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    modules = {n: m for n, m in model.named_modules()}
+    ids, mask, _ = left_pad([prompt_ids(tok, "hello there"), prompt_ids(tok, "bye there")], tok.pad_token_id)
+    kwargs = {**sampling_kwargs(8, 0.0, pad_token_id=tok.pad_token_id), "attention_mask": mask}
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, **kwargs)
+        with decoding_linears(model):
+            assert not any(type(m) is torch.nn.Linear for m in model.modules())
+            got = model.generate(input_ids=ids, **kwargs)
+            calls = onednn_calls(lambda: model.generate(input_ids=ids, **kwargs))
+    assert calls > 0                                       # the LM head (512 x 64) at least
+    assert got.tolist() == want.tolist()
+    assert {n: m for n, m in model.named_modules()} == modules          # the same module objects back
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_decoding_linears_is_off_when_switched_off(monkeypatch):
+    monkeypatch.setenv("POLYALIGN_ONEDNN_DECODE", "0")
+    model = load_model(SPEC).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad(), decoding_linears(model):
+        assert onednn_calls(lambda: model(ids)) == 0
