@@ -104,6 +104,7 @@ def build_trainer(args: argparse.Namespace, out: str):
         records = records + load_prompts(r.data.benign_source, None, r.data.split, r.data.benign_limit, seed=r.seed)
     cfg = MSDConfig(**r.msd)
     trainer = MSDTrainer(model, training_arguments(r), cfg, build_msd_examples(records, cfg), tok)
+    trainer.share_prefill = not getattr(args, "no_share_prefill", False)
     return trainer, r
 
 
@@ -169,6 +170,16 @@ def work(info: dict[str, Any], sizes: dict[str, int], legacy: bool) -> dict[str,
     gen_real = sum(len(p) for p in sp) + sum(max(len(y) - 1, 0) for y in ys)
     t_comp, t_real = computed(tp)
     s_comp, s_real = computed(sp)
+    if info.get("shared_prefill") and not legacy:
+        # the prompt but its last token ran once, in the student forward (prompt_prefix's length groups);
+        # sampling computes the last prompt token and the decoding steps; the student forward's second
+        # part runs last prompt token + response but its last token (prefixed_response_hidden's groups)
+        gen_computed, gen_real = B + B * (R - 1), B + sum(max(len(y) - 1, 0) for y in ys)
+        pre = [len(p) - 1 for p in sp]
+        resp = [len(y) for y in ys if y]
+        s_comp = (sum(len(g) * max(pre[i] for i in g) for g in length_buckets(pre, 16))
+                  + sum(len(g) * max(resp[i] for i in g) for g in length_buckets(resp, 16)))
+        s_real = sum(pre) + sum(resp)
     head_rows = B * R if legacy else n_resp
     return {
         "sampling": (2 * (n_base + n_lora) * gen_computed + 2 * hv * B * R, 1 - gen_real / gen_computed),
@@ -231,7 +242,7 @@ def flop_model(args: argparse.Namespace) -> None:
         total = {True: defaultdict(float), False: defaultdict(float)}
         for _, batch in zip(range(steps), trainer.get_train_dataloader()):
             sp, tp = trainer._prompts(batch["examples"])
-            info = {"student_prompts": sp, "teacher_prompts": tp,
+            info = {"student_prompts": sp, "teacher_prompts": tp, "shared_prefill": trainer.share_prefill,
                     "responses": [[0] * r.msd["max_new_tokens"]] * len(sp)}
             for legacy in (True, False):
                 for stage, (f, _) in work(info, sizes, legacy).items():
@@ -254,6 +265,8 @@ def main() -> None:
     p.add_argument("--check", type=int, default=0, help="S: train S steps each way from one seed, print max |diff|")
     p.add_argument("--flop-model", action="store_true", help="no timing: FLOPs of every step of the recipe, legacy vs new")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--no-share-prefill", action="store_true",
+                   help="the fast step with the student's prompt run twice (generate's prefill, then training)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed first step (a loaded machine, short on time)")
     args = p.parse_args()

@@ -50,19 +50,32 @@ def adapter(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_fast_step_trains_as_the_legacy_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("share_prefill", [False, True])
+def test_fast_step_trains_as_the_legacy_step(tmp_path, monkeypatch, share_prefill):
+    """The legacy step against the fast one, with the student's prompt run twice (generate's prefill,
+    then the training forward) or once (``share_prefill``: kept keys and values serve both)."""
     import polyalign.models.batching as batching
+    import polyalign.train.msd_trainer as msd_trainer
 
-    real, runs = batching.packed_response_hidden, {}
+    runs = {}
     for legacy in (True, False):
         trainer, model = demo_like_trainer(tmp_path, legacy)
-        calls = []
-        monkeypatch.setattr(batching, "packed_response_hidden", lambda *a, c=calls, **k: c.append(1) or real(*a, **k))
+        trainer.share_prefill = share_prefill
+        calls: dict[str, list] = {"packed": [], "prefixed": [], "prefix": []}
+        for mod, name, key in ((batching, "packed_response_hidden", "packed"),
+                               (msd_trainer, "prefixed_response_hidden", "prefixed"),
+                               (msd_trainer, "prompt_prefix", "prefix")):
+            real = getattr(mod, name)
+            monkeypatch.setattr(mod, name, lambda *a, c=calls[key], f=real, **k: c.append(1) or f(*a, **k))
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        runs[legacy] = (losses, adapter(model), calls)
+        runs[legacy] = (losses, adapter(model), {k: len(v) for k, v in calls.items()})
     (old_loss, old_w, old_calls), (new_loss, new_w, new_calls) = runs[True], runs[False]
-    assert not old_calls and len(new_calls) == 4               # 2 steps x (student, teacher)
+    assert old_calls == {"packed": 0, "prefixed": 0, "prefix": 0}
+    if share_prefill:                                          # 2 steps: the teacher packed, the student prefixed
+        assert new_calls == {"packed": 2, "prefixed": 2, "prefix": 2}
+    else:                                                      # 2 steps x (student, teacher)
+        assert new_calls == {"packed": 4, "prefixed": 0, "prefix": 0}
     assert len(old_loss) == len(new_loss) == 2 and all(v > 0 for v in old_loss)
     torch.testing.assert_close(torch.tensor(new_loss), torch.tensor(old_loss), rtol=1e-4, atol=1e-6)
     moved = 0
@@ -155,3 +168,46 @@ def test_profile_script_prints_every_stage_on_the_tiny_model():
         assert f"| {row} |" in text, (row, text)
     assert "cpu:" in text and "flags:" in text and "padding" in text
     assert "ratio msd_step_legacy_vs_fast" in text
+
+
+def test_prompt_run_once_gives_the_packed_hidden_states_and_gradients_in_float64(tiny):
+    """prompt_prefix + prefixed_response_hidden against packed_response_hidden: the same final hidden
+    states and the same adapter gradient (through the kept keys and values), in float64 to 1e-10."""
+    from polyalign.models.batching import prefixed_response_hidden, prompt_prefix
+
+    _, tok = tiny
+    torch.manual_seed(0)
+    model = attach_lora(load_model(SPEC), LoraSettings(r=4, alpha=8)).double().train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    prompts = [prompt_ids(tok, "hi"), prompt_ids(tok, "a much longer prompt " * 6), prompt_ids(tok, "ขอโทษ"), [5, 6]]
+    responses = [[7, 8, 9], [10, 11], [], [12, 13, 14, 15]]
+    head, params = model.get_output_embeddings(), [p for p in model.parameters() if p.requires_grad]
+    probe = torch.randn(9, model.config.hidden_size, dtype=torch.float64)
+    want = packed_response_hidden(model, prompts, responses, tok.pad_token_id, head, "cpu")
+    want_grads = torch.autograd.grad((want * probe).sum(), params)
+    prefix = prompt_prefix(model, prompts, tok.pad_token_id, "cpu", overhead=0)
+    got = prefixed_response_hidden(model, prefix, prompts, responses, head, "cpu", overhead=0)
+    got_grads = torch.autograd.grad((got * probe).sum(), params)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+    assert max(float(w.abs().max()) for w in want_grads) > 1e-3                      # a gradient to compare
+
+
+def test_generate_from_the_kept_prompt_keys_and_values_gives_the_prefilled_tokens(tiny):
+    from polyalign.models.batching import cache_kwarg, left_pad, merged_prefix_cache, prompt_prefix
+
+    model, tok = tiny
+    prompts = [prompt_ids(tok, "hi"), prompt_ids(tok, "a much longer prompt " * 6), prompt_ids(tok, "ขอโทษ")]
+    ids, mask, _ = left_pad(prompts, tok.pad_token_id)
+    kwargs = sampling_kwargs(8, 0.0, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        cache, length = merged_prefix_cache(prompt_prefix(model, prompts, tok.pad_token_id, "cpu"), [0, 1, 2],
+                                            detach=True)
+        got = model.generate(input_ids=ids, attention_mask=mask, **{cache_kwarg(): cache}, **kwargs)
+    assert length == ids.shape[1] - 1
+    assert got.tolist() == want.tolist()

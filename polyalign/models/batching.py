@@ -59,18 +59,20 @@ def _decoder(model: Any) -> Any:
     return model.get_decoder()
 
 
-def final_hidden_forward(model, **inputs: Any) -> tuple[Any, Tensor]:
+def final_hidden_forward(model, cache: Any = None, **inputs: Any) -> tuple[Any, Tensor]:
     """(the model's output, its final post-norm hidden states [B, T, H]) from one normal forward.
 
     The body's output is caught by a forward hook rather than asked for with ``output_hidden_states``,
     which would hold every layer's states until the forward returns (under ``no_grad`` nothing else
     keeps them: ~1 GB at 7B, 28 layers x batch 8 x 600 tokens; issue #24). The normal forward runs so
-    DDP / DeepSpeed wrappers see one."""
+    DDP / DeepSpeed wrappers see one. ``cache``: keys and values of earlier positions to attend to
+    (:func:`prefixed_response_hidden`), extended in place."""
     caught: list[Tensor] = []
     hook = _decoder(model).register_forward_hook(
         lambda _m, _a, out: caught.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
     try:
-        out = model(**inputs, use_cache=False)
+        out = (model(**inputs, use_cache=False) if cache is None
+               else model(**inputs, use_cache=True, **{cache_kwarg(): cache}))
     finally:
         hook.remove()
     return out, caught[-1]
@@ -87,12 +89,17 @@ def response_hidden(model, batch: dict[str, Tensor], head) -> Tensor:
     R = batch["response_mask"].shape[1]
     out, h = final_hidden_forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   position_ids=batch["position_ids"], logits_to_keep=1)       # h: [B, T, H]
+    _check_head(out, h, head)
+    return h[:, -(R + 1):-1]
+
+
+def _check_head(out: Any, h: Tensor, head) -> None:
+    """Raise unless ``head`` of the last position's hidden state gives the model's own logits there."""
     with torch.no_grad():
         want, got = out.logits[:, -1].float(), head(h[:, -1]).float()       # [B, V]
         if not (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-4:
             raise ValueError("the LM head alone does not reproduce the model's logits (soft-capping or scaling?): "
                              "set msd.fused_lm_head: false")
-    return h[:, -(R + 1):-1]
 
 
 def trim_generation(new_tokens: Tensor, eos_ids: set[int], pad_id: int) -> list[list[int]]:
@@ -168,4 +175,113 @@ def packed_response_hidden(model, prompts: list[list[int]], responses: list[list
     if not kept:            # no response token in the batch: an empty [0, H] that is still in the graph
         batch = {k: v.to(device) for k, v in response_batch(prompts[:1], [[]], pad_id).items()}
         return response_hidden(model, batch, head)[0, :0]
+    return torch.cat(kept)
+
+
+# --- The student's prompt computed once per step (issue #26) -------------------------------------
+# On-policy MSD ran the student's prompt twice with the same weights: once as ``generate``'s prefill
+# (no grad) and once inside the training forward (with grad). Here the training forward's prompt pass
+# comes first, in length groups, and keeps each row's keys and values (in the graph); sampling
+# decodes from a detached copy of them, and the training forward then runs the response tokens only,
+# attending to the kept keys and values, so the gradient still reaches the prompt positions.
+
+
+def cache_kwarg() -> str:
+    """The name ``forward`` / ``generate`` take a KV cache by: ``cache`` from transformers 5.2x,
+    ``past_key_values`` before (still accepted, deprecated, until 6.0)."""
+    import transformers.generation.utils as gen
+
+    return "cache" if "cache" in getattr(gen, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+def shares_prefill(model: Any) -> bool:
+    """Whether a model's prompt pass can serve both sampling and training: no active dropout (the
+    training pass runs in train mode, sampling in eval mode) and only full-attention layers (the
+    merged cache is one plain ``DynamicLayer`` per layer)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "attention_dropout", 0.0) not in (0, 0.0):
+        return False
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+        return False
+    return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+Prefix = list[tuple[Tensor, Tensor]]      # one row: per layer (K, V), each [1, heads, P - 1, d]
+
+
+def prompt_prefix(model, prompts: list[list[int]], pad_id: int, device: torch.device | str,
+                  overhead: int = 16) -> list[Prefix]:
+    """Per row, the keys and values of its prompt without the last token, from :func:`length_buckets`
+    groups of one forward each; in the graph when grad is on. (The last prompt token is left out:
+    its hidden state predicts the first response token, so :func:`prefixed_response_hidden` runs it,
+    and ``generate`` needs one uncached token to start from.)"""
+    from transformers import DynamicCache
+
+    if any(len(p) < 2 for p in prompts):
+        raise ValueError("prompt_prefix needs prompts of at least 2 tokens")
+    heads: list[Prefix | None] = [None] * len(prompts)
+    for group in length_buckets([len(p) - 1 for p in prompts], overhead):
+        ids, mask, pos = left_pad([prompts[i][:-1] for i in group], pad_id)
+        cache = DynamicCache()
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+              logits_to_keep=1, use_cache=True, **{cache_kwarg(): cache})
+        for j, i in enumerate(group):
+            n = len(prompts[i]) - 1
+            heads[i] = [(layer.keys[j:j + 1, :, -n:], layer.values[j:j + 1, :, -n:]) for layer in cache.layers]
+    return heads  # type: ignore[return-value]
+
+
+def merged_prefix_cache(prefix: list[Prefix], rows: list[int], detach: bool = False) -> tuple[Any, int]:
+    """(a ``DynamicCache`` holding ``rows``' prefixes left-padded with zeros to the longest, its length):
+    what a left-padded batch of those rows' prompts would have cached (the attention mask hides the
+    zeros)."""
+    from transformers import DynamicCache
+
+    length = max(prefix[i][0][0].shape[2] for i in rows)
+
+    def stacked(layer: int, kv: int) -> Tensor:
+        parts = []
+        for i in rows:
+            t = prefix[i][layer][kv]
+            t = t.detach() if detach else t
+            if t.shape[2] < length:
+                t = torch.cat([t.new_zeros(*t.shape[:2], length - t.shape[2], t.shape[3]), t], dim=2)
+            parts.append(t)
+        return torch.cat(parts)
+
+    layers = range(len(prefix[rows[0]]))
+    return DynamicCache([(stacked(ly, 0), stacked(ly, 1)) for ly in layers]), length
+
+
+def prefixed_response_hidden(model, prefix: list[Prefix], prompts: list[list[int]], responses: list[list[int]],
+                             head, device: torch.device | str, overhead: int = 16) -> Tensor:
+    """:func:`packed_response_hidden` from kept prompt prefixes: per row, the forward runs only the last
+    prompt token and the response (all but its last token), attending to the row's prefix, in groups
+    of similar response length. Same values up to float rounding; the gradient reaches the prefix's
+    forward through the cached keys and values. [sum_i |y_i|, H], row by row."""
+    rows: list[Tensor | None] = [None] * len(prompts)
+    live = [i for i, r in enumerate(responses) if r]
+    check = None
+    for g in length_buckets([len(responses[i]) for i in live], overhead):
+        group = [live[k] for k in g]
+        cache, past = merged_prefix_cache(prefix, group)
+        width = max(len(responses[i]) for i in group)
+        ids = torch.zeros((len(group), width), dtype=torch.long)
+        mask = torch.ones((len(group), past + width), dtype=torch.long)
+        pos = torch.zeros((len(group), width), dtype=torch.long)
+        for j, i in enumerate(group):
+            seq = [prompts[i][-1], *responses[i][:-1]]
+            ids[j, :len(seq)] = torch.tensor(seq)
+            mask[j, :past - (len(prompts[i]) - 1)] = 0                        # the prefix's left padding
+            pos[j] = len(prompts[i]) - 1 + torch.arange(width)
+        out, h = final_hidden_forward(model, input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      position_ids=pos.to(device), logits_to_keep=1, cache=cache)
+        check = check or (out, h)
+        for j, i in enumerate(group):
+            rows[i] = h[j, :len(responses[i])]                                 # [|y_i|, H]
+    if check is not None:
+        _check_head(*check, head)
+    kept = [r for r in rows if r is not None]
+    if not kept:            # no response token in the batch: an empty [0, H] that is still in the graph
+        return prefix[0][0][0].new_zeros(0, head.weight.shape[1]) + 0 * prefix[0][0][0].sum()
     return torch.cat(kept)

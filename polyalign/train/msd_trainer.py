@@ -37,10 +37,15 @@ from polyalign.losses.msd import (
 )
 from polyalign.models.adapters import is_peft
 from polyalign.models.batching import (
+    cache_kwarg,
     left_pad,
+    merged_prefix_cache,
+    prefixed_response_hidden,
+    prompt_prefix,
     response_batch,
     response_hidden,
     response_logits,
+    shares_prefill,
     trim_generation,
 )
 from polyalign.models.chat import prompt_ids
@@ -254,7 +259,8 @@ class MSDTrainer(Trainer):
 
     @torch.no_grad()
     def sample_responses(self, model: Any, prompts: list[list[int]], from_teacher: bool,
-                         greedy: bool = False, max_new_tokens: int | None = None) -> list[list[int]]:
+                         greedy: bool = False, max_new_tokens: int | None = None,
+                         prefix: list | None = None) -> list[list[int]]:
         """y ~ q: on-policy from the current student, off-policy from the frozen teacher. Stops at EOS.
 
         Every generation setting is explicit (:func:`sampling_kwargs`): the model's own
@@ -262,7 +268,8 @@ class MSDTrainer(Trainer):
         ``greedy`` / ``max_new_tokens`` override the config (the teacher-gating probe).
         ``msd.use_vllm``: the training samples (from the model ``msd.mode`` names) come from vLLM, one
         engine call per optimizer step (:class:`polyalign.train.vllm_sampling.StepSampler`); the probe
-        stays here.
+        stays here. ``prefix``: the prompts' keys and values but the last token's, already computed
+        (:func:`prompt_prefix`): ``generate`` starts from a detached copy instead of prefilling.
         """
         if (self.msd.use_vllm and not greedy and max_new_tokens is None
                 and from_teacher == (self.msd.mode == "off_policy")):
@@ -273,6 +280,8 @@ class MSDTrainer(Trainer):
         kwargs = sampling_kwargs(max_new_tokens or self.msd.max_new_tokens, 0.0 if greedy else self.msd.temperature,
                                  self.msd.top_p, tok.pad_token_id, sorted(self.eos_ids))
         kwargs.update(vllm_sampling.hf_generation_kwargs(self.accelerator))     # synced_gpus when sharded
+        if prefix is not None:
+            kwargs[cache_kwarg()] = merged_prefix_cache(prefix, list(range(len(prompts))), detach=True)[0]
         ctx = self.teacher_context(model) if from_teacher else contextlib.nullcontext(model)
         # TRL's unwrap gathers ZeRO-3 shards for generate (a sharded module cannot generate) and unwraps
         # DDP / FSDP; under FSDP1 the root unit's own parameters are summoned, as TRL's trainers do.
@@ -402,15 +411,22 @@ class MSDTrainer(Trainer):
         on_policy = self.msd.mode == "on_policy"
         stage = getattr(self, "stage_clock", None) or (lambda _name: contextlib.nullcontext())  # msd_profile.py
         fast = self._fast_step()
+        prefix = None
+        if fast and on_policy and self._shares_prefill(model, student_prompts, fused=not return_outputs):
+            with stage("student forward"):          # the prompt's half of the training forward, kept
+                prefix = prompt_prefix(model, student_prompts, self.processing_class.pad_token_id,
+                                       self.accelerator.device)
         with stage("sampling"), self._sampling_weights(model, on_policy, fast):
             responses = self.sample_responses(model, student_prompts if on_policy else teacher_prompts,
-                                              from_teacher=not on_policy)
+                                              from_teacher=not on_policy, prefix=prefix)
         if hasattr(stage, "record"):
-            stage.record(student_prompts=student_prompts, teacher_prompts=teacher_prompts, responses=responses)
+            stage.record(student_prompts=student_prompts, teacher_prompts=teacher_prompts, responses=responses,
+                         shared_prefill=prefix is not None)
         # msd_loss, spelled out so the per-token divergence and raw DPSW weights (two passes over the
         # vocabulary) are computed once and reused for the logs.
         student_out, d, raw, mask = self._token_divergence(model, student_prompts, teacher_prompts, responses,
-                                                           fused=not return_outputs, packed=fast, stage=stage)
+                                                           fused=not return_outputs, packed=fast, stage=stage,
+                                                           prefix=prefix)
         device = self.accelerator.device
         w = normalize_weights(raw, mask) if self.msd.dpsw else mask.to(d.dtype)
         per_seq, valid = reduce_sequences(d, w, mask)                                                  # [B], [B]
@@ -436,6 +452,21 @@ class MSDTrainer(Trainer):
         return not (self.legacy_step or self.accelerator.num_processes > 1 or self.is_deepspeed_enabled
                     or self.is_fsdp_enabled or self.msd.use_vllm)
 
+    # Whether the fast step computes the student's prompt once (``prompt_prefix``) for sampling and
+    # training; off, ``generate`` prefills it and the training forward runs it again (same values).
+    share_prefill: bool = True
+
+    def _shares_prefill(self, model: Any, student_prompts: list[list[int]], fused: bool) -> bool:
+        """Whether this on-policy fast step can run the student's prompt once, in the training forward,
+        and sample from its kept keys and values: the fused packed path (the forward that reads them),
+        no dropout to differ between training and sampling, full attention only, prompts of 2+ tokens."""
+        if not (self.share_prefill and fused and self.msd.fused_lm_head) or min(map(len, student_prompts)) < 2:
+            return False
+        with self.teacher_context(model) as teacher:
+            heads = (self._linear_head(model), self._linear_head(teacher))
+        return (None not in heads and not isinstance(heads[0], TrainedShardedHead)
+                and shares_prefill(self.accelerator.unwrap_model(model)))
+
     def _sampling_weights(self, model: Any, on_policy: bool, fast: bool):
         """On-policy sampling with LoRA folded into one linear layer per wrapped module, computed by
         oneDNN while decoding on a CPU in fp32 (:func:`polyalign.models.sampling.decoding_linears`; base
@@ -448,7 +479,8 @@ class MSDTrainer(Trainer):
         return decoding_linears(self.accelerator.unwrap_model(model))
 
     def _token_divergence(self, model: Any, student_prompts: list[list[int]], teacher_prompts: list[list[int]],
-                          responses: list[list[int]], fused: bool, packed: bool = False, stage: Any = None):
+                          responses: list[list[int]], fused: bool, packed: bool = False, stage: Any = None,
+                          prefix: list | None = None):
         """(student output, D [B, R], raw DPSW weights [B, R], response mask [B, R]). Fused
         (``msd.fused_lm_head``, where the head allows it): from the final hidden states, no [B, R, V]
         logits held; otherwise from full logits, output the student logits [B, R, V] (``fused=False``:
@@ -458,7 +490,9 @@ class MSDTrainer(Trainer):
         positions reach the head (:func:`polyalign.models.batching.packed_response_hidden`); D and the
         weights are scattered back to [B, R] with zeros off the mask, which the loss never reads. Same
         values as one padded forward up to float rounding; the teacher's prompts (template + English
-        query) are much longer than most students', so padding was a large share of the step."""
+        query) are much longer than most students', so padding was a large share of the step.
+        ``prefix`` (packed only): the student's prompts already ran (:func:`prompt_prefix`); its forward
+        runs the responses on their kept keys and values (:func:`prefixed_response_hidden`)."""
         from polyalign.models.batching import packed_response_hidden, response_mask
 
         cfg = self.msd
@@ -470,7 +504,9 @@ class MSDTrainer(Trainer):
         if packed and fusable and not isinstance(heads[0], TrainedShardedHead):
             mask = response_mask(responses).to(device)                          # [B, R]
             with stage("student forward"):
-                h_s = packed_response_hidden(model, student_prompts, responses, pad, heads[0], device)   # [N, H]
+                h_s = (packed_response_hidden(model, student_prompts, responses, pad, heads[0], device)  # [N, H]
+                       if prefix is None else
+                       prefixed_response_hidden(model, prefix, student_prompts, responses, heads[0], device))
             with stage("teacher forward"), torch.no_grad(), self.teacher_context(model) as teacher:
                 h_t = packed_response_hidden(teacher, teacher_prompts, responses, pad, heads[1], device)  # [N, H]
             with stage("head + divergence"):
