@@ -16,7 +16,7 @@ alternating so that a machine's drift hits both alike:
 
 Also per workload: how many of the rows generated the same tokens both ways (fp32 rounding differs
 between the two libraries, so a near-tie can flip a token and the rest of that row with it), and
-the first layer products alone (rows 8 and 32) per weight shape. Prints the CPU model and flags.
+the layer products alone (rows 8, 32 and 512) per weight shape. Prints the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -79,9 +79,10 @@ def side_by_side(name: str, model, tok, ids, greedy: bool, new_tokens: int, befo
 
 
 def products(model, repeats: int = 20) -> None:
-    """Each distinct linear shape of ``model``, rows 8 and 32: F.linear (MKL) vs oneDNN, ms."""
+    """Each distinct linear shape of ``model``, rows 8, 32 (decoding) and 512 (a prefill): F.linear
+    (MKL) vs oneDNN, ms."""
     shapes = sorted({tuple(m.weight.shape) for m in model.modules() if type(m) is torch.nn.Linear})
-    for rows in (8, 32):
+    for rows in (8, 32, 512):
         cells = []
         for out_f, in_f in shapes:
             w, x = torch.randn(out_f, in_f), torch.randn(rows, in_f)
@@ -101,6 +102,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--products-only", action="store_true", help="the per-shape products alone (a minute)")
     args = p.parse_args()
 
     from polyalign.models import load_model, load_tokenizer
@@ -116,6 +118,8 @@ def main() -> None:
     tok = load_tokenizer(args.model)
     base = load_model(args.model, dtype="float32", device="cpu").eval()
     products(base)
+    if args.products_only:
+        return
     langs = ["zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"]
     ids_eval = prompts(tok, "dev", ["en", *langs], 32, ("harmful", "benign"))
     side_by_side("evaluation", base, tok, ids_eval, True, 40, contextlib.nullcontext,

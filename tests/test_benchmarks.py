@@ -31,6 +31,16 @@ def test_decode_scaling_runs_on_tiny_model():
     assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 4"] and "1.00x batch 1" in lines[0]
 
 
+def test_decode_linears_runs_on_tiny_model():
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "decode_linears.py"), "--model", "builtin:tiny-random",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ratios = [line.split()[1] for line in res.stdout.splitlines() if line.strip().startswith("ratio ")]
+    if "not in this torch build" not in res.stdout:
+        assert ratios == ["evaluation_mkl_vs_onednn", "msd_sampling_mkl_vs_onednn"]
+        assert "rows with the same tokens both ways" in res.stdout and "products at 512 rows" in res.stdout
+
+
 def test_generation_batches_runs_on_tiny_model():
     res = subprocess.run([sys.executable, str(SCRIPT.parent / "generation_batches.py"), "--model", "builtin:tiny-random",
                           "--batches", "1,4", "--tokens", "8", "--continuous"], capture_output=True, text=True, timeout=300)
