@@ -211,3 +211,20 @@ def test_generate_from_the_kept_prompt_keys_and_values_gives_the_prefilled_token
         got = model.generate(input_ids=ids, attention_mask=mask, **{cache_kwarg(): cache}, **kwargs)
     assert length == ids.shape[1] - 1
     assert got.tolist() == want.tolist()
+
+
+def test_prompt_is_not_shared_where_the_training_forward_keeps_no_cache(tiny):
+    """Gradient checkpointing switches the training forward's KV cache off, and dropout would make the
+    training pass differ from sampling's: the step then prefills as before, and prompt_prefix, asked
+    anyway, raises instead of returning nothing."""
+    from polyalign.models.batching import prompt_prefix, shares_prefill
+
+    _, tok = tiny
+    model = attach_lora(load_model(SPEC), LoraSettings(r=4, alpha=8))
+    assert shares_prefill(model)
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert not shares_prefill(model)
+    with pytest.raises(RuntimeError, match="no KV cache"):
+        prompt_prefix(model, [prompt_ids(tok, "hi"), prompt_ids(tok, "hello there")], tok.pad_token_id, "cpu")
+    assert not shares_prefill(attach_lora(load_model(SPEC), LoraSettings(r=4, alpha=8, dropout=0.1)))

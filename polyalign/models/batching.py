@@ -196,8 +196,14 @@ def cache_kwarg() -> str:
 
 def shares_prefill(model: Any) -> bool:
     """Whether a model's prompt pass can serve both sampling and training: no active dropout (the
-    training pass runs in train mode, sampling in eval mode) and only full-attention layers (the
-    merged cache is one plain ``DynamicLayer`` per layer)."""
+    training pass runs in train mode, sampling in eval mode), only full-attention layers (the
+    merged cache is one plain ``DynamicLayer`` per layer) and no gradient checkpointing (which
+    switches the training forward's cache off)."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)     # transformers >= 5.2x
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
+        return False
     config = getattr(model, "config", None)
     if config is None or getattr(config, "attention_dropout", 0.0) not in (0, 0.0):
         return False
@@ -225,6 +231,9 @@ def prompt_prefix(model, prompts: list[list[int]], pad_id: int, device: torch.de
         cache = DynamicCache()
         model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
               logits_to_keep=1, use_cache=True, **{cache_kwarg(): cache})
+        if not cache.layers or cache.layers[0].keys is None or cache.layers[0].keys.shape[2] != ids.shape[1]:
+            raise RuntimeError("the model's forward filled no KV cache (gradient checkpointing?): "
+                               "prompt_prefix cannot keep the prompt's keys and values")
         for j, i in enumerate(group):
             n = len(prompts[i]) - 1
             heads[i] = [(layer.keys[j:j + 1, :, -n:], layer.values[j:j + 1, :, -n:]) for layer in cache.layers]
