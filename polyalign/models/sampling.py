@@ -56,9 +56,10 @@ def sampling_kwargs(max_new_tokens: int, temperature: float, top_p: float = 1.0,
 
 
 # oneDNN's inner product beats MKL's sgemm on the few-row products of decoding (one row per sequence
-# and token), measured on an AVX2 AMD EPYC in fp32 (benchmarks/decode_linears.py): 1.1-1.6x on the
-# 0.5B model's layers at 1-64 rows, 1.6-2.1x on its 151,936-wide LM head; at 512 rows (a prefill)
-# MKL is faster, and on layers under 256 outputs (k / v projections) MKL is faster at every size.
+# and token), measured on an AVX2 AMD EPYC in fp32 (`benchmarks/decode_linears.py --products-only`,
+# BENCHMARKS.md): 1.2-1.7x on the 0.5B model's wider layers at 8 rows, 2.3x on its 151,936-wide LM
+# head (1.7x at 32 rows); at 512 rows (a prefill) MKL is faster (0.90-0.95x), and on layers under
+# 256 outputs (k / v projections) oneDNN is not faster at 8 or 32 rows.
 ONEDNN_MAX_ROWS = 128
 ONEDNN_MIN_OUT_FEATURES = 256
 
@@ -176,7 +177,7 @@ def _swapped_for_generation(model: Any, adapter: bool, onednn: bool) -> Iterator
     inside_wrappers: set[str] = set()
     for name, m in list(model.named_modules()):
         parent_name, _, attr = name.rpartition(".")
-        if lora_cls is not None and isinstance(m, torch.nn.Module) and hasattr(m, "base_layer"):
+        if lora_cls is not None and hasattr(m, "base_layer"):
             inside_wrappers.add(name + ".")
         if any(name.startswith(w) for w in inside_wrappers):
             continue                   # a wrapper's own base layer / adapter layers: the wrapper decides

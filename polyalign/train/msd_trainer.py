@@ -462,10 +462,14 @@ class MSDTrainer(Trainer):
         no dropout to differ between training and sampling, full attention only, prompts of 2+ tokens."""
         if not (self.share_prefill and fused and self.msd.fused_lm_head) or min(map(len, student_prompts)) < 2:
             return False
-        with self.teacher_context(model) as teacher:
-            heads = (self._linear_head(model), self._linear_head(teacher))
+        heads = self._heads(model)
         return (None not in heads and not isinstance(heads[0], TrainedShardedHead)
                 and shares_prefill(self.accelerator.unwrap_model(model)))
+
+    def _heads(self, model: Any) -> tuple[Any, Any]:
+        """(student head, teacher head), each :meth:`_linear_head` of its side (None: not fusable)."""
+        with self.teacher_context(model) as teacher:
+            return self._linear_head(model), self._linear_head(teacher)
 
     def _sampling_weights(self, model: Any, on_policy: bool, fast: bool):
         """On-policy sampling with LoRA folded into one linear layer per wrapped module, computed by
@@ -498,8 +502,7 @@ class MSDTrainer(Trainer):
         cfg = self.msd
         stage = stage or (lambda _name: contextlib.nullcontext())
         device, pad = self.accelerator.device, self.processing_class.pad_token_id
-        with self.teacher_context(model) as teacher:
-            heads = (self._linear_head(model), self._linear_head(teacher)) if fused and cfg.fused_lm_head else None
+        heads = self._heads(model) if fused and cfg.fused_lm_head else None
         fusable = heads is not None and None not in heads
         if packed and fusable and not isinstance(heads[0], TrainedShardedHead):
             mask = response_mask(responses).to(device)                          # [B, R]
