@@ -16,7 +16,7 @@ alternating so that a machine's drift hits both alike:
 
 Also per workload: how many of the rows generated the same tokens both ways (fp32 rounding differs
 between the two libraries, so a near-tie can flip a token and the rest of that row with it), and
-the layer products alone (rows 8, 32 and 512) per weight shape. Prints the CPU model and flags.
+the layer products alone (rows 8, 32 and 512) per weight shape, and the machine's memory read rate. Prints the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -78,6 +78,18 @@ def side_by_side(name: str, model, tok, ids, greedy: bool, new_tokens: int, befo
     return b / a
 
 
+def read_bandwidth(gib: float = 1.0, trials: int = 3) -> float:
+    """GB/s of one ``sum`` over a ``gib`` GiB fp32 tensor, best of ``trials``: what a product that only
+    streams its weights once could reach."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
 def products(model, repeats: int = 20) -> None:
     """Each distinct linear shape of ``model``, rows 8, 32 (decoding) and 512 (a prefill): F.linear
     (MKL) vs oneDNN, ms."""
@@ -117,6 +129,7 @@ def main() -> None:
         return
     tok = load_tokenizer(args.model)
     base = load_model(args.model, dtype="float32", device="cpu").eval()
+    print(f"  memory read: {read_bandwidth():.1f} GB/s (sum over a 1 GiB fp32 tensor, best of 3)")
     products(base)
     if args.products_only:
         return

@@ -39,6 +39,7 @@ def test_decode_linears_runs_on_tiny_model():
     if "not in this torch build" not in res.stdout:
         assert ratios == ["evaluation_mkl_vs_onednn", "msd_sampling_mkl_vs_onednn"]
         assert "rows with the same tokens both ways" in res.stdout and "products at 512 rows" in res.stdout
+        assert "memory read:" in res.stdout
 
 
 def test_generation_batches_runs_on_tiny_model():
