@@ -2,6 +2,7 @@
 
     python benchmarks/decode_linears.py                      # 0.5B, 3 alternating repeats of each side
     python benchmarks/decode_linears.py --model builtin:tiny-random --repeats 1     # smoke
+    python benchmarks/decode_linears.py --decode-profile     # the token draw, and a decode step by part
 
 Two workloads, each timed with the previous path and with :func:`polyalign.models.sampling.decoding_linears`
 (oneDNN for every linear layer while it multiplies at most ``ONEDNN_MAX_ROWS`` rows), the two sides
@@ -110,11 +111,62 @@ def products(model, repeats: int = 20) -> None:
         print(f"  products at {rows} rows, MKL/oneDNN: " + "; ".join(cells))
 
 
+def draws(vocab: int, rows: int = 8, repeats: int = 20) -> None:
+    """The token draw alone at ``rows`` x ``vocab``: torch.multinomial over the softmax (what ``generate``
+    samples with) vs :class:`polyalign.models.sampling.InverseCDFDraw` (softmax included), median ms."""
+    from polyalign.models.sampling import InverseCDFDraw
+
+    scores, draw = torch.randn(rows, vocab), InverseCDFDraw()
+    t = {}
+    for side, f in (("multinomial", lambda: torch.multinomial(torch.softmax(scores, -1), 1)),
+                    ("inverse_cdf", lambda: draw(None, scores))):
+        f()
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f()
+            runs.append(time.perf_counter() - t0)
+        t[side] = statistics.median(runs) * 1e3
+    print(f"  draw of one token, {rows} x {vocab}: multinomial {t['multinomial']:.2f} ms, inverse CDF "
+          f"{t['inverse_cdf']:.2f} ms (ratio {t['multinomial'] / t['inverse_cdf']:.1f}x)")
+
+
+def decode_profile(model, tok, ids: list[list[int]], new_tokens: int, draw: str) -> None:
+    """torch's profiler over the demo's sampling (decoding_linears on): ms per decode step in the
+    products, the draw and the rest. ``generate`` with 1 new token is the prefill, subtracted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from polyalign.models.batching import left_pad
+    from polyalign.models.sampling import decoding_linears, sampling_kwargs
+
+    x, mask, _ = left_pad(ids, tok.pad_token_id)
+    groups = {"products": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm"),
+              "draw": ("aten::exponential_", "aten::cumsum", "aten::searchsorted", "aten::rand")}
+    per_step = {}
+    with decoding_linears(model), torch.no_grad():
+        for n in (1, new_tokens):
+            kwargs = sampling_kwargs(n, 1.0, 1.0, tok.pad_token_id, draw=draw)
+            model.generate(input_ids=x, attention_mask=mask, **kwargs)                      # warm
+            torch.manual_seed(0)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                model.generate(input_ids=x, attention_mask=mask, **kwargs)
+            ev = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in ev) / 1e3
+            part = {g: sum(e.self_cpu_time_total for e in ev if e.key in keys) / 1e3 for g, keys in groups.items()}
+            per_step[n] = {**part, "other": total - sum(part.values()), "all": total}
+    steps = new_tokens - 1
+    cells = {k: (per_step[new_tokens][k] - per_step[1][k]) / steps for k in per_step[1]}
+    print(f"  decode step ({draw} draw, {len(ids)} rows, profiler on): {cells['all']:.1f} ms: products "
+          f"{cells['products']:.1f}, draw {cells['draw']:.1f}, other {cells['other']:.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--products-only", action="store_true", help="the per-shape products alone (a minute)")
+    p.add_argument("--decode-profile", action="store_true",
+                   help="the draw side by side and where a decode step of the demo's sampling goes (two minutes)")
     args = p.parse_args()
 
     from polyalign.models import load_model, load_tokenizer
@@ -129,6 +181,14 @@ def main() -> None:
         return
     tok = load_tokenizer(args.model)
     base = load_model(args.model, dtype="float32", device="cpu").eval()
+    if args.decode_profile:
+        draws(base.get_output_embeddings().weight.shape[0])
+        torch.manual_seed(0)
+        model = attach_lora(base, LoraSettings(r=16, alpha=32)).eval()
+        ids = prompts(tok, "train", ["zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"], 8, ("harmful",))
+        for draw in ("multinomial", "inverse_cdf"):
+            decode_profile(model, tok, ids, 48, draw)
+        return
     print(f"  memory read: {read_bandwidth():.1f} GB/s (sum over a 1 GiB fp32 tensor, best of 3)")
     products(base)
     if args.products_only:

@@ -2,6 +2,7 @@
 
     python benchmarks/msd_profile.py                            # 0.5B, recipes/msd_selective.yaml, fast step
     python benchmarks/msd_profile.py --compare 2                # legacy and fast steps interleaved: both tables + ratio
+    python benchmarks/msd_profile.py --compare 3 --seeds 3      # each pair of steps with its own sampling seed
     python benchmarks/msd_profile.py --check 2                  # train 2 steps each way from one seed: max |diff|
     python benchmarks/msd_profile.py --model builtin:tiny-random --batch 4 --max-new-tokens 8 --compare 1   # smoke
 
@@ -21,7 +22,10 @@ is one padded batch in both).
 
 Timings of the two paths are taken in one process, their steps alternating, on the same batch, the
 same adapter weights (restored after each step) and the same sampling seed, so a loaded machine's
-drift hits both alike.
+drift hits both alike. The legacy step draws its tokens as the step before issue #26 did
+(``torch.multinomial``); the fast step as the recipe says (``msd.draw``, default ``inverse_cdf``:
+the same distribution, other tokens at one seed). ``--draw multinomial`` gives the fast step the
+legacy draw, so that ``--compare`` also checks responses, loss and gradients equal across the paths.
 """
 
 from __future__ import annotations
@@ -112,10 +116,12 @@ def adapter_state(model: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def timed_step(trainer: Any, batch: dict, legacy: bool, seed: int) -> tuple[StageClock, float, float]:
-    """One optimizer step (training_step, optimizer, scheduler) timed by stage: (clock, seconds, loss)."""
+def timed_step(trainer: Any, batch: dict, legacy: bool, seed: int, draw: str) -> tuple[StageClock, float, float]:
+    """One optimizer step (training_step, optimizer, scheduler) timed by stage: (clock, seconds, loss).
+    The legacy step draws with ``multinomial``, the fast one with ``draw``."""
     clock = StageClock()
     trainer.legacy_step, trainer.stage_clock = legacy, clock
+    trainer.msd.draw = "multinomial" if legacy else draw
     backward = trainer.accelerator.backward
 
     def timed_backward(loss: Any, **kw: Any) -> None:
@@ -214,6 +220,7 @@ def check(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as out:
             trainer, _ = build_trainer(args, out)
             trainer.legacy_step = legacy
+            trainer.msd.draw = args.draw or trainer.msd.draw      # one draw for both: the same computation
             t0 = time.perf_counter()
             trainer.train()
             sec = time.perf_counter() - t0
@@ -268,6 +275,10 @@ def main() -> None:
     p.add_argument("--no-share-prefill", action="store_true",
                    help="the fast step with the student's prompt run twice (generate's prefill, then training)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="N: repeat k samples with seed + k mod N, on both sides (the draws differ: average over samples)")
+    p.add_argument("--draw", choices=["multinomial", "inverse_cdf"], default=None,
+                   help="the fast step's token draw (default: the recipe's msd.draw); the legacy step's is multinomial")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed first step (a loaded machine, short on time)")
     args = p.parse_args()
     if args.threads:
@@ -298,11 +309,13 @@ def main() -> None:
               f"{r.training['per_device_train_batch_size']}, {r.msd['max_new_tokens']} sampled tokens; "
               f"matmul peak {peak / 1e9:.1f} GFLOP/s ({dtype}, 2048^3, best of 5)", flush=True)
         batch = next(iter(trainer.get_train_dataloader()))
+        fast_draw = args.draw or trainer.msd.draw
+        print(f"# draws: legacy multinomial, fast {fast_draw}", flush=True)
         sizes = model_sizes(trainer.model)
         start = adapter_state(trainer.model)
 
-        def run(legacy: bool) -> tuple[StageClock, float, float]:
-            res = timed_step(trainer, batch, legacy, args.seed)
+        def run(legacy: bool, seed: int) -> tuple[StageClock, float, float]:
+            res = timed_step(trainer, batch, legacy, seed, fast_draw)
             with torch.no_grad():                      # every step from the same adapter (and fresh moments)
                 for n, prm in trainer.model.named_parameters():
                     if n in start:
@@ -312,12 +325,15 @@ def main() -> None:
 
         sides = [True, False] if args.compare else [args.legacy]
         if not args.no_warmup:
-            run(sides[-1])                                 # warm-up (allocator, first-call costs)
+            run(sides[-1], args.seed)                      # warm-up (allocator, first-call costs)
         reps: dict[bool, list[tuple[StageClock, float, float]]] = {s: [] for s in sides}
         for k in range(max(args.compare, 1)):
             for legacy in (sides if k % 2 == 0 else sides[::-1]):
-                reps[legacy].append(run(legacy))
-                print(f"# {'legacy' if legacy else 'fast'} step {k + 1}: {reps[legacy][-1][1]:.2f} s ({load()})",
+                seed = args.seed + (k % args.seeds)
+                reps[legacy].append(run(legacy, seed))
+                lens = [len(y) for y in reps[legacy][-1][0].info["responses"]]
+                print(f"# {'legacy' if legacy else 'fast'} step {k + 1} (seed {seed}): {reps[legacy][-1][1]:.2f} s, "
+                      f"{sum(lens)} response tokens, longest {max(lens)} ({load()})",
                       flush=True)
         for legacy in sides:
             runs = reps[legacy]
@@ -327,7 +343,7 @@ def main() -> None:
             lens = [len(y) for y in info["responses"]]
             print()
             print(table(f"{'legacy' if legacy else 'fast'} step (median of {len(runs)}): responses "
-                        f"{min(lens)}-{max(lens)} tokens, student prompts "
+                        f"{min(lens)}-{max(lens)} tokens ({sum(lens)} in all), student prompts "
                         f"{min(map(len, info['student_prompts']))}-{max(map(len, info['student_prompts']))}, "
                         f"teacher prompts {min(map(len, info['teacher_prompts']))}-"
                         f"{max(map(len, info['teacher_prompts']))}",
@@ -341,7 +357,8 @@ def main() -> None:
             dg = max(float((g_old[n] - g_new[n]).abs().max()) for n in g_old)
             gmax = max(float(g.abs().max()) for g in g_old.values())
             same = c_old.info["responses"] == c_new.info["responses"]
-            print(f"# same batch and seed, one step from the same adapter: responses identical: {same}; "
+            print(f"# same batch and seed, one step from the same adapter (draws: multinomial / {fast_draw}): "
+                  f"responses identical: {same}; "
                   f"|loss diff| {abs(l_old - l_new):.3g} (loss {l_old:.6g}); max |grad diff| {dg:.3g} "
                   f"(largest grad entry {gmax:.3g})")
     print(f"# {load()} at end")

@@ -40,6 +40,12 @@ def test_decode_linears_runs_on_tiny_model():
         assert ratios == ["evaluation_mkl_vs_onednn", "msd_sampling_mkl_vs_onednn"]
         assert "rows with the same tokens both ways" in res.stdout and "products at 512 rows" in res.stdout
         assert "memory read:" in res.stdout
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "decode_linears.py"), "--model", "builtin:tiny-random",
+                          "--decode-profile"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    if "not in this torch build" not in res.stdout:
+        assert "draw of one token" in res.stdout
+        assert "decode step (multinomial draw" in res.stdout and "decode step (inverse_cdf draw" in res.stdout
 
 
 def test_generation_batches_runs_on_tiny_model():

@@ -157,9 +157,13 @@ def test_folded_lora_swaps_the_wrappers_out_while_inside(tiny):
         pass
 
 
-def test_profile_script_prints_every_stage_on_the_tiny_model():
+@pytest.mark.parametrize("draw", [None, "multinomial"])
+def test_profile_script_prints_every_stage_on_the_tiny_model(draw):
+    """The fast step draws as the recipe says (inverse_cdf), the legacy one as before (multinomial);
+    given the legacy draw, the fast step samples the legacy step's very responses."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "msd_profile.py"), "--model", SPEC,
-                          "--max-new-tokens", "8", "--batch", "4", "--compare", "1"],
+                          "--max-new-tokens", "8", "--batch", "4", "--compare", "1", "--no-warmup",
+                          *(["--draw", draw] if draw else [])],
                          capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
@@ -168,6 +172,9 @@ def test_profile_script_prints_every_stage_on_the_tiny_model():
         assert f"| {row} |" in text, (row, text)
     assert "cpu:" in text and "flags:" in text and "padding" in text
     assert "ratio msd_step_legacy_vs_fast" in text
+    assert f"draws: legacy multinomial, fast {draw or 'inverse_cdf'}" in text
+    if draw == "multinomial":
+        assert "responses identical: True" in text, text
 
 
 def test_prompt_run_once_gives_the_packed_hidden_states_and_gradients_in_float64(tiny):

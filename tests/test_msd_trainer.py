@@ -103,7 +103,7 @@ def test_sampler_is_student_or_teacher(tmp_path, mode):
 
 
 def test_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
-    trainer, model, tok = make_trainer(tmp_path, mode="off_policy", steps=12, lr=3e-2)
+    trainer, model, tok = make_trainer(tmp_path, mode="off_policy", steps=20, lr=3e-2)
     ex = trainer.train_dataset[:4]
     torch.manual_seed(0)
     s_prompts, t_prompts = trainer._prompts(ex)
@@ -133,6 +133,8 @@ def test_resume_reproduces_the_next_loss(tmp_path):
                                 "save_steps": 2})
     full = run_recipe(recipe(4))
     losses = [h["loss"] for h in json.loads((full / "log_history.json").read_text()) if "loss" in h]
+    resolved = json.loads((full / "polyalign_checkpoint.json").read_text())["resolved"]["msd"]
+    assert resolved["draw"] == "inverse_cdf" and resolved["student_languages"] == ["th", "sw"]   # defaults recorded
     import shutil
 
     for ckpt in ("checkpoint-4",):

@@ -20,10 +20,12 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
+DRAWS = ("multinomial", "inverse_cdf")
+
 
 def sampling_kwargs(max_new_tokens: int, temperature: float, top_p: float = 1.0, pad_token_id: int | None = None,
                     eos_token_ids: list[int] | None = None, top_k: int | None = None,
-                    repetition_penalty: float = 1.0) -> dict[str, Any]:
+                    repetition_penalty: float = 1.0, draw: str = "multinomial") -> dict[str, Any]:
     """``generate`` keyword arguments for plain ancestral sampling (``temperature == 0``: greedy).
 
     Args:
@@ -33,8 +35,28 @@ def sampling_kwargs(max_new_tokens: int, temperature: float, top_p: float = 1.0,
         pad_token_id, eos_token_ids: padding and the tokens that end y (None: the model's EOS).
         top_k: sampling only; None = the whole vocabulary.
         repetition_penalty: 1.0 (none) unless asked for.
+        draw: how a sampled token is drawn from the (tempered, truncated) distribution: ``multinomial``
+            (``generate``'s own ``torch.multinomial``) or ``inverse_cdf`` (:class:`InverseCDFDraw`: the
+            same distribution, another use of the random stream, 20-30x cheaper on a CPU).
     """
+    if draw not in DRAWS:
+        raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
     greedy = temperature == 0
+    if draw == "inverse_cdf" and not greedy:
+        # generate decodes "greedily" over scores that the processors below have already sampled:
+        # HF's own warpers (in its own order), then the draw, which leaves one finite score per row.
+        from transformers import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        chain = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        chain += [TopKLogitsWarper(top_k)] if top_k else []
+        chain += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+        greedy_kwargs = sampling_kwargs(max_new_tokens, 0.0, 1.0, pad_token_id, eos_token_ids, None, repetition_penalty)
+        return {**greedy_kwargs, "logits_processor": LogitsProcessorList([*chain, InverseCDFDraw()])}
     return {
         # what y is drawn from
         "do_sample": not greedy, "num_beams": 1, "temperature": None if greedy else temperature,
@@ -53,6 +75,30 @@ def sampling_kwargs(max_new_tokens: int, temperature: float, top_p: float = 1.0,
         # one sequence per prompt, with the KV cache
         "num_return_sequences": 1, "use_cache": True,
     }
+
+
+class InverseCDFDraw:
+    """A ``generate`` logits processor that samples: y_t ~ softmax(scores), drawn by inverse CDF.
+
+    ``torch.multinomial`` (what ``generate`` samples with) draws an exponential variate for every
+    vocabulary entry: 28 ms for 8 rows x 151,936 on an AVX2 CPU, softmax included; a sixth of a 0.5B decode step.
+    One uniform per row against the cumulative sum of the probabilities (float64, so that 151,936
+    small terms add up exactly enough) draws from the same distribution in 2.4 ms
+    (``benchmarks/decode_linears.py --decode-profile``). Token ``i`` is drawn when ``u`` lands in
+    ``[cdf[i-1], cdf[i])``, an interval of width ``p_i``: zero-probability tokens (``-inf`` scores, a
+    top-p cut) are never drawn. Returns 0 at the drawn token and ``-inf`` elsewhere, so greedy
+    decoding's argmax takes it.
+    """
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        cdf = torch.softmax(scores.float(), dim=-1).double().cumsum(dim=-1)                    # [B, V]
+        u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]     # [B, 1] in [0, total)
+        # The first i with cdf[i] > u; searching the first V - 1 bounds makes the last token the
+        # draw for u >= cdf[V-2] without an out-of-range index.
+        drawn = torch.searchsorted(cdf[:, :-1].contiguous(), u, right=True)                   # [B, 1]
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
 
 
 # oneDNN's inner product beats MKL's sgemm on the few-row products of decoding (one row per sequence

@@ -278,7 +278,7 @@ class MSDTrainer(Trainer):
         ids, mask, _ = left_pad(prompts, tok.pad_token_id)
         device = self.accelerator.device
         kwargs = sampling_kwargs(max_new_tokens or self.msd.max_new_tokens, 0.0 if greedy else self.msd.temperature,
-                                 self.msd.top_p, tok.pad_token_id, sorted(self.eos_ids))
+                                 self.msd.top_p, tok.pad_token_id, sorted(self.eos_ids), draw=self.msd.draw)
         kwargs.update(vllm_sampling.hf_generation_kwargs(self.accelerator))     # synced_gpus when sharded
         if prefix is not None:
             kwargs[cache_kwarg()] = merged_prefix_cache(prefix, list(range(len(prompts))), detach=True)[0]
