@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from polyalign.models.sampling import sampling_kwargs
 from polyalign.train import msd_trainer as trainer_mod
 from tests.test_fused_msd import loss_and_grads, make_trainer
 
@@ -159,7 +160,14 @@ def test_hf_sampling_passes_synced_gpus_when_sharded(tmp_path, monkeypatch, stat
     out = trainer.sample_responses(model, [[1, 2, 3], [4, 5]], from_teacher=False)
     assert out == [[5, 5], [5, 5]]
     assert seen[0].get("synced_gpus") is (True if synced else None)
-    assert seen[0]["temperature"] == trainer.msd.temperature      # the sampling settings are untouched
+    # the sampling settings are untouched: those sampling_kwargs gives for the config's draw
+    # (inverse_cdf: greedy over scores its processors have sampled; their types stand for them)
+    expected = sampling_kwargs(trainer.msd.max_new_tokens, trainer.msd.temperature, trainer.msd.top_p,
+                               draw=trainer.msd.draw)
+    for key in ("do_sample", "temperature", "top_p", "top_k", "max_new_tokens"):
+        assert seen[0][key] == expected[key], key
+    assert ([type(x) for x in seen[0].get("logits_processor", [])]
+            == [type(x) for x in expected.get("logits_processor", [])])
 
 
 FSDP2_LIKE = r'''
