@@ -181,11 +181,12 @@ def main() -> None:
         return
     tok = load_tokenizer(args.model)
     base = load_model(args.model, dtype="float32", device="cpu").eval()
+    langs = ["zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"]
     if args.decode_profile:
         draws(base.get_output_embeddings().weight.shape[0])
         torch.manual_seed(0)
         model = attach_lora(base, LoraSettings(r=16, alpha=32)).eval()
-        ids = prompts(tok, "train", ["zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"], 8, ("harmful",))
+        ids = prompts(tok, "train", langs, 8, ("harmful",))
         for draw in ("multinomial", "inverse_cdf"):
             decode_profile(model, tok, ids, 48, draw)
         return
@@ -193,7 +194,6 @@ def main() -> None:
     products(base)
     if args.products_only:
         return
-    langs = ["zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"]
     ids_eval = prompts(tok, "dev", ["en", *langs], 32, ("harmful", "benign"))
     side_by_side("evaluation", base, tok, ids_eval, True, 40, contextlib.nullcontext,
                  lambda: decoding_linears(base), args.repeats)

@@ -180,7 +180,7 @@ class MSDTrainer(Trainer):
             args.ddp_find_unused_parameters = False
         super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=_keep_batch,
                          processing_class=processing_class, **kwargs)
-        self.msd = msd_config
+        self.msd, self.mlc = msd_config, mlc_config         # the method's settings (MLC: as MLCTrainer holds them)
         self._metrics = MetricSums()                 # reduced over ranks at each log
         self._once: dict[str, float] = {}            # logged with the first log line (gate counts)
         # Frozen teacher = the initial weights. LoRA: the same network with the adapter disabled

@@ -410,8 +410,6 @@ def run_recipe(r: Recipe, resume: bool = False, model: Any = None, tokenizer: An
     # the method's settings as trained, defaults included (msd.draw, ...), not only what the YAML spelled out
     resolved = {k: dataclasses.asdict(v) for k in ("msd", "mlc")
                 if dataclasses.is_dataclass(v := getattr(trainer, k, None))}
-    if getattr(trainer, "mlc_term", None) is not None and "mlc" not in resolved:      # MSD + MLC
-        resolved["mlc"] = dataclasses.asdict(trainer.mlc_term.cfg)
     save_final(trainer, final, heads, {"recipe": dataclasses.asdict(r), "resolved": resolved,
                                        "bf16_autocast": bool(args.bf16)})
     # one writer, atomically: with several processes each wrote the file at once and a reader could
