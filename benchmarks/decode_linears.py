@@ -3,6 +3,7 @@
     python benchmarks/decode_linears.py                      # 0.5B, 3 alternating repeats of each side
     python benchmarks/decode_linears.py --model builtin:tiny-random --repeats 1     # smoke
     python benchmarks/decode_linears.py --decode-profile     # the token draw, and a decode step by part
+    python benchmarks/decode_linears.py --packing            # oneDNN on weights packed once vs plain
 
 Two workloads, each timed with the previous path and with :func:`polyalign.models.sampling.decoding_linears`
 (oneDNN for every linear layer while it multiplies at most ``ONEDNN_MAX_ROWS`` rows), the two sides
@@ -14,6 +15,9 @@ alternating so that a machine's drift hits both alike:
   Previous path: :func:`polyalign.models.sampling.folded_lora` (LoRA folded, MKL products).
 * ``evaluation``: the demo's evaluation batch: 32 dev prompts (harmful and benign, nine languages),
   greedy, 40 new tokens, the base model. Previous path: the model as loaded.
+
+``--packing`` times the same two workloads with oneDNN on plain weights (``POLYALIGN_ONEDNN_PACK=0``,
+the path of commit 8a16c45) against oneDNN on weights packed once into its own layout.
 
 Also per workload: how many of the rows generated the same tokens both ways (fp32 rounding differs
 between the two libraries, so a near-tie can flip a token and the rest of that row with it), and
@@ -58,7 +62,8 @@ def generate(model, tok, ids: list[list[int]], greedy: bool, new_tokens: int, se
     return time.perf_counter() - t0, out[:, x.shape[1]:]
 
 
-def side_by_side(name: str, model, tok, ids, greedy: bool, new_tokens: int, before, after, repeats: int) -> float:
+def side_by_side(name: str, model, tok, ids, greedy: bool, new_tokens: int, before, after, repeats: int,
+                 sides: str = "mkl_vs_onednn") -> float:
     """Median seconds of each side, alternating; prints them, the ratio and the rows' agreement."""
     times: dict[str, list[float]] = {"before": [], "after": []}
     outs = {}
@@ -75,8 +80,29 @@ def side_by_side(name: str, model, tok, ids, greedy: bool, new_tokens: int, befo
           f"before {b:.2f} s, after {a:.2f} s (medians of {repeats}; each: "
           f"{', '.join(f'{t:.2f}' for t in times['before'])} / {', '.join(f'{t:.2f}' for t in times['after'])}); "
           f"{tokens / a:.1f} tokens/s after")
-    print(f"  ratio {name.replace(' ', '_')}_mkl_vs_onednn **{b / a:.3f}**; rows with the same tokens both ways: {same}/{len(ids)}")
+    print(f"  ratio {name.replace(' ', '_')}_{sides} **{b / a:.3f}**; rows with the same tokens both ways: {same}/{len(ids)}")
     return b / a
+
+
+@contextlib.contextmanager
+def packing(model, on: bool):
+    """:func:`decoding_linears` with oneDNN's weights packed once (``on``) or read plain each product;
+    packing included in the timing (a folded layer is packed per generation, as in training)."""
+    import os
+
+    from polyalign.models.sampling import _PACKED, decoding_linears
+
+    old = os.environ.get("POLYALIGN_ONEDNN_PACK")
+    os.environ["POLYALIGN_ONEDNN_PACK"] = "1" if on else "0"
+    try:
+        with decoding_linears(model):
+            yield
+    finally:
+        _PACKED.clear()               # frozen layers' packed copies too: each side starts from nothing
+        if old is None:
+            os.environ.pop("POLYALIGN_ONEDNN_PACK")
+        else:
+            os.environ["POLYALIGN_ONEDNN_PACK"] = old
 
 
 def read_bandwidth(gib: float = 1.0, trials: int = 3) -> float:
@@ -93,22 +119,25 @@ def read_bandwidth(gib: float = 1.0, trials: int = 3) -> float:
 
 def products(model, repeats: int = 20) -> None:
     """Each distinct linear shape of ``model``, rows 8, 32 (decoding) and 512 (a prefill): F.linear
-    (MKL) vs oneDNN, ms."""
+    (MKL) vs oneDNN vs oneDNN on the weight packed for that row count, ms."""
     shapes = sorted({tuple(m.weight.shape) for m in model.modules() if type(m) is torch.nn.Linear})
     for rows in (8, 32, 512):
         cells = []
         for out_f, in_f in shapes:
             w, x = torch.randn(out_f, in_f), torch.randn(rows, in_f)
+            wp = torch.ops.mkldnn._reorder_linear_weight(w, rows)
             t = {}
             for side, f in (("mkl", lambda x=x, w=w: torch.nn.functional.linear(x, w)),
-                            ("onednn", lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))):
+                            ("onednn", lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")),
+                            ("packed", lambda x=x, w=wp: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))):
                 f()
                 t0 = time.perf_counter()
                 for _ in range(repeats):
                     f()
                 t[side] = (time.perf_counter() - t0) / repeats * 1e3
-            cells.append(f"[{out_f}x{in_f}] {t['mkl']:.2f}/{t['onednn']:.2f} ms ({t['mkl'] / t['onednn']:.2f}x)")
-        print(f"  products at {rows} rows, MKL/oneDNN: " + "; ".join(cells))
+            cells.append(f"[{out_f}x{in_f}] {t['mkl']:.2f}/{t['onednn']:.2f}/{t['packed']:.2f} ms "
+                         f"({t['mkl'] / t['onednn']:.2f}x, {t['onednn'] / t['packed']:.2f}x)")
+        print(f"  products at {rows} rows, MKL/oneDNN/oneDNN packed (MKL/oneDNN, oneDNN/packed): " + "; ".join(cells))
 
 
 def draws(vocab: int, rows: int = 8, repeats: int = 20) -> None:
@@ -165,6 +194,8 @@ def main() -> None:
     p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--products-only", action="store_true", help="the per-shape products alone (a minute)")
+    p.add_argument("--packing", action="store_true",
+                   help="both workloads with oneDNN on plain weights vs on weights packed once (a few minutes)")
     p.add_argument("--decode-profile", action="store_true",
                    help="the draw side by side and where a decode step of the demo's sampling goes (two minutes)")
     args = p.parse_args()
@@ -195,8 +226,12 @@ def main() -> None:
     if args.products_only:
         return
     ids_eval = prompts(tok, "dev", ["en", *langs], 32, ("harmful", "benign"))
-    side_by_side("evaluation", base, tok, ids_eval, True, 40, contextlib.nullcontext,
-                 lambda: decoding_linears(base), args.repeats)
+    if args.packing:
+        side_by_side("evaluation", base, tok, ids_eval, True, 40, lambda: packing(base, False),
+                     lambda: packing(base, True), args.repeats, "plain_vs_packed")
+    else:
+        side_by_side("evaluation", base, tok, ids_eval, True, 40, contextlib.nullcontext,
+                     lambda: decoding_linears(base), args.repeats)
 
     torch.manual_seed(0)
     model = attach_lora(base, LoraSettings(r=16, alpha=32)).eval()
@@ -205,8 +240,12 @@ def main() -> None:
             if "lora_B" in n:
                 prm.normal_(0, 1e-3)                     # a trained-like adapter (B starts at zero)
     ids_train = prompts(tok, "train", langs, 8, ("harmful",))
-    side_by_side("msd sampling", model, tok, ids_train, False, 48, lambda: folded_lora(model),
-                 lambda: decoding_linears(model), args.repeats)
+    if args.packing:
+        side_by_side("msd sampling", model, tok, ids_train, False, 48, lambda: packing(model, False),
+                     lambda: packing(model, True), args.repeats, "plain_vs_packed")
+    else:
+        side_by_side("msd sampling", model, tok, ids_train, False, 48, lambda: folded_lora(model),
+                     lambda: decoding_linears(model), args.repeats)
     print(f"# {load()}")
 
 

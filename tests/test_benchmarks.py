@@ -46,7 +46,24 @@ def test_decode_linears_runs_on_tiny_model():
     if "not in this torch build" not in res.stdout:
         assert "draw of one token" in res.stdout
         assert "decode step (multinomial draw" in res.stdout and "decode step (inverse_cdf draw" in res.stdout
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "decode_linears.py"), "--model", "builtin:tiny-random",
+                          "--repeats", "1", "--packing"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ratios = [line.split()[1] for line in res.stdout.splitlines() if line.strip().startswith("ratio ")]
+    if "not in this torch build" not in res.stdout:
+        assert ratios == ["evaluation_plain_vs_packed", "msd_sampling_plain_vs_packed"]
+        assert "oneDNN packed" in res.stdout
 
+
+
+def test_eval_batching_runs_on_tiny_model():
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "eval_batching.py"), "--model", "builtin:tiny-random",
+                          "--n", "12", "--batch-size", "4", "--max-new-tokens", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ratio eval_batches_chars_vs_tokens" in res.stdout and "identical responses both ways" in res.stdout
+    shares = [line for line in res.stdout.splitlines() if "padding share" in line]
+    assert len(shares) == 2 and "whole test split" in shares[1]
 
 def test_generation_batches_runs_on_tiny_model():
     res = subprocess.run([sys.executable, str(SCRIPT.parent / "generation_batches.py"), "--model", "builtin:tiny-random",

@@ -11,6 +11,7 @@ from polyalign.models import LoraSettings, attach_lora, load_model, load_tokeniz
 from polyalign.models.batching import left_pad
 from polyalign.models.chat import prompt_ids
 from polyalign.models.sampling import (
+    _PACKED,
     ONEDNN_MAX_ROWS,
     _linear,
     decoding_linears,
@@ -112,3 +113,53 @@ def test_decoding_linears_is_off_when_switched_off(monkeypatch):
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad(), decoding_linears(model):
         assert onednn_calls(lambda: model(ids)) == 0
+
+
+@pytest.mark.parametrize("rows", [3, 8, 32])
+def test_a_packed_weight_computes_what_the_plain_one_does(rows):
+    """The weight reordered once into oneDNN's layout gives oneDNN's own product on the plain weight,
+    bit for bit, and a float64 reference within fp32 rounding; it is packed once, not per call."""
+    torch.manual_seed(0)
+    w, b, x = torch.randn(300, 40), torch.randn(300), torch.randn(rows, 40)
+    layer = _linear(w, b, onednn=True)
+    with torch.no_grad():
+        got = layer(x)
+        packed = layer.packed_weight
+        again = layer(x)
+    assert packed is not None and packed.is_mkldnn and layer.packed_weight is packed
+    assert torch.equal(got, torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""))
+    assert torch.equal(again, got)
+    torch.testing.assert_close(got.double(), reference(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_a_frozen_layers_packed_weight_is_reused_until_the_parameter_is_written():
+    """The LM head (and a base model's layers) are packed once for every generation, but a write to
+    the parameter (an optimizer step, a merge) must be seen: a stale packed copy would decode with
+    the old weights."""
+    torch.manual_seed(0)
+    model = load_model(SPEC).eval()
+    head = model.get_output_embeddings()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    with torch.no_grad():
+        with decoding_linears(model):
+            first = model(ids).logits
+            packed = model.get_output_embeddings().packed_weight
+        with decoding_linears(model):
+            model(ids)
+            assert model.get_output_embeddings().packed_weight is packed       # shared, not repacked
+            assert _PACKED[id(head.weight)][1] is packed
+        head.weight.mul_(2.0)
+        with decoding_linears(model):
+            second = model(ids).logits
+            assert model.get_output_embeddings().packed_weight is not packed
+        want = model(ids).logits                                               # plain modules, new weights
+    torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(second, first)
+
+
+def test_packing_is_off_when_switched_off(monkeypatch):
+    monkeypatch.setenv("POLYALIGN_ONEDNN_PACK", "0")
+    layer = _linear(torch.randn(300, 40), None, onednn=True)
+    with torch.no_grad():
+        out = layer(torch.randn(4, 40))
+    assert layer.packed_weight is None and out.shape == (4, 300)

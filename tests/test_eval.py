@@ -172,6 +172,31 @@ def test_batched_equals_unbatched_greedy(tiny):
     assert batched == single and len(set(batched)) > 1
 
 
+
+def test_batches_are_sorted_by_prompt_tokens_not_characters(tiny, tmp_path):
+    """A batch is padded to its longest prompt in tokens; a short Thai string can be more tokens than a
+    long English one, so batches formed by characters would pad the English ones to the Thai."""
+    model, tok = tiny
+
+    class Recording(HFGenerator):
+        batches: list[list[str]] = []
+
+        def generate(self, texts, settings):
+            self.batches.append(list(texts))
+            return super().generate(texts, settings)
+
+    gen = Recording(model, tok, batch_size=2)
+    texts = ["ขอโทษครับ ผมไม่เข้าใจ", "Tell me about bread please", "ทำขนมปังอย่างไร", "Tell me about cakes too"]
+    s = GenerationSettings(max_new_tokens=2)
+    n_tok = {t: gen.prompt_length(t, s) for t in texts}
+    assert sorted(texts, key=len) != sorted(texts, key=n_tok.get)          # the two orders differ here
+    rows, generated, _ = generate_cached(gen, [GenRequest(f"p{i}", "xx", t) for i, t in enumerate(texts)], s,
+                                         GenerationCache(tmp_path / "g.jsonl"), "fp")
+    assert generated == 4 and len(rows) == 4
+    flat = [t for b in gen.batches for t in b]
+    assert [n_tok[t] for t in flat] == sorted(n_tok[t] for t in flat)
+    assert max(n_tok[t] for t in gen.batches[0]) <= min(n_tok[t] for t in gen.batches[1])
+
 class _Flaky:
     """Wraps a generator and dies after ``fail_after`` batches, like a killed process."""
 

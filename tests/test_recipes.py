@@ -163,3 +163,19 @@ def test_selective_recipe_is_the_study_finalist(tmp_path):
     assert asdict(studied.data) == asdict(shipped.data) and studied.lora == shipped.lora
     assert studied.training == shipped.training and studied.model == shipped.model
     assert (studied.method, studied.seed, studied.dtype, shipped.dtype) == ("msd", 0, "bf16", None)
+
+
+def test_the_comparisons_trained_configs_share_prompts_and_budget():
+    """Issue #25 compares configs at the same training prompts and budget: 32 optimizer steps of 8
+    sequences, lr 1e-4, LoRA r 16, 24 + 24 train records. A recipe may split a step into micro-batches
+    (mlc_dpo does, for memory) but not change what a step sees."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "polyalign" / "recipes"
+    budgets = {}
+    for name in ("msd_selective", "paper_msd", "mlc_dpo_benchmark"):
+        r = yaml.safe_load((root / f"{name}.yaml").read_text())
+        t = r["training"]
+        budgets[name] = (t["max_steps"], t["per_device_train_batch_size"] * t["gradient_accumulation_steps"],
+                         float(t["learning_rate"]), r["lora"]["r"], r["data"]["limit"], r["data"]["benign_limit"])
+    assert set(budgets.values()) == {(32, 8, 1e-4, 16, 24, 24)}, budgets

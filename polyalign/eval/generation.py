@@ -58,6 +58,14 @@ class HFGenerator:
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32):
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
 
+    def prompt_length(self, text: str, settings: GenerationSettings) -> int:
+        """Tokens of ``text``'s rendered prompt: what a batch is padded to, so what batches are sorted
+        by. (Characters are a poor proxy across scripts: sorted by characters, the built-in test split's
+        2601 prompts in nine languages were 40 % padding at 32 a batch; by tokens 1.4 %.)"""
+        from polyalign.models.chat import render_prompt
+
+        return len(self.tok(render_prompt(self.tok, text, settings.system), add_special_tokens=False)["input_ids"])
+
     def generate(self, texts: list[str], settings: GenerationSettings) -> list[str]:
         import torch
 
@@ -235,7 +243,7 @@ def _local_share(batches: list[Any], state: Any, ranks_per_engine: int) -> list[
 def generate_cached(generator: Any, requests: list[GenRequest], settings: GenerationSettings, cache: GenerationCache,
                     fingerprint: str, progress: Callable[[int, int, float], None] | None = None,
                     state: Any = None) -> tuple[dict, int, int]:
-    """Generate what the cache lacks, in length-sorted batches. Returns ({key: row}, generated, cached).
+    """Generate what the cache lacks, in batches sorted by prompt length. Returns ({key: row}, generated, cached).
 
     Under ``accelerate launch`` (``state``: an accelerate ``PartialState`` with several processes)
     the main process alone reads and appends the cache; it sends the missing keys to every rank,
@@ -252,7 +260,9 @@ def generate_cached(generator: Any, requests: list[GenRequest], settings: Genera
 
         todo = broadcast_object_list([todo], from_process=0)[0]   # the main process's cache decides
     cached = len(keyed) - len(todo)
-    todo.sort(key=lambda kr: len(kr[1].text))      # similar lengths per batch: less padding
+    # Similar lengths per batch, less padding: in tokens where the generator can count them.
+    length = getattr(generator, "prompt_length", None)
+    todo.sort(key=(lambda kr: length(kr[1].text, settings)) if length else (lambda kr: len(kr[1].text)))
     done, tokens, start = 0, 0, time.perf_counter()
     bs = getattr(generator, "batch_size", 32)
     batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]

@@ -109,6 +109,46 @@ class InverseCDFDraw:
 ONEDNN_MAX_ROWS = 128
 ONEDNN_MIN_OUT_FEATURES = 256
 
+# oneDNN reads a plain row-major weight through a reorder on every call; a weight reordered once into
+# oneDNN's own blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's CPU
+# weight-packing pass does) is read directly: 1.3-1.6x faster at 8 rows on the 0.5B model's layers
+# and 1.4x on its LM head, with bit-identical outputs from 3 rows up (benchmarks/decode_linears.py
+# --products-only, BENCHMARKS.md). A folded LoRA layer is packed once per generation (it changes
+# every step); a frozen layer (the LM head, a base model's layers) once per parameter, kept in
+# _PACKED until the parameter is freed or written.
+_PACKED: dict[int, tuple[int, Any]] = {}
+
+
+def onednn_packing_enabled() -> bool:
+    """Pack weights for oneDNN's few-row products unless ``POLYALIGN_ONEDNN_PACK=0`` (the switch the
+    benchmark measures it with)."""
+    import os
+
+    import torch
+
+    return os.environ.get("POLYALIGN_ONEDNN_PACK", "1") != "0" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _packed_weight(weight: Any, rows: int, frozen: Any = None) -> Any:
+    """``weight`` reordered for oneDNN's product at about ``rows`` rows. With ``frozen`` (the parameter
+    ``weight`` is a detached view of), the packed copy is shared by every generation until that
+    parameter is written (its version changes) or freed."""
+    import weakref
+
+    import torch
+
+    if frozen is None:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    key = id(frozen)
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0] == frozen._version:
+        return hit[1]
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    if hit is None:
+        weakref.finalize(frozen, _PACKED.pop, key, None)
+    _PACKED[key] = (frozen._version, packed)
+    return packed
+
 
 def onednn_decoding_enabled() -> bool:
     """oneDNN for few-row fp32 products on the CPU: where torch has it, unless
@@ -135,25 +175,32 @@ def _folded_linear_class() -> type:
         else, and anything that needs a gradient (oneDNN's op has no backward), to ``F.linear``.
         """
 
-        def __init__(self, weight: Any, bias: Any, onednn: bool = False):
+        def __init__(self, weight: Any, bias: Any, onednn: bool = False, frozen: Any = None):
             super().__init__()
             self.folded_weight, self.folded_bias = weight, bias
             self.onednn = (onednn and weight.device.type == "cpu" and weight.dtype == torch.float32
                            and weight.shape[0] >= ONEDNN_MIN_OUT_FEATURES)
+            self.pack = self.onednn and onednn_packing_enabled()
+            self.frozen = frozen              # the parameter a frozen weight views, for _packed_weight's cache
+            self.packed_weight: Any = None    # packed at the first few-row product, for its row count
 
         def forward(self, x: Any) -> Any:
             w, b = self.folded_weight, self.folded_bias
             if (self.onednn and x.dtype == torch.float32 and x.numel() <= ONEDNN_MAX_ROWS * x.shape[-1]
                     and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
+                if self.pack and self.packed_weight is None:
+                    self.packed_weight = _packed_weight(w, x.numel() // x.shape[-1], self.frozen)
+                wp = w if self.packed_weight is None else self.packed_weight
+                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), wp, b, "none", [], "")
             return torch.nn.functional.linear(x, w, b)
 
     return FoldedLinear
 
 
-def _linear(weight: Any, bias: Any, onednn: bool = False) -> Any:
-    """A module computing ``x W^T + b`` with tensors it holds as plain attributes (no parameters)."""
-    return _folded_linear_class()(weight, bias, onednn)
+def _linear(weight: Any, bias: Any, onednn: bool = False, frozen: Any = None) -> Any:
+    """A module computing ``x W^T + b`` with tensors it holds as plain attributes (no parameters);
+    ``frozen``: the parameter ``weight`` views, when the weight is not a new (folded) tensor."""
+    return _folded_linear_class()(weight, bias, onednn, frozen)
 
 
 def _folded(module: Any, adapter: bool, onednn: bool = False) -> Any:
@@ -162,7 +209,7 @@ def _folded(module: Any, adapter: bool, onednn: bool = False) -> Any:
     adapters' delta, a new tensor (the base is not written)."""
     base = module.base_layer
     if not adapter:
-        return _linear(base.weight.detach(), _detached(base.bias), onednn) if onednn else base
+        return _linear(base.weight.detach(), _detached(base.bias), onednn, frozen=base.weight) if onednn else base
     weight = base.weight.detach()
     for name in module.active_adapters:
         if name in module.lora_A:
@@ -198,7 +245,9 @@ def decoding_linears(model: Any, adapter: bool = True) -> Iterator[None]:
     """:func:`folded_lora`, and on a CPU in fp32 every linear layer (the LM head too, and every layer of
     a model without an adapter) computed by oneDNN while it multiplies few rows: the decode steps of
     ``generate`` (:data:`ONEDNN_MAX_ROWS`; prefills stay with MKL). Same products up to fp32 rounding;
-    weights are the layers' own tensors, not copies; every module is put back on exit.
+    the layers' own tensors serve prefills, and a copy packed in oneDNN's layout (one more copy of the
+    weights while generating; a frozen layer's is kept for the next generation) the decode steps;
+    every module is put back on exit.
     Off (plain :func:`folded_lora`) where :func:`onednn_decoding_enabled` says so, on a GPU, or in
     another dtype."""
     import torch
@@ -233,7 +282,7 @@ def _swapped_for_generation(model: Any, adapter: bool, onednn: bool) -> Iterator
                 continue
             stand_in = _folded(m, adapter and not m.disable_adapters, onednn)
         elif onednn and type(m) is torch.nn.Linear:
-            stand_in = _linear(m.weight.detach(), _detached(m.bias), onednn=True)
+            stand_in = _linear(m.weight.detach(), _detached(m.bias), onednn=True, frozen=m.weight)
         else:
             continue
         swapped.append((model.get_submodule(parent_name) if parent_name else model, attr, m, stand_in))
