@@ -87,10 +87,11 @@ def side_by_side(name: str, model, tok, ids, greedy: bool, new_tokens: int, befo
 @contextlib.contextmanager
 def packing(model, on: bool):
     """:func:`decoding_linears` with oneDNN's weights packed once (``on``) or read plain each product;
-    packing included in the timing (a folded layer is packed per generation, as in training)."""
+    packing included in the timing: every layer is packed anew in each generation (in training the
+    frozen LM head is packed once for all steps)."""
     import os
 
-    from polyalign.models.sampling import _PACKED, decoding_linears
+    from polyalign.models.sampling import decoding_linears
 
     old = os.environ.get("POLYALIGN_ONEDNN_PACK")
     os.environ["POLYALIGN_ONEDNN_PACK"] = "1" if on else "0"
@@ -98,7 +99,6 @@ def packing(model, on: bool):
         with decoding_linears(model):
             yield
     finally:
-        _PACKED.clear()               # frozen layers' packed copies too: each side starts from nothing
         if old is None:
             os.environ.pop("POLYALIGN_ONEDNN_PACK")
         else:

@@ -11,8 +11,8 @@ from polyalign.models import LoraSettings, attach_lora, load_model, load_tokeniz
 from polyalign.models.batching import left_pad
 from polyalign.models.chat import prompt_ids
 from polyalign.models.sampling import (
-    _PACKED,
     ONEDNN_MAX_ROWS,
+    PackedWeights,
     _linear,
     decoding_linears,
     onednn_decoding_enabled,
@@ -132,29 +132,69 @@ def test_a_packed_weight_computes_what_the_plain_one_does(rows):
     torch.testing.assert_close(got.double(), reference(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_a_frozen_layers_packed_weight_is_reused_until_the_parameter_is_written():
-    """The LM head (and a base model's layers) are packed once for every generation, but a write to
-    the parameter (an optimizer step, a merge) must be seen: a stale packed copy would decode with
-    the old weights."""
+def test_a_frozen_layers_packed_weight_is_kept_by_its_owner_until_the_parameter_changes():
+    """The MSD trainer packs the frozen LM head once for every step (a PackedWeights), but a write to
+    the parameter must be seen: a stale packed copy would decode with the old weights."""
     torch.manual_seed(0)
     model = load_model(SPEC).eval()
     head = model.get_output_embeddings()
+    head.weight.requires_grad_(False)
     ids = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    keep = PackedWeights()
     with torch.no_grad():
-        with decoding_linears(model):
+        with decoding_linears(model, keep=keep):
             first = model(ids).logits
             packed = model.get_output_embeddings().packed_weight
+        with decoding_linears(model, keep=keep):
+            model(ids)
+            assert model.get_output_embeddings().packed_weight is packed       # kept, not repacked
         with decoding_linears(model):
             model(ids)
-            assert model.get_output_embeddings().packed_weight is packed       # shared, not repacked
-            assert _PACKED[id(head.weight)][1] is packed
-        head.weight.mul_(2.0)
-        with decoding_linears(model):
-            second = model(ids).logits
-            assert model.get_output_embeddings().packed_weight is not packed
-        want = model(ids).logits                                               # plain modules, new weights
-    torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(second, first)
+            assert model.get_output_embeddings().packed_weight is not packed   # no owner: packed anew
+        for write in (lambda w: w.mul_(2.0), lambda w: setattr(w, "data", w.data * 2.0)):   # in place; new storage
+            write(head.weight)
+            with decoding_linears(model, keep=keep):
+                second = model(ids).logits
+                assert model.get_output_embeddings().packed_weight is not packed
+                packed = model.get_output_embeddings().packed_weight
+            want = model(ids).logits                                           # plain modules, new weights
+            torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(second, first)
+            first = second
+
+
+def test_evaluation_sees_an_adapter_merged_through_data():
+    """PEFT merges with ``weight.data += delta``, which leaves the version counter alone: evaluation keeps
+    no packed copies between generations, so a base model evaluated before an adapter (a sweep) cannot
+    run the adapter's evaluation on the base's packed weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from polyalign.eval.runner import merged_for_generation
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(40, 300)          # wide enough for oneDNN (>= 256 outputs)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    net = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"])).eval()
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        with net.disable_adapter(), decoding_linears(net):
+            base = net(x)                                  # the base weight, packed
+        for n, prm in net.named_parameters():
+            if "lora_B" in n:
+                prm.normal_(0, 0.5)
+        want = net(x)                                      # PEFT's own wrapper
+        with merged_for_generation(net), decoding_linears(net):
+            assert net.base_model.model.proj.packed_weight is None
+            got = net(x)
+            assert net.base_model.model.proj.packed_weight is not None
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, base, atol=1e-2)
 
 
 def test_packing_is_off_when_switched_off(monkeypatch):

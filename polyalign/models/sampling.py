@@ -111,12 +111,11 @@ ONEDNN_MIN_OUT_FEATURES = 256
 
 # oneDNN reads a plain row-major weight through a reorder on every call; a weight reordered once into
 # oneDNN's own blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's CPU
-# weight-packing pass does) is read directly: 1.3-1.6x faster at 8 rows on the 0.5B model's layers
-# and 1.4x on its LM head, with bit-identical outputs from 3 rows up (benchmarks/decode_linears.py
-# --products-only, BENCHMARKS.md). A folded LoRA layer is packed once per generation (it changes
-# every step); a frozen layer (the LM head, a base model's layers) once per parameter, kept in
-# _PACKED until the parameter is freed or written.
-_PACKED: dict[int, tuple[int, Any]] = {}
+# weight-packing pass does) is read directly: 1.4-1.6x faster at 8 rows on the 0.5B model's layers
+# and its LM head, with bit-identical outputs from 3 rows up (benchmarks/decode_linears.py --packing,
+# BENCHMARKS.md). Each layer is packed at its first few-row product within one generation context;
+# an owner that generates many times with frozen layers (the MSD trainer: the LM head every step)
+# keeps their packed copies in a :class:`PackedWeights`.
 
 
 def onednn_packing_enabled() -> bool:
@@ -129,25 +128,35 @@ def onednn_packing_enabled() -> bool:
     return os.environ.get("POLYALIGN_ONEDNN_PACK", "1") != "0" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def _packed_weight(weight: Any, rows: int, frozen: Any = None) -> Any:
-    """``weight`` reordered for oneDNN's product at about ``rows`` rows. With ``frozen`` (the parameter
-    ``weight`` is a detached view of), the packed copy is shared by every generation until that
-    parameter is written (its version changes) or freed."""
-    import weakref
+class PackedWeights:
+    """Packed copies of frozen parameters, kept across generation contexts by their owner.
 
-    import torch
+    A copy is reused while its parameter is the same object, frozen (``requires_grad`` False), with
+    the same storage and version counter. A write through ``.data`` (PEFT's ``merge`` does
+    ``weight.data += delta``) changes none of these, so an owner must not keep one across such a
+    write: the MSD trainer holds one for its frozen LM head, which nothing writes while it trains.
+    Evaluation does not keep one (it merges adapters into the base weights that way)."""
 
-    if frozen is None:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-    key = id(frozen)
-    hit = _PACKED.get(key)
-    if hit is not None and hit[0] == frozen._version:
-        return hit[1]
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-    if hit is None:
-        weakref.finalize(frozen, _PACKED.pop, key, None)
-    _PACKED[key] = (frozen._version, packed)
-    return packed
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[Any, int, int, Any]] = {}
+
+    def get(self, param: Any, weight: Any, rows: int) -> Any:
+        import weakref
+
+        import torch
+
+        if param.requires_grad:
+            return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        sig = (param._version, param.data_ptr())
+        hit = self._by_id.get(id(param))
+        if hit is not None and hit[0]() is param and hit[1:3] == sig:
+            return hit[3]
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        self._by_id[id(param)] = (weakref.ref(param), *sig, packed)
+        return packed
+
+    def __len__(self) -> int:
+        return len(self._by_id)
 
 
 def onednn_decoding_enabled() -> bool:
@@ -175,13 +184,14 @@ def _folded_linear_class() -> type:
         else, and anything that needs a gradient (oneDNN's op has no backward), to ``F.linear``.
         """
 
-        def __init__(self, weight: Any, bias: Any, onednn: bool = False, frozen: Any = None):
+        def __init__(self, weight: Any, bias: Any, onednn: bool = False, frozen: Any = None,
+                     keep: PackedWeights | None = None):
             super().__init__()
             self.folded_weight, self.folded_bias = weight, bias
             self.onednn = (onednn and weight.device.type == "cpu" and weight.dtype == torch.float32
                            and weight.shape[0] >= ONEDNN_MIN_OUT_FEATURES)
             self.pack = self.onednn and onednn_packing_enabled()
-            self.frozen = frozen              # the parameter a frozen weight views, for _packed_weight's cache
+            self.frozen, self.keep = frozen, keep   # the parameter a frozen weight views; its owner's cache
             self.packed_weight: Any = None    # packed at the first few-row product, for its row count
 
         def forward(self, x: Any) -> Any:
@@ -189,7 +199,9 @@ def _folded_linear_class() -> type:
             if (self.onednn and x.dtype == torch.float32 and x.numel() <= ONEDNN_MAX_ROWS * x.shape[-1]
                     and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
                 if self.pack and self.packed_weight is None:
-                    self.packed_weight = _packed_weight(w, x.numel() // x.shape[-1], self.frozen)
+                    rows = x.numel() // x.shape[-1]
+                    self.packed_weight = (self.keep.get(self.frozen, w, rows) if self.keep is not None and
+                                          self.frozen is not None else torch.ops.mkldnn._reorder_linear_weight(w, rows))
                 wp = w if self.packed_weight is None else self.packed_weight
                 return torch.ops.mkldnn._linear_pointwise(x.contiguous(), wp, b, "none", [], "")
             return torch.nn.functional.linear(x, w, b)
@@ -197,19 +209,21 @@ def _folded_linear_class() -> type:
     return FoldedLinear
 
 
-def _linear(weight: Any, bias: Any, onednn: bool = False, frozen: Any = None) -> Any:
+def _linear(weight: Any, bias: Any, onednn: bool = False, frozen: Any = None,
+            keep: PackedWeights | None = None) -> Any:
     """A module computing ``x W^T + b`` with tensors it holds as plain attributes (no parameters);
-    ``frozen``: the parameter ``weight`` views, when the weight is not a new (folded) tensor."""
-    return _folded_linear_class()(weight, bias, onednn, frozen)
+    ``frozen``: the parameter ``weight`` views, when the weight is not a new (folded) tensor, whose
+    packed copy ``keep`` may hold."""
+    return _folded_linear_class()(weight, bias, onednn, frozen, keep)
 
 
-def _folded(module: Any, adapter: bool, onednn: bool = False) -> Any:
+def _folded(module: Any, adapter: bool, onednn: bool = False, keep: PackedWeights | None = None) -> Any:
     """The stand-in for one LoRA ``Linear`` wrapper: its base layer (adapter off; a :func:`_linear`
     over the base's own tensors with ``onednn``), or a linear layer whose weight is base + the active
     adapters' delta, a new tensor (the base is not written)."""
     base = module.base_layer
     if not adapter:
-        return _linear(base.weight.detach(), _detached(base.bias), onednn, frozen=base.weight) if onednn else base
+        return _linear(base.weight.detach(), _detached(base.bias), onednn, base.weight, keep) if onednn else base
     weight = base.weight.detach()
     for name in module.active_adapters:
         if name in module.lora_A:
@@ -241,13 +255,13 @@ def folded_lora(model: Any, adapter: bool = True) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def decoding_linears(model: Any, adapter: bool = True) -> Iterator[None]:
+def decoding_linears(model: Any, adapter: bool = True, keep: PackedWeights | None = None) -> Iterator[None]:
     """:func:`folded_lora`, and on a CPU in fp32 every linear layer (the LM head too, and every layer of
     a model without an adapter) computed by oneDNN while it multiplies few rows: the decode steps of
     ``generate`` (:data:`ONEDNN_MAX_ROWS`; prefills stay with MKL). Same products up to fp32 rounding;
-    the layers' own tensors serve prefills, and a copy packed in oneDNN's layout (one more copy of the
-    weights while generating; a frozen layer's is kept for the next generation) the decode steps;
-    every module is put back on exit.
+    the layers' own tensors serve prefills, and a copy packed in oneDNN's layout the decode steps (one
+    more copy of the weights while generating; ``keep`` holds frozen layers' copies for the owner's
+    next generation, :class:`PackedWeights`); every module is put back on exit.
     Off (plain :func:`folded_lora`) where :func:`onednn_decoding_enabled` says so, on a GPU, or in
     another dtype."""
     import torch
@@ -255,12 +269,12 @@ def decoding_linears(model: Any, adapter: bool = True) -> Iterator[None]:
     params = list(model.parameters())
     onednn = (onednn_decoding_enabled() and bool(params)
               and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params))
-    with _swapped_for_generation(model, adapter, onednn):
+    with _swapped_for_generation(model, adapter, onednn, keep):
         yield
 
 
 @contextlib.contextmanager
-def _swapped_for_generation(model: Any, adapter: bool, onednn: bool) -> Iterator[None]:
+def _swapped_for_generation(model: Any, adapter: bool, onednn: bool, keep: PackedWeights | None = None) -> Iterator[None]:
     import torch
 
     from polyalign.models.adapters import is_peft
@@ -280,9 +294,9 @@ def _swapped_for_generation(model: Any, adapter: bool, onednn: bool) -> Iterator
             if (m.merged or m.lora_variant or getattr(m, "fan_in_fan_out", False)
                     or type(m.base_layer).__name__ != "Linear"):
                 continue
-            stand_in = _folded(m, adapter and not m.disable_adapters, onednn)
+            stand_in = _folded(m, adapter and not m.disable_adapters, onednn, keep)
         elif onednn and type(m) is torch.nn.Linear:
-            stand_in = _linear(m.weight.detach(), _detached(m.bias), onednn=True, frozen=m.weight)
+            stand_in = _linear(m.weight.detach(), _detached(m.bias), True, m.weight, keep)
         else:
             continue
         swapped.append((model.get_submodule(parent_name) if parent_name else model, attr, m, stand_in))

@@ -478,9 +478,11 @@ class MSDTrainer(Trainer):
         needs the wrappers in place): as it was."""
         if not (fast and on_policy):
             return contextlib.nullcontext()
-        from polyalign.models.sampling import decoding_linears
+        from polyalign.models.sampling import PackedWeights, decoding_linears
 
-        return decoding_linears(self.accelerator.unwrap_model(model))
+        if getattr(self, "_packed_frozen", None) is None:     # the frozen LM head, packed once for every step
+            self._packed_frozen = PackedWeights()
+        return decoding_linears(self.accelerator.unwrap_model(model), keep=self._packed_frozen)
 
     def _token_divergence(self, model: Any, student_prompts: list[list[int]], teacher_prompts: list[list[int]],
                           responses: list[list[int]], fused: bool, packed: bool = False, stage: Any = None,
