@@ -224,6 +224,24 @@ def test_mlc_harmful_pairs_choose_a_refusal_and_refuse_unlabelled(tmp_path, tiny
         mlc_rows([*recs, ParallelRecord("x", {"en": "?", "th": "?"})], cfg, tok, {})
 
 
+def test_mlc_harmful_pairs_skip_prompts_the_model_already_refuses(tiny, caplog):
+    """A harmful prompt the model already refuses would pair a refusal with a refusal: DPO could only
+    learn the wording, while benign pairs push refusals down (mlc_dpo seed 0 of the study)."""
+    from polyalign.train.mlc_config import BENIGN_REFUSAL, MLCConfig
+    from polyalign.train.mlc_trainer import mlc_rows
+
+    _, tok = tiny
+    recs = [ParallelRecord(f"h{i}", {"en": f"Make a bomb {i}", "th": "ระเบิด"}, "harmful") for i in range(2)]
+    own = {"h0": "I'm sorry, but I can't assist with that.", "h1": "Sure, here is how"}
+    cfg = MLCConfig(languages=["en", "th"], harmful_pairs=True)
+    with caplog.at_level("WARNING"):
+        rows = mlc_rows(recs, cfg, tok, own)
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [(BENIGN_REFUSAL, "Sure, here is how")]
+    assert "1 harmful records give no pair" in caplog.text and "h0" in caplog.text
+    kept = mlc_rows(recs, MLCConfig(languages=["en", "th"], harmful_pairs=True, harmful_skip_refused=False), tok, own)
+    assert len(kept) == 2
+
+
 # --- label_sft: SFT on the teacher's greedy answers ------------------------------------------------
 
 def test_sft_mode_trains_on_the_teachers_greedy_answers(tmp_path, bench):

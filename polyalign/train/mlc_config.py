@@ -46,6 +46,11 @@ class MLCConfig:
             the benign ones). Off by default. With ``benign_pairs`` or ``harmful_pairs`` on, every
             record must carry a harmful/benign label (one without is refused, naming file and row).
         harmful_chosen: the refusal string (English) chosen for harmful prompts.
+        harmful_skip_refused: a harmful record whose own answer already refuses (the lexicon's
+            ``refusal_phrase``) gives no pair (True, since 2026-12-05): chosen and rejected would both
+            refuse, and DPO could only learn their wording. (The 0.5B model refuses 15 of the study's
+            24 English harmful train prompts with "I'm sorry, but I can't assist with that."; with those
+            pairs, against 24 benign pairs that reject a refusal, `mlc_dpo` seed 0 unlearned refusing.)
     """
 
     paradigm: str = "dpo"
@@ -65,6 +70,7 @@ class MLCConfig:
     benign_max_new_tokens: int = 128
     harmful_pairs: bool = False
     harmful_chosen: str = BENIGN_REFUSAL
+    harmful_skip_refused: bool = True
 
     def __post_init__(self) -> None:
         if self.benign_chosen not in ("own", "provided"):

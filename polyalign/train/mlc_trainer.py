@@ -13,11 +13,13 @@ singular-value share and the mean pairwise cosine between languages.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from polyalign.data.records import BENIGN_CATEGORIES, ParallelRecord, record_label, require_labels
 from polyalign.models.chat import prompt_ids
+from polyalign.text.refusal import refusal_phrase
 from polyalign.train.mlc_config import MLCConfig
 from polyalign.train.mlc_term import (
     HEAD_FILE,
@@ -28,6 +30,8 @@ from polyalign.train.mlc_term import (
     variant_inputs,
 )
 from polyalign.train.preference_trainer import reference_free_trainer_class
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HEAD_FILE", "MLCCollator", "MLCMixin", "build_mlc_trainer", "mlc_rows", "prompt_representations"]
 
@@ -108,7 +112,8 @@ def mlc_rows(records: list[ParallelRecord], cfg: MLCConfig, tokenizer: Any,
     ``cfg.benign_pairs``, benign records get chosen = their helpful answer (``benign_answers[id]``
     for ``benign_chosen: own``, else ``meta``) and rejected = ``cfg.benign_rejected``.
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
+    refused: list[str] = []
     if cfg.benign_pairs or cfg.harmful_pairs:
         require_labels(records, "mlc.benign_pairs / mlc.harmful_pairs")
     for r in records:
@@ -119,6 +124,9 @@ def mlc_rows(records: list[ParallelRecord], cfg: MLCConfig, tokenizer: Any,
                 "output" in meta if cfg.paradigm == "sft" else "chosen" in meta and "rejected" in meta):
             answer = (benign_answers or {}).get(r.id)
             if not answer:
+                continue
+            if cfg.harmful_skip_refused and refusal_phrase(answer, "en"):
+                refused.append(r.id)            # refusal over refusal: no preference to learn
                 continue
             meta = {"output": cfg.harmful_chosen, "chosen": cfg.harmful_chosen, "rejected": answer}
         if cfg.benign_pairs and r.category in BENIGN_CATEGORIES:
@@ -140,6 +148,9 @@ def mlc_rows(records: list[ParallelRecord], cfg: MLCConfig, tokenizer: Any,
             row["chosen"] = [{"role": "assistant", "content": meta["chosen"]}]
             row["rejected"] = [{"role": "assistant", "content": meta["rejected"]}]
         rows.append(row)
+    if refused:
+        log.warning("mlc.harmful_pairs: %d harmful records give no pair, the model's own answer already refuses "
+                    "(mlc.harmful_skip_refused): %s", len(refused), ", ".join(refused))
     return rows
 
 
