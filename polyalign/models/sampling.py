@@ -155,9 +155,6 @@ class PackedWeights:
         self._by_id[id(param)] = (weakref.ref(param), *sig, packed)
         return packed
 
-    def __len__(self) -> int:
-        return len(self._by_id)
-
 
 def onednn_decoding_enabled() -> bool:
     """oneDNN for few-row fp32 products on the CPU: where torch has it, unless
