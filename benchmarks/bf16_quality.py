@@ -2,9 +2,14 @@
 of prompts whose verdict (safe / unsafe / invalid and refused) is the same, per language.
 
     python benchmarks/bf16_quality.py --model builtin:qwen2.5-coder-0.5b-instruct --limit 24
+    python benchmarks/bf16_quality.py --split test --limit 0 --batch-size 32 \
+        --reference docs/results/test/base_qwen2.5-coder-0.5b-instruct_seed0.jsonl    # the study's settings
 
-Runs evaluation's own path (run_eval on the built-in benchmark's eval split, harmful and benign)
-into ``--out/<dtype>/<task>``, so a rerun reuses every generation. Where the hardware emulates bf16
+Runs evaluation's own path (run_eval on the built-in benchmark's ``--split``, harmful and benign)
+into ``--out/<dtype>/<task>``, so a rerun reuses every generation. Besides the per-language
+agreement it prints each dtype's refusal rates (what the study reports), and with ``--reference``
+(a results file of the study, ``scripts/study_tables.py``'s format) how often this machine's fp32
+verdicts agree with that file's: the same greedy evaluation on another machine. Where the hardware emulates bf16
 (no AVX512-BF16 / AMX, no CUDA) bf16 is ~100x slower than fp32 and the policy never picks it;
 ``--force`` runs it anyway.
 """
@@ -24,7 +29,11 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
     p.add_argument("--languages", default="en,zh,th,ar,sw,bn,ko,vi,jv")
-    p.add_argument("--limit", type=int, default=24)
+    p.add_argument("--split", default="dev", help="train | dev | test (default dev)")
+    p.add_argument("--limit", type=int, default=24, help="prompts per language and task; 0: every one")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: run_eval's)")
+    p.add_argument("--reference", default=None, help="a results file (jsonl: kind, lang, prompt_id, refused, "
+                   "label) to compare this machine's fp32 verdicts with")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--out", default="runs/bf16_quality")
     p.add_argument("--force", action="store_true", help="run bf16 even where the hardware emulates it")
@@ -38,7 +47,8 @@ def main() -> None:
         for task in ("builtin-harmful", "builtin-benign"):
             out = Path(args.out) / dtype / task
             run_eval(EvalConfig(model=args.model, task=task, out=str(out), languages=args.languages,
-                                limit=args.limit, max_new_tokens=args.max_new_tokens, dtype=dtype))
+                                split=args.split, limit=args.limit or None, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, dtype=dtype))
             for line in (out / "judged.jsonl").read_text(encoding="utf-8").splitlines():
                 j = json.loads(line)
                 verdicts[dtype][(task, j["lang"], j["prompt_id"])] = (j["label"], j["refused"])
@@ -49,6 +59,29 @@ def main() -> None:
         print(f"verdict_agreement {lang} {sum(xs) / len(xs):.3f} ({sum(xs)}/{len(xs)})")
     allx = [x for xs in same.values() for x in xs]
     print(f"verdict_agreement all {sum(allx) / len(allx):.3f} ({sum(allx)}/{len(allx)})")
+    refused = {k: v[1] for k, v in verdicts["float32"].items()}
+    agree = [refused[k] == verdicts["bfloat16"][k][1] for k in refused if k in verdicts["bfloat16"]]
+    print(f"refusal_flag_agreement all {sum(agree) / len(agree):.3f} ({sum(agree)}/{len(agree)})")
+    for task in ("builtin-harmful", "builtin-benign"):
+        for scope, langs in (("en", {"en"}), ("non-en", None)):
+            rates = []
+            for dtype in ("float32", "bfloat16"):
+                xs = [v[1] for k, v in verdicts[dtype].items() if k[0] == task and (k[1] in langs if langs else k[1] != "en")]
+                rates.append(f"{dtype} {100 * sum(xs) / max(len(xs), 1):.1f} % of {len(xs)}")
+            print(f"# refused, {task}, {scope}: " + ", ".join(rates))
+    if args.reference:
+        kinds = {"harmful": "builtin-harmful", "benign": "builtin-benign"}
+        ref = {}
+        for line in Path(args.reference).read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            ref[(kinds[r["kind"]], r["lang"], r["prompt_id"])] = (r["label"], r["refused"])
+        both = [k for k in verdicts["float32"] if k in ref]
+        if not both:
+            raise SystemExit(f"{args.reference}: no prompt in common with this run")
+        full = sum(verdicts["float32"][k] == ref[k] for k in both)
+        flag = sum(verdicts["float32"][k][1] == ref[k][1] for k in both)
+        print(f"fp32_vs_reference verdicts {full / len(both):.3f} ({full}/{len(both)}), refusal flag "
+              f"{flag / len(both):.3f} ({flag}/{len(both)}) [{args.reference}]")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python benchmarks/decode_linears.py --model builtin:tiny-random --repeats 1     # smoke
     python benchmarks/decode_linears.py --decode-profile     # the token draw, and a decode step by part
     python benchmarks/decode_linears.py --packing            # oneDNN on weights packed once vs plain
+    python benchmarks/decode_linears.py --products-only --dtype bfloat16   # bf16 products (a CPU with AMX)
 
 Two workloads, each timed with the previous path and with :func:`polyalign.models.sampling.decoding_linears`
 (oneDNN for every linear layer while it multiplies at most ``ONEDNN_MAX_ROWS`` rows), the two sides
@@ -63,20 +64,28 @@ def generate(model, tok, ids: list[list[int]], greedy: bool, new_tokens: int, se
 
 
 def side_by_side(name: str, model, tok, ids, greedy: bool, new_tokens: int, before, after, repeats: int,
-                 sides: str = "mkl_vs_onednn") -> float:
-    """Median seconds of each side, alternating; prints them, the ratio and the rows' agreement."""
+                 sides: str = "mkl_vs_onednn", batch: int | None = None) -> float:
+    """Median seconds of each side, alternating; prints them, the ratio and the rows' agreement.
+    ``batch``: cut ``ids`` into batches of that many rows, all generated inside one entry of the
+    side's context, as an evaluation run does (what a context sets up once is paid once)."""
     times: dict[str, list[float]] = {"before": [], "after": []}
-    outs = {}
+    outs: dict[str, list[torch.Tensor]] = {}
+    chunks = [ids[i:i + batch] for i in range(0, len(ids), batch)] if batch else [ids]
     generate(model, tok, ids[:2], greedy, 4, 0)                              # warm up
     for _ in range(repeats):
         for side, ctx in (("before", before), ("after", after)):
+            outs[side], dt = [], 0.0
             with ctx():
-                dt, outs[side] = generate(model, tok, ids, greedy, new_tokens, seed=1234)
+                for chunk in chunks:
+                    t, out = generate(model, tok, chunk, greedy, new_tokens, seed=1234)
+                    dt += t
+                    outs[side].extend(out)
             times[side].append(dt)
     b, a = statistics.median(times["before"]), statistics.median(times["after"])
     same = sum(torch.equal(x, y) for x, y in zip(outs["before"], outs["after"]))
-    tokens = int((outs["after"] != tok.pad_token_id).sum())
-    print(f"{name}: {len(ids)} rows, {new_tokens} new tokens, {'greedy' if greedy else 'sampled'}; "
+    tokens = int(sum((o != tok.pad_token_id).sum() for o in outs["after"]))
+    print(f"{name}: {len(ids)} rows" + (f" in {len(chunks)} batches" if batch else "") + f", {new_tokens} new tokens, "
+          f"{'greedy' if greedy else 'sampled'}; "
           f"before {b:.2f} s, after {a:.2f} s (medians of {repeats}; each: "
           f"{', '.join(f'{t:.2f}' for t in times['before'])} / {', '.join(f'{t:.2f}' for t in times['after'])}); "
           f"{tokens / a:.1f} tokens/s after")
@@ -119,12 +128,14 @@ def read_bandwidth(gib: float = 1.0, trials: int = 3) -> float:
 
 def products(model, repeats: int = 20) -> None:
     """Each distinct linear shape of ``model``, rows 8, 32 (decoding) and 512 (a prefill): F.linear
-    (MKL) vs oneDNN vs oneDNN on the weight packed for that row count, ms."""
+    (MKL in fp32; oneDNN's own call in bf16) vs oneDNN vs oneDNN on the weight packed for that row
+    count, ms, in the model's dtype."""
     shapes = sorted({tuple(m.weight.shape) for m in model.modules() if type(m) is torch.nn.Linear})
+    dtype = next(model.parameters()).dtype
     for rows in (8, 32, 512):
         cells = []
         for out_f, in_f in shapes:
-            w, x = torch.randn(out_f, in_f), torch.randn(rows, in_f)
+            w, x = torch.randn(out_f, in_f, dtype=dtype), torch.randn(rows, in_f, dtype=dtype)
             wp = torch.ops.mkldnn._reorder_linear_weight(w, rows)
             t = {}
             for side, f in (("mkl", lambda x=x, w=w: torch.nn.functional.linear(x, w)),
@@ -137,7 +148,7 @@ def products(model, repeats: int = 20) -> None:
                 t[side] = (time.perf_counter() - t0) / repeats * 1e3
             cells.append(f"[{out_f}x{in_f}] {t['mkl']:.2f}/{t['onednn']:.2f}/{t['packed']:.2f} ms "
                          f"({t['mkl'] / t['onednn']:.2f}x, {t['onednn'] / t['packed']:.2f}x)")
-        print(f"  products at {rows} rows, MKL/oneDNN/oneDNN packed (MKL/oneDNN, oneDNN/packed): " + "; ".join(cells))
+        print(f"  {dtype} products at {rows} rows, F.linear/oneDNN/oneDNN packed (F.linear/oneDNN, oneDNN/packed): " + "; ".join(cells))
 
 
 def draws(vocab: int, rows: int = 8, repeats: int = 20) -> None:
@@ -198,6 +209,10 @@ def main() -> None:
                    help="both workloads with oneDNN on plain weights vs on weights packed once (a few minutes)")
     p.add_argument("--decode-profile", action="store_true",
                    help="the draw side by side and where a decode step of the demo's sampling goes (two minutes)")
+    p.add_argument("--eval-batches", type=int, default=1,
+                   help="N: the evaluation workload is N batches of 32 in one context, as a run generates them")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the base model's dtype (bf16: where the CPU has it natively)")
     args = p.parse_args()
 
     from polyalign.models import load_model, load_tokenizer
@@ -211,7 +226,7 @@ def main() -> None:
         print("oneDNN's linear op is not in this torch build (or POLYALIGN_ONEDNN_DECODE=0): nothing to compare")
         return
     tok = load_tokenizer(args.model)
-    base = load_model(args.model, dtype="float32", device="cpu").eval()
+    base = load_model(args.model, dtype=args.dtype, device="cpu").eval()
     langs = ["zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"]
     if args.decode_profile:
         draws(base.get_output_embeddings().weight.shape[0])
@@ -225,13 +240,13 @@ def main() -> None:
     products(base)
     if args.products_only:
         return
-    ids_eval = prompts(tok, "dev", ["en", *langs], 32, ("harmful", "benign"))
+    ids_eval = prompts(tok, "dev", ["en", *langs], 32 * args.eval_batches, ("harmful", "benign"))
     if args.packing:
         side_by_side("evaluation", base, tok, ids_eval, True, 40, lambda: packing(base, False),
-                     lambda: packing(base, True), args.repeats, "plain_vs_packed")
+                     lambda: packing(base, True), args.repeats, "plain_vs_packed", batch=32)
     else:
         side_by_side("evaluation", base, tok, ids_eval, True, 40, contextlib.nullcontext,
-                     lambda: decoding_linears(base), args.repeats)
+                     lambda: decoding_linears(base), args.repeats, batch=32)
 
     torch.manual_seed(0)
     model = attach_lora(base, LoraSettings(r=16, alpha=32)).eval()

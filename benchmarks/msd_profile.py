@@ -4,6 +4,7 @@
     python benchmarks/msd_profile.py --compare 2                # legacy and fast steps interleaved: both tables + ratio
     python benchmarks/msd_profile.py --compare 3 --seeds 3      # each pair of steps with its own sampling seed
     python benchmarks/msd_profile.py --check 2                  # train 2 steps each way from one seed: max |diff|
+    python benchmarks/msd_profile.py --dtypes 3 --seeds 3       # fast step in fp32 and bf16, alternating: both tables + ratio
     python benchmarks/msd_profile.py --model builtin:tiny-random --batch 4 --max-new-tokens 8 --compare 1   # smoke
 
 Per stage of one step (sampling, teacher forward, student forward, head + divergence, backward,
@@ -85,8 +86,9 @@ class StageClock:
         self.info.update(info)
 
 
-def build_trainer(args: argparse.Namespace, out: str):
-    """The recipe's trainer exactly as ``run_recipe`` builds it (same seeding order), optimizer ready."""
+def build_trainer(args: argparse.Namespace, out: str, dtype: str | None = None):
+    """The recipe's trainer exactly as ``run_recipe`` builds it (same seeding order), optimizer ready;
+    ``dtype``: the base model's dtype instead of the policy's (the adapter stays fp32)."""
     from transformers import set_seed
 
     from polyalign.data.builtin import load_prompts
@@ -99,6 +101,8 @@ def build_trainer(args: argparse.Namespace, out: str):
         overrides.append(f"per_device_train_batch_size={args.batch}")
     if args.max_new_tokens:
         overrides.append(f"msd.max_new_tokens={args.max_new_tokens}")
+    if dtype:
+        overrides.append(f"dtype={dtype}")
     r = load_recipe(args.recipe, overrides)
     r.training.update(save_strategy="no", disable_tqdm=True)
     set_seed(r.seed)
@@ -236,6 +240,67 @@ def check(args: argparse.Namespace) -> None:
           f"max |adapter diff| {dw:.3g} (largest adapter entry {scale:.3g})")
 
 
+def compare_dtypes(args: argparse.Namespace) -> None:
+    """``msd_step_bf16_vs_fp32`` on the recipe: the fast step with the base model in fp32 and in bf16
+    (two trainers built alike, one process), steps alternating on the same batch and sampling seeds,
+    every step from the trainer's starting adapter. The sides' samples differ (bf16 rounds the
+    logits), so ``--seeds`` averages over several; response tokens are printed for each step."""
+    from precision import matmul_peak
+
+    from polyalign.models.loading import model_dtype
+
+    dtypes = ("float32", "bfloat16")
+    with tempfile.TemporaryDirectory() as out:
+        sides = {}
+        for d in dtypes:
+            trainer, r = build_trainer(args, str(Path(out) / d), dtype=d)
+            trainer.create_optimizer_and_scheduler(num_training_steps=2 * args.dtypes + 2)
+            trainer.current_gradient_accumulation_steps = 1
+            trainer.model.train()
+            assert model_dtype(trainer.model) == d, (model_dtype(trainer.model), d)
+            sides[d] = (trainer, next(iter(trainer.get_train_dataloader())), adapter_state(trainer.model),
+                        model_sizes(trainer.model))
+        peaks = {d: matmul_peak(getattr(torch, d), 2048, trials=5) for d in dtypes}
+        print(f"# model {args.model}, recipe {args.recipe}: batch {r.training['per_device_train_batch_size']}, "
+              f"{r.msd['max_new_tokens']} sampled tokens; matmul peak (2048^3, best of 5) "
+              + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in peaks.items()), flush=True)
+
+        def run(d: str, seed: int) -> tuple[StageClock, float, float]:
+            trainer, batch, start, _ = sides[d]
+            res = timed_step(trainer, batch, False, seed, args.draw or trainer.msd.draw)
+            with torch.no_grad():
+                for n, prm in trainer.model.named_parameters():
+                    if n in start:
+                        prm.copy_(start[n])
+            trainer.optimizer.state.clear()
+            return res
+
+        if not args.no_warmup:
+            for d in dtypes:
+                run(d, args.seed)
+        reps: dict[str, list[tuple[StageClock, float, float]]] = {d: [] for d in dtypes}
+        for k in range(args.dtypes):
+            for d in (dtypes if k % 2 == 0 else dtypes[::-1]):
+                seed = args.seed + (k % args.seeds)
+                reps[d].append(run(d, seed))
+                lens = [len(y) for y in reps[d][-1][0].info["responses"]]
+                print(f"# {d} step {k + 1} (seed {seed}): {reps[d][-1][1]:.2f} s, loss {reps[d][-1][2]:.4f}, "
+                      f"{sum(lens)} response tokens, longest {max(lens)} ({load()})", flush=True)
+        medians = {}
+        for d in dtypes:
+            runs = reps[d]
+            medians[d] = statistics.median(t for _, t, _ in runs)
+            seconds = {s: statistics.median(c.seconds.get(s, 0.0) for c, _, _ in runs) for s in STAGES}
+            info = runs[0][0].info
+            lens = [len(y) for y in info["responses"]]
+            print()
+            print(table(f"fast step, base in {d} (median of {len(runs)}): responses {min(lens)}-{max(lens)} tokens "
+                        f"({sum(lens)} in all)", seconds, medians[d], work(info, sides[d][3], False), peaks[d]))
+        print()
+        print(f"ratio msd_step_bf16_vs_fp32 {medians['float32'] / medians['bfloat16']:.3f} "
+              f"(fp32 {medians['float32']:.2f} s, bf16 {medians['bfloat16']:.2f} s per step)")
+
+
 def flop_model(args: argparse.Namespace) -> None:
     """No timing: model FLOPs of every step of the recipe (its ``max_steps`` batches, in the trainer's
     order, every response at ``max_new_tokens``), legacy vs new: what the new step removes where
@@ -269,6 +334,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="msd.max_new_tokens (default: the recipe's)")
     p.add_argument("--legacy", action="store_true", help="profile the step before issue #26 (no --compare)")
     p.add_argument("--compare", type=int, default=0, help="K: K legacy and K fast steps, alternating")
+    p.add_argument("--dtypes", type=int, default=0,
+                   help="K: K fast steps with an fp32 base and K with a bf16 base, alternating (two trainers, one "
+                        "process): both tables + ratio msd_step_bf16_vs_fp32")
     p.add_argument("--check", type=int, default=0, help="S: train S steps each way from one seed, print max |diff|")
     p.add_argument("--flop-model", action="store_true", help="no timing: FLOPs of every step of the recipe, legacy vs new")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -296,6 +364,10 @@ def main() -> None:
         return
     if args.check:
         check(args)
+        print(f"# {load()} at end")
+        return
+    if args.dtypes:
+        compare_dtypes(args)
         print(f"# {load()} at end")
         return
     with tempfile.TemporaryDirectory() as out:

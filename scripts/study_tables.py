@@ -4,6 +4,7 @@
     python scripts/study_tables.py export runs/comparisons_0.5b docs/results/test   # a sweep folder -> files
     python scripts/study_tables.py export runs/demo/after/builtin-harmful docs/results/test --config default
     python scripts/study_tables.py forms docs/results/test    # benign refusal by prompt form (built-in benchmark)
+    python scripts/study_tables.py agreement A.jsonl B.jsonl  # two runs of one config (dtype, machine), paired
 
 Results files (issue #25, point 5): ``<dir>/<config>_<model>_seed<k>.jsonl``, one compact JSON line per
 prompt, language and run: ``config``, ``model``, ``seed``, ``lang``, ``prompt_id``, ``kind`` (harmful |
@@ -343,6 +344,46 @@ def tables(folder: Path, out: Path | None = None, iters: int = 2000) -> dict[str
     return numbers
 
 
+def agreement(a: Path, b: Path) -> str:
+    """How two results files of the same prompts agree, paired by (kind, lang, prompt_id): the share
+    of prompts with the same refusal flag, the same in-language flag and the same label, per kind and
+    language group, and each file's refusal rate there. What it answers: whether a change of dtype or
+    machine moves the verdicts of the same greedy evaluation, and by how much the rates move."""
+    def rows(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
+        out = {}
+        for n, r in iter_jsonl(path):
+            missing = [k for k in ("kind", "lang", "prompt_id", "refused", "in_language", "label") if k not in r]
+            if missing:
+                raise DataError(f"missing {', '.join(missing)}", path, row=n)
+            out[r["kind"], r["lang"], r["prompt_id"]] = r
+        return out
+
+    ra, rb = rows(a), rows(b)
+    both = sorted(set(ra) & set(rb))
+    if not both:
+        raise PolyalignError(f"{a} and {b}: no prompt in common")
+    lines = [f"{a.name} vs {b.name}: {len(both)} prompts in common ({len(ra)} and {len(rb)} rows)", "",
+             "| kind | languages | n | same refusal flag | same in-language flag | same label | refused A | refused B |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def pct(k: int, n: int) -> str:
+        lo, hi = wilson(k, n)
+        return f"{100 * k / n:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+    for kind in sorted({k[0] for k in both}):
+        for scope, keep in (("en", lambda lang: lang == "en"), ("non-English", lambda lang: lang != "en"),
+                            ("all", lambda lang: True)):
+            ks = [k for k in both if k[0] == kind and keep(k[1])]
+            if not ks:
+                continue
+            n = len(ks)
+            same = {f: sum(ra[k][f] == rb[k][f] for k in ks) for f in ("refused", "in_language", "label")}
+            lines.append(f"| {kind} | {scope} | {n} | {pct(same['refused'], n)} | {pct(same['in_language'], n)} | "
+                         f"{pct(same['label'], n)} | {pct(sum(ra[k]['refused'] for k in ks), n)} | "
+                         f"{pct(sum(rb[k]['refused'] for k in ks), n)} |")
+    return "\n".join(lines)
+
+
 def benign_forms(folder: Path) -> str:
     """Benign refusal (non-English, %) per config by the prompt's form on the built-in benchmark: its
     English text ends in "?" or not (v3 added benign instructions, issue #25) and borderline or plain:
@@ -376,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["forms"]:
             print(benign_forms(Path(argv[1])))
+        elif argv[:1] == ["agreement"]:
+            if len(argv) != 3:
+                raise PolyalignError("usage: study_tables.py agreement A.jsonl B.jsonl")
+            print(agreement(Path(argv[1]), Path(argv[2])))
         elif argv[:1] == ["export"]:
             p = argparse.ArgumentParser(prog="study_tables.py export", description="run folders -> results files")
             p.add_argument("src", type=Path)

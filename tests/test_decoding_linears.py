@@ -1,4 +1,5 @@
-"""Issue #26: decoding's few-row products go to oneDNN on a CPU in fp32, computing what F.linear does.
+"""Issue #26: decoding's few-row products go to oneDNN on a CPU in fp32 (and bf16 where native), computing
+what F.linear does.
 
 oneDNN's op has no backward, so anything that needs a gradient must stay with ``F.linear``; and the
 swap, like ``folded_lora``'s, must put every module back and leave every weight bit for bit.
@@ -60,8 +61,27 @@ def test_many_rows_narrow_layers_and_other_dtypes_stay_with_f_linear():
         assert onednn_calls(lambda: _linear(torch.randn(300, 40), None, onednn=True)(x)) == 0     # a prefill
         assert onednn_calls(lambda: _linear(torch.randn(64, 40), None, onednn=True)(x[:4])) == 0  # k / v size
         assert onednn_calls(lambda: _linear(torch.randn(300, 40), None, onednn=False)(x[:4])) == 0
-        w16 = torch.randn(300, 40, dtype=torch.bfloat16)
-        assert onednn_calls(lambda: _linear(w16, None, onednn=True)(x[:4].bfloat16())) == 0
+        w16 = torch.randn(300, 40, dtype=torch.float16)
+        assert onednn_calls(lambda: _linear(w16, None, onednn=True)(x[:4].half())) == 0      # another dtype
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_bf16_goes_to_onednn_only_where_the_cpu_has_it_and_computes_f_linear(monkeypatch, fast_bf16):
+    """bf16 few-row products take oneDNN's path only on a CPU with native bf16 (emulated, it is ~100x
+    slower); there they match F.linear in bf16 (bit for bit on AMX; within bf16 rounding where
+    oneDNN emulates it, as on a CPU without it that runs this test), frozen weights packed, folded not."""
+    import polyalign.models.loading as loading
+
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda cpuinfo=None: fast_bf16)
+    torch.manual_seed(0)
+    w = torch.randn(300, 40).bfloat16()
+    x = torch.randn(4, 40).bfloat16()
+    frozen = torch.nn.Parameter(w, requires_grad=False)
+    with torch.no_grad():
+        for layer in (_linear(w, None, onednn=True), _linear(w, None, True, frozen, PackedWeights())):
+            assert onednn_calls(lambda layer=layer: layer(x)) == (1 if fast_bf16 else 0)
+            torch.testing.assert_close(layer(x).float(), torch.nn.functional.linear(x, w).float(), rtol=1e-2, atol=1e-2)
+            assert layer.pack == (fast_bf16 and layer.frozen is not None)
 
 
 def test_a_product_that_needs_a_gradient_never_goes_to_onednn():

@@ -177,6 +177,17 @@ def test_profile_script_prints_every_stage_on_the_tiny_model(draw):
         assert "responses identical: True" in text, text
 
 
+def test_profile_script_compares_dtypes_on_the_tiny_model():
+    """``--dtypes``: both trainers' stage tables, each base in its dtype, and the ratio line."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "msd_profile.py"), "--model", SPEC,
+                          "--max-new-tokens", "4", "--batch", "2", "--dtypes", "1", "--no-warmup"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert "fast step, base in float32" in text and "fast step, base in bfloat16" in text
+    assert text.count("| sampling |") == 2 and "ratio msd_step_bf16_vs_fp32" in text
+
+
 def test_prompt_run_once_gives_the_packed_hidden_states_and_gradients_in_float64(tiny):
     """prompt_prefix + prefixed_response_hidden against packed_response_hidden: the same final hidden
     states and the same adapter gradient (through the kept keys and values), in float64 to 1e-10."""

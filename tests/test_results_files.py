@@ -140,3 +140,24 @@ def test_benign_forms_counts_by_the_benchmark_prompt(tmp_path):
     assert cells[1] == "100.0 % of 2" and cells[2] == "0.0 % of 2"
     n_border = 2 * sum(bool((r.meta or {}).get("borderline")) for r in (question, other))
     assert (cells[4].rstrip(" |") == "-") == (n_border == 0) and (cells[3] == "-") == (n_border == 4)
+
+
+def test_agreement_of_two_runs_counts_by_loops(tmp_path, capsys):
+    """``agreement`` pairs two files by prompt; each cell is k / n counted here by a loop."""
+    synthetic(tmp_path)
+    a = tmp_path / f"default_{study.model_slug(MODEL)}_seed0.jsonl"
+    b = tmp_path / f"default_{study.model_slug(MODEL)}_seed1.jsonl"
+    ra, rb = rows_of(tmp_path, "default", 0), rows_of(tmp_path, "default", 1)
+    text = study.agreement(a, b)
+    key = {(r["kind"], r["lang"], r["prompt_id"]): r for r in rb}
+    pairs = [(r, key[r["kind"], r["lang"], r["prompt_id"]]) for r in ra if r["kind"] == "harmful" and r["lang"] != "en"]
+    same = sum(1 for x, y in pairs if x["refused"] == y["refused"])
+    lo, hi = wilson(same, len(pairs))
+    row = next(line for line in text.splitlines() if line.startswith("| harmful | non-English |"))
+    assert row.split(" | ")[2] == str(len(pairs)) == "36"
+    assert row.split(" | ")[3] == f"{100 * same / len(pairs):.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
+    assert study.main(["agreement", str(a), str(b)]) == 0 and "2 " not in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "harmful", "lang": "en"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl.*row 1|row 1.*bad.jsonl"):
+        study.agreement(bad, b)

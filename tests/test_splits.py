@@ -318,6 +318,23 @@ def test_system_prompt_point_evaluates_each_language_with_its_prompt(bench, tmp_
         run_sweep(load_sweep(bad), dry_run=True, console=quiet())
 
 
+def test_the_bf16_comparisons_spec_is_the_fp32_one_in_bf16():
+    """comparisons_0.5b_bf16.yaml must run the very comparisons of comparisons_0.5b.yaml (points,
+    seeds, evaluation), only with the base in bf16 for training and evaluation, into its own folder."""
+    from dataclasses import asdict
+
+    from polyalign.sweep import expand_points, load_sweep
+
+    fp32 = load_sweep(ROOT / "recipes" / "sweeps" / "comparisons_0.5b.yaml")
+    bf16 = load_sweep(ROOT / "recipes" / "sweeps" / "comparisons_0.5b_bf16.yaml")
+    assert [(p.config, p.overrides, p.seed) for p in expand_points(bf16)] == \
+        [(p.config, p.overrides, p.seed) for p in expand_points(fp32)]
+    assert bf16.overrides == fp32.overrides + ["dtype=bfloat16"] and bf16.out != fp32.out
+    assert asdict(bf16.eval) == asdict(fp32.eval) | {"dtype": "bfloat16"}
+    assert [asdict(f) for f in bf16.finalist_eval] == [asdict(f) | {"dtype": "bfloat16"} for f in fp32.finalist_eval]
+    assert (bf16.recipe, bf16.model, bf16.seeds, bf16.point_seeds) == (fp32.recipe, fp32.model, fp32.seeds, fp32.point_seeds)
+
+
 def test_comparisons_spec_lists_every_config(bench):
     from polyalign.sweep import expand_points, load_sweep, run_sweep
 

@@ -116,6 +116,20 @@ ONEDNN_MIN_OUT_FEATURES = 256
 # BENCHMARKS.md). Each layer is packed at its first few-row product within one generation context;
 # an owner that generates many times with frozen layers (the MSD trainer: the LM head every step)
 # keeps their packed copies in a :class:`PackedWeights`.
+#
+# On a CPU with native bf16 (AMX / avx512_bf16) the same path serves a bf16 model: packed bf16
+# products at 8 rows are 1.5-1.8x plain ``F.linear`` on the 0.5B model's wider layers and equal to it
+# bit for bit (an Intel Xeon with AMX, 2026-12-05; `benchmarks/decode_linears.py --packing --dtype
+# bfloat16`, BENCHMARKS.md). Where bf16 is emulated, it stays off.
+
+
+def onednn_dtypes() -> tuple[Any, ...]:
+    """The weight dtypes oneDNN's few-row path serves here: fp32, and bf16 where the CPU has it natively."""
+    import torch
+
+    from polyalign.models.loading import cpu_has_fast_bf16
+
+    return (torch.float32, torch.bfloat16) if cpu_has_fast_bf16() else (torch.float32,)
 
 
 def onednn_packing_enabled() -> bool:
@@ -177,7 +191,7 @@ def _folded_linear_class() -> type:
     class FoldedLinear(torch.nn.Module):
         """``x W^T + b`` with tensors it holds as plain attributes (no parameters), for generation.
 
-        Few-row fp32 products on the CPU go to oneDNN (``onednn``, :data:`ONEDNN_MAX_ROWS`); everything
+        Few-row fp32 (and natively fast bf16) products on the CPU go to oneDNN (``onednn``, :data:`ONEDNN_MAX_ROWS`); everything
         else, and anything that needs a gradient (oneDNN's op has no backward), to ``F.linear``.
         """
 
@@ -185,15 +199,18 @@ def _folded_linear_class() -> type:
                      keep: PackedWeights | None = None):
             super().__init__()
             self.folded_weight, self.folded_bias = weight, bias
-            self.onednn = (onednn and weight.device.type == "cpu" and weight.dtype == torch.float32
+            self.onednn = (onednn and weight.device.type == "cpu" and weight.dtype in onednn_dtypes()
                            and weight.shape[0] >= ONEDNN_MIN_OUT_FEATURES)
-            self.pack = self.onednn and onednn_packing_enabled()
+            # bf16: a new (folded) weight is not packed: its packing costs about what it saves within
+            # one generation (MSD folds the student's layers anew every step); frozen ones are
+            self.pack = self.onednn and onednn_packing_enabled() and (weight.dtype == torch.float32
+                                                                       or frozen is not None)
             self.frozen, self.keep = frozen, keep   # the parameter a frozen weight views; its owner's cache
             self.packed_weight: Any = None    # packed at the first few-row product, for its row count
 
         def forward(self, x: Any) -> Any:
             w, b = self.folded_weight, self.folded_bias
-            if (self.onednn and x.dtype == torch.float32 and x.numel() <= ONEDNN_MAX_ROWS * x.shape[-1]
+            if (self.onednn and x.dtype == w.dtype and x.numel() <= ONEDNN_MAX_ROWS * x.shape[-1]
                     and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
                 if self.pack and self.packed_weight is None:
                     rows = x.numel() // x.shape[-1]
@@ -253,7 +270,8 @@ def folded_lora(model: Any, adapter: bool = True) -> Iterator[None]:
 
 @contextlib.contextmanager
 def decoding_linears(model: Any, adapter: bool = True, keep: PackedWeights | None = None) -> Iterator[None]:
-    """:func:`folded_lora`, and on a CPU in fp32 every linear layer (the LM head too, and every layer of
+    """:func:`folded_lora`, and on a CPU with the base in fp32 (or in bf16 where the CPU has it natively,
+    :func:`onednn_dtypes`) every linear layer (the LM head too, and every layer of
     a model without an adapter) computed by oneDNN while it multiplies few rows: the decode steps of
     ``generate`` (:data:`ONEDNN_MAX_ROWS`; prefills stay with MKL). Same products up to fp32 rounding;
     the layers' own tensors serve prefills, and a copy packed in oneDNN's layout the decode steps (one
@@ -261,11 +279,10 @@ def decoding_linears(model: Any, adapter: bool = True, keep: PackedWeights | Non
     next generation, :class:`PackedWeights`); every module is put back on exit.
     Off (plain :func:`folded_lora`) where :func:`onednn_decoding_enabled` says so, on a GPU, or in
     another dtype."""
-    import torch
-
     params = list(model.parameters())
-    onednn = (onednn_decoding_enabled() and bool(params)
-              and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params))
+    base = [p for n, p in model.named_parameters() if "lora_" not in n]    # the adapter (fp32) is folded in
+    onednn = (onednn_decoding_enabled() and bool(base) and all(p.device.type == "cpu" for p in params)
+              and len({p.dtype for p in base}) == 1 and base[0].dtype in onednn_dtypes())
     with _swapped_for_generation(model, adapter, onednn, keep):
         yield
 
