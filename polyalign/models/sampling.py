@@ -118,9 +118,11 @@ ONEDNN_MIN_OUT_FEATURES = 256
 # keeps their packed copies in a :class:`PackedWeights`.
 #
 # On a CPU with native bf16 (AMX / avx512_bf16) the same path serves a bf16 model: packed bf16
-# products at 8 rows are 1.5-1.8x plain ``F.linear`` on the 0.5B model's wider layers and equal to it
-# bit for bit (an Intel Xeon with AMX, 2026-12-05; `benchmarks/decode_linears.py --packing --dtype
-# bfloat16`, BENCHMARKS.md). Where bf16 is emulated, it stays off.
+# products at 8 rows are 1.5-2.4x plain ``F.linear`` on the 0.5B model's layers and its LM head,
+# unpacked ones no faster; greedy generation gives the same tokens (an Intel Xeon with AMX,
+# 2026-12-05; `benchmarks/decode_linears.py --dtype bfloat16 --eval-batches 3`, BENCHMARKS.md). So
+# in bf16 only frozen weights are packed: a folded weight, new every MSD step, would cost about what
+# it saves. Where bf16 is emulated, the path stays off.
 
 
 def onednn_dtypes() -> tuple[Any, ...]:
