@@ -2,14 +2,13 @@
 of prompts whose verdict (safe / unsafe / invalid and refused) is the same, per language.
 
     python benchmarks/bf16_quality.py --model builtin:qwen2.5-coder-0.5b-instruct --limit 24
-    python benchmarks/bf16_quality.py --split test --limit 0 --batch-size 32 \
-        --reference docs/results/test/base_qwen2.5-coder-0.5b-instruct_seed0.jsonl    # the study's settings
+    python benchmarks/bf16_quality.py --split test --limit 0 --batch-size 32     # the study's settings
 
 Runs evaluation's own path (run_eval on the built-in benchmark's ``--split``, harmful and benign)
 into ``--out/<dtype>/<task>``, so a rerun reuses every generation. Besides the per-language
-agreement it prints each dtype's refusal rates (what the study reports), and with ``--reference``
-(a results file of the study, ``scripts/study_tables.py``'s format) how often this machine's fp32
-verdicts agree with that file's: the same greedy evaluation on another machine. Where the hardware emulates bf16
+agreement it prints each dtype's refusal rates (what the study reports). To compare with a run on
+another machine, export both (``scripts/study_tables.py export``) and pair them with
+``scripts/study_tables.py agreement A.jsonl B.jsonl``. Where the hardware emulates bf16
 (no AVX512-BF16 / AMX, no CUDA) bf16 is ~100x slower than fp32 and the policy never picks it;
 ``--force`` runs it anyway.
 """
@@ -32,8 +31,6 @@ def main() -> None:
     p.add_argument("--split", default="dev", help="train | dev | test (default dev)")
     p.add_argument("--limit", type=int, default=24, help="prompts per language and task; 0: every one")
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: run_eval's)")
-    p.add_argument("--reference", default=None, help="a results file (jsonl: kind, lang, prompt_id, refused, "
-                   "label) to compare this machine's fp32 verdicts with")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--out", default="runs/bf16_quality")
     p.add_argument("--force", action="store_true", help="run bf16 even where the hardware emulates it")
@@ -69,19 +66,6 @@ def main() -> None:
                 xs = [v[1] for k, v in verdicts[dtype].items() if k[0] == task and (k[1] in langs if langs else k[1] != "en")]
                 rates.append(f"{dtype} {100 * sum(xs) / max(len(xs), 1):.1f} % of {len(xs)}")
             print(f"# refused, {task}, {scope}: " + ", ".join(rates))
-    if args.reference:
-        kinds = {"harmful": "builtin-harmful", "benign": "builtin-benign"}
-        ref = {}
-        for line in Path(args.reference).read_text(encoding="utf-8").splitlines():
-            r = json.loads(line)
-            ref[(kinds[r["kind"]], r["lang"], r["prompt_id"])] = (r["label"], r["refused"])
-        both = [k for k in verdicts["float32"] if k in ref]
-        if not both:
-            raise SystemExit(f"{args.reference}: no prompt in common with this run")
-        full = sum(verdicts["float32"][k] == ref[k] for k in both)
-        flag = sum(verdicts["float32"][k][1] == ref[k][1] for k in both)
-        print(f"fp32_vs_reference verdicts {full / len(both):.3f} ({full}/{len(both)}), refusal flag "
-              f"{flag / len(both):.3f} ({flag}/{len(both)}) [{args.reference}]")
 
 
 if __name__ == "__main__":

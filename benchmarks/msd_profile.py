@@ -149,6 +149,19 @@ def timed_step(trainer: Any, batch: dict, legacy: bool, seed: int, draw: str) ->
     return clock, time.perf_counter() - t0, loss
 
 
+def step_from(trainer: Any, batch: dict, start: dict[str, torch.Tensor], legacy: bool, seed: int,
+              draw: str) -> tuple[StageClock, float, float]:
+    """:func:`timed_step`, then the adapter back to ``start`` and fresh optimizer moments, so that
+    every timed step starts from the same weights."""
+    res = timed_step(trainer, batch, legacy, seed, draw)
+    with torch.no_grad():
+        for n, prm in trainer.model.named_parameters():
+            if n in start:
+                prm.copy_(start[n])
+    trainer.optimizer.state.clear()
+    return res
+
+
 def model_sizes(model: Any) -> dict[str, int]:
     """Non-embedding base weights without the head, adapter weights, H and V."""
     head = model.get_output_embeddings().weight
@@ -267,13 +280,7 @@ def compare_dtypes(args: argparse.Namespace) -> None:
 
         def run(d: str, seed: int) -> tuple[StageClock, float, float]:
             trainer, batch, start, _ = sides[d]
-            res = timed_step(trainer, batch, False, seed, args.draw or trainer.msd.draw)
-            with torch.no_grad():
-                for n, prm in trainer.model.named_parameters():
-                    if n in start:
-                        prm.copy_(start[n])
-            trainer.optimizer.state.clear()
-            return res
+            return step_from(trainer, batch, start, False, seed, args.draw or trainer.msd.draw)
 
         if not args.no_warmup:
             for d in dtypes:
@@ -387,13 +394,7 @@ def main() -> None:
         start = adapter_state(trainer.model)
 
         def run(legacy: bool, seed: int) -> tuple[StageClock, float, float]:
-            res = timed_step(trainer, batch, legacy, seed, fast_draw)
-            with torch.no_grad():                      # every step from the same adapter (and fresh moments)
-                for n, prm in trainer.model.named_parameters():
-                    if n in start:
-                        prm.copy_(start[n])
-            trainer.optimizer.state.clear()
-            return res
+            return step_from(trainer, batch, start, legacy, seed, fast_draw)
 
         sides = [True, False] if args.compare else [args.legacy]
         if not args.no_warmup:
