@@ -5,6 +5,7 @@
     python benchmarks/msd_profile.py --compare 3 --seeds 3      # each pair of steps with its own sampling seed
     python benchmarks/msd_profile.py --check 2                  # train 2 steps each way from one seed: max |diff|
     python benchmarks/msd_profile.py --dtypes 3 --seeds 3       # fast step in fp32 and bf16, alternating: both tables + ratio
+    python benchmarks/msd_profile.py --ops 6                    # + one step under torch.profiler: operators by stage
     python benchmarks/msd_profile.py --model builtin:tiny-random --batch 4 --max-new-tokens 8 --compare 1   # smoke
 
 Per stage of one step (sampling, teacher forward, student forward, head + divergence, backward,
@@ -78,7 +79,8 @@ class StageClock:
     def __call__(self, name: str):
         t0 = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"stage: {name}"):     # --ops attributes operators to stages
+                yield
         finally:
             self.seconds[name] += time.perf_counter() - t0
 
@@ -308,6 +310,63 @@ def compare_dtypes(args: argparse.Namespace) -> None:
               f"(fp32 {medians['float32']:.2f} s, bf16 {medians['bfloat16']:.2f} s per step)")
 
 
+MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
+ATTENTION = {"softmax", "_softmax", "_safe_softmax"}
+COPIES = {"to", "_to_copy", "copy_", "contiguous", "clone", "cat", "index", "index_select", "gather", "scatter",
+          "embedding", "slice", "select", "narrow", "stack"}
+KINDS = ["matmul", "attention", "cast / copy", "other (norms, activations, elementwise)"]
+
+
+def op_kind(name: str) -> str:
+    """Which of ``KINDS`` an operator is (``--ops``)."""
+    short = name.removeprefix("aten::")
+    if short in MATMULS or "mkldnn" in short or "onednn" in short:
+        return KINDS[0]
+    if short in ATTENTION or "scaled_dot_product" in short:
+        return KINDS[1]
+    if short in COPIES:
+        return KINDS[2]
+    return KINDS[3]
+
+
+def op_tables(prof: Any, top: int, wall: dict[str, float]) -> str:
+    """Operators' self CPU time by stage (an operator belongs to the stage whose range holds its
+    start), by kind and the ``top`` largest; the stages' ranges are StageClock's record_function marks."""
+    events = prof.events()
+    spans = [(e.name.removeprefix("stage: "), e.time_range.start, e.time_range.end)
+             for e in events if e.name.startswith("stage: ")]
+    by_stage: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for e in events:
+        if e.name.startswith("stage: ") or e.device_type.name != "CPU":
+            continue
+        where = next((n for n, a, b in spans if a <= e.time_range.start < b), "other")
+        by_stage[where][e.name] += e.self_cpu_time_total / 1e6
+    kinds = KINDS
+    rows = ["| stage | wall s | operators' self time, s | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 3) + "|"]
+    lines = []
+    for stage in [*STAGES, "other"]:
+        ops = by_stage.get(stage)
+        if not ops:
+            continue
+        total = sum(ops.values())
+        share = defaultdict(float)
+        for name, sec in ops.items():
+            share[op_kind(name)] += sec
+        rows.append(f"| {stage} | {wall.get(stage, 0.0):.2f} | {total:.2f} | " + " | ".join(f"{share[k] / total:.0%}" for k in kinds) + " |")
+        biggest = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+        lines.append(f"- {stage}: " + ", ".join(f"{n.removeprefix('aten::')} {s:.2f}" for n, s in biggest))
+    return "\n".join(rows + ["", f"largest {top} operators per stage (self seconds):", *lines])
+
+
+def profile_ops(trainer: Any, batch: dict, start: dict[str, torch.Tensor], seed: int, draw: str, top: int) -> None:
+    """One step under torch.profiler: where the time inside each stage goes, by operator."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        clock, sec, _ = step_from(trainer, batch, start, False, seed, draw)
+    print(f"\n# one fast step under torch.profiler: {sec:.2f} s (the profiler's own overhead included); "
+          "wall minus operators' time = Python, the profiler, idle threads; shares are of operators' time")
+    print(op_tables(prof, top, clock.seconds))
+
+
 def flop_model(args: argparse.Namespace) -> None:
     """No timing: model FLOPs of every step of the recipe (its ``max_steps`` batches, in the trainer's
     order, every response at ``max_new_tokens``), legacy vs new: what the new step removes where
@@ -354,6 +413,8 @@ def main() -> None:
                    help="N: repeat k samples with seed + k mod N, on both sides (the draws differ: average over samples)")
     p.add_argument("--draw", choices=["multinomial", "inverse_cdf"], default=None,
                    help="the fast step's token draw (default: the recipe's msd.draw); the legacy step's is multinomial")
+    p.add_argument("--ops", type=int, default=0,
+                   help="N: after the timed steps, one more under torch.profiler: operators' time by stage and kind, top N")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed first step (a loaded machine, short on time)")
     args = p.parse_args()
     if args.threads:
@@ -421,6 +482,8 @@ def main() -> None:
                         f"teacher prompts {min(map(len, info['teacher_prompts']))}-"
                         f"{max(map(len, info['teacher_prompts']))}",
                         seconds, total, work(info, sizes, legacy), peak))
+        if args.ops:
+            profile_ops(trainer, batch, start, args.seed, fast_draw, args.ops)
         if args.compare:
             old, new = (statistics.median(t for _, t, _ in reps[s]) for s in (True, False))
             print()

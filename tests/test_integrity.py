@@ -224,3 +224,27 @@ def test_lm_head_sees_a_contiguous_input_when_generating():
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert seen and all(seen)
+
+
+def test_lm_head_input_of_one_row_gets_canonical_strides():
+    """A [1, 1, H] slice of a [1, T, H] state is ``is_contiguous()`` yet keeps stride T x H, and torch's
+    CPU matmul then copies the whole head weight (seen in the MSD step's one-row length groups): the
+    pre-hook hands the head canonical strides, the same values, and leaves a canonical input alone."""
+    from polyalign.models.loading import canonical_strides
+
+    model = load_model("builtin:tiny-random")
+    head = model.get_output_embeddings()
+    seen = []
+    head.register_forward_pre_hook(lambda mod, args: seen.append((args[0].stride(), args[0].data_ptr())))
+    hidden = torch.randn(1, 7, head.in_features)
+    one_row = hidden[:, -1:, :]
+    assert one_row.is_contiguous() and one_row.stride() != canonical_strides(one_row.shape)
+    with torch.no_grad():
+        got = head(one_row)
+        plain = torch.randn(3, 1, head.in_features)
+        head(plain)
+    assert seen[0][0] == canonical_strides((1, 1, head.in_features)) == (head.in_features,) * 2 + (1,)
+    want = torch.nn.functional.linear(one_row.reshape(1, -1).double(), head.weight.double(),
+                                      None if head.bias is None else head.bias.double())
+    assert got.shape == (1, 1, head.out_features) and torch.allclose(got.reshape(1, -1).double(), want, atol=1e-5)
+    assert seen[1][1] == plain.data_ptr()                        # already canonical: not copied

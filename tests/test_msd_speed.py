@@ -163,13 +163,20 @@ def test_profile_script_prints_every_stage_on_the_tiny_model(draw):
     given the legacy draw, the fast step samples the legacy step's very responses."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "msd_profile.py"), "--model", SPEC,
                           "--max-new-tokens", "8", "--batch", "4", "--compare", "1", "--no-warmup",
-                          *(["--draw", draw] if draw else [])],
+                          *(["--draw", draw] if draw else ["--ops", "3"])],
                          capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     for row in ("sampling", "teacher forward", "student forward", "head + divergence", "backward", "optimizer",
                 "step"):
         assert f"| {row} |" in text, (row, text)
+    if draw is None:                     # --ops: the profiled step, every stage, its largest operators
+        ops = text.split("under torch.profiler")[1]
+        for stage in ("sampling", "teacher forward", "student forward", "backward", "optimizer"):
+            assert f"| {stage} |" in ops and f"- {stage}: " in ops, (stage, ops)
+        for line in ops.splitlines():          # the four kinds' shares of a stage add up to its operators' time
+            if line.startswith("| ") and line.endswith("% |"):
+                assert 97 <= sum(int(c.strip(" %")) for c in line.split("|")[4:-1]) <= 103, line
     assert "cpu:" in text and "flags:" in text and "padding" in text
     assert "ratio msd_step_legacy_vs_fast" in text
     assert f"draws: legacy multinomial, fast {draw or 'inverse_cdf'}" in text
@@ -246,3 +253,32 @@ def test_prompt_is_not_shared_where_the_training_forward_keeps_no_cache(tiny):
     with pytest.raises(RuntimeError, match="no KV cache"):
         prompt_prefix(model, [prompt_ids(tok, "hi"), prompt_ids(tok, "hello there")], tok.pad_token_id, "cpu")
     assert not shares_prefill(attach_lora(load_model(SPEC), LoraSettings(r=4, alpha=8, dropout=0.1)))
+
+
+def test_profile_operator_kinds():
+    """``--ops`` sorts operators into matmul / attention / copies / the rest by name."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from msd_profile import KINDS, op_kind
+
+    assert [op_kind(n) for n in ("aten::mm", "aten::addmm", "aten::mkldnn_linear", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                                 "aten::_to_copy", "aten::cat", "aten::mul", "aten::rsqrt", "aten::topk")] == \
+        [KINDS[0]] * 3 + [KINDS[1], KINDS[2], KINDS[2]] + [KINDS[3]] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_weight_is_the_base_plus_the_scaled_product_in_float64(dtype):
+    """folded_weight = W + s B A, each entry an explicit float64 sum, within one rounding of the
+    base's dtype (PEFT's own path rounds twice); the base is not written."""
+    from polyalign.models.sampling import folded_weight
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(6, 5, generator=g).to(dtype)
+    B, A, s = torch.randn(6, 3, generator=g) * 0.1, torch.randn(3, 5, generator=g) * 0.1, 2.5
+    before = W.clone()
+    got = folded_weight(W, B, A, s)
+    for i in range(6):
+        for j in range(5):
+            exact = float(W[i, j]) + s * sum(float(B[i, k]) * float(A[k, j]) for k in range(3))
+            ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -22     # 2 x the relative rounding unit
+            assert abs(float(got[i, j]) - exact) <= ulp * abs(exact) + 1e-7, (i, j, float(got[i, j]), exact)
+    assert got.dtype == dtype and torch.equal(W, before)

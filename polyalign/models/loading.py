@@ -234,6 +234,15 @@ def load_model(spec: str, dtype: str | None = None, trust_remote_code: bool = Fa
     return model.eval()
 
 
+def canonical_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a freshly allocated row-major tensor of ``shape``."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 def contiguous_head_input(model: Any) -> None:
     """Make the LM head's input contiguous (a forward pre-hook; idempotent).
 
@@ -242,13 +251,25 @@ def contiguous_head_input(model: Any) -> None:
     batched path that expands the [V, H] weight once per row: for Qwen2.5-0.5B at batch 32 a copy of
     32 x 151,936 x 896 bf16 values (8.7 GB, ~17 s) per ``generate`` call, which made every adapter
     evaluation 3-5x slower than the base model's (benchmarks/precision.py, ``eval_adapter_vs_base``)
-    and would not fit in memory for the 1.5B model. A contiguous input takes the plain 2-D matmul."""
+    and would not fit in memory for the 1.5B model. A contiguous input takes the plain 2-D matmul.
+
+    "Contiguous" means the canonical strides, not ``Tensor.is_contiguous()``: a [1, 1, H] slice of a
+    [1, T, H] state keeps stride T x H in its size-1 batch dimension, counts as contiguous, and still
+    takes the batched path (a copy of the whole [H, V] weight, 0.7 s in bf16 for the 0.5B model's
+    head: the MSD step's one-row length groups paid it five times a step; ``benchmarks/msd_profile.py
+    --ops``, 2026-12-06). Such an input is cloned (1 x H values)."""
+    import torch
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or getattr(head, "_polyalign_contiguous", False):
         return
 
     def hook(_module: Any, args: tuple) -> tuple:
-        return (args[0].contiguous(), *args[1:]) if args and hasattr(args[0], "contiguous") else args
+        if not args or not hasattr(args[0], "stride"):
+            return args
+        x = args[0]
+        return (x, *args[1:]) if x.stride() == canonical_strides(x.shape) else \
+            (x.clone(memory_format=torch.contiguous_format), *args[1:])
 
     head.register_forward_pre_hook(hook)
     head._polyalign_contiguous = True
