@@ -141,10 +141,3 @@ def test_head_input_benchmark_runs_on_tiny_model():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "ratio frozen_generate_without_vs_with_contiguous_head_input" in res.stdout
-
-
-def test_fold_lora_benchmark_runs_on_tiny_model():
-    res = subprocess.run([sys.executable, str(SCRIPT.parent / "fold_lora.py"), "--model", "builtin:tiny-random",
-                          "--repeats", "1"], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "ratio fold_peft_vs_addmm" in res.stdout

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -138,6 +137,8 @@ def onednn_dtypes() -> tuple[Any, ...]:
 def onednn_packing_enabled() -> bool:
     """Pack weights for oneDNN's few-row products unless ``POLYALIGN_ONEDNN_PACK=0`` (the switch the
     benchmark measures it with)."""
+    import os
+
     import torch
 
     return os.environ.get("POLYALIGN_ONEDNN_PACK", "1") != "0" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -174,6 +175,8 @@ class PackedWeights:
 def onednn_decoding_enabled() -> bool:
     """oneDNN for few-row fp32 products on the CPU: where torch has it, unless
     ``POLYALIGN_ONEDNN_DECODE=0`` (the switch that measures it, and a way out should a build lack it)."""
+    import os
+
     import torch
 
     return (os.environ.get("POLYALIGN_ONEDNN_DECODE", "1") != "0" and torch.backends.mkldnn.is_available()
@@ -240,24 +243,8 @@ def _folded(module: Any, adapter: bool, onednn: bool = False, keep: PackedWeight
     weight = base.weight.detach()
     for name in module.active_adapters:
         if name in module.lora_A:
-            weight = folded_weight(weight, module.lora_B[name].weight.detach(), module.lora_A[name].weight.detach(),
-                                   module.scaling[name])
+            weight = weight + module.get_delta_weight(name).detach().to(weight.dtype)
     return _linear(weight, _detached(base.bias), onednn)
-
-
-def folded_weight(weight: Any, lora_b: Any, lora_a: Any, scaling: float) -> Any:
-    """``weight + scaling * B A`` as one ``addmm`` in the base's dtype: a new tensor, rounded once.
-
-    PEFT's ``get_delta_weight`` makes the [out, in] delta in the adapter's fp32, scales it, casts it
-    and adds it: four passes over an [out, in] tensor, and four fresh allocations, per layer. Here B
-    and A (rank r) are cast instead, the product accumulates in fp32 and the sum is rounded to the
-    base's dtype once, where PEFT's path rounds the delta and then the sum: the same weight up to one
-    rounding of the base's dtype. Folding all of the 0.5B model's layers on a bf16 base took 1.0-1.25
-    s that way and 0.18 s this way (2026-12-06, Intel Xeon with AMX, idle); the MSD step's sampling
-    stage did not measurably change with it (BENCHMARKS.md)."""
-    import torch
-
-    return torch.addmm(weight, lora_b.to(weight.dtype), lora_a.to(weight.dtype), alpha=scaling)
 
 
 def _detached(t: Any) -> Any:
