@@ -335,12 +335,13 @@ def op_tables(prof: Any, top: int, wall: dict[str, float]) -> str:
     events = prof.events()
     spans = [(e.name.removeprefix("stage: "), e.time_range.start, e.time_range.end)
              for e in events if e.name.startswith("stage: ")]
-    by_stage: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    by_stage: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
     for e in events:
         if e.name.startswith("stage: ") or e.device_type.name != "CPU":
             continue
         where = next((n for n, a, b in spans if a <= e.time_range.start < b), "other")
-        by_stage[where][e.name] += e.self_cpu_time_total / 1e6
+        shapes = ",".join(str(list(x)) for x in (e.input_shapes or []) if x)
+        by_stage[where][(e.name, shapes)] += e.self_cpu_time_total / 1e6
     kinds = KINDS
     rows = ["| stage | wall s | operators' self time, s | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 3) + "|"]
     lines = []
@@ -350,17 +351,17 @@ def op_tables(prof: Any, top: int, wall: dict[str, float]) -> str:
             continue
         total = sum(ops.values())
         share = defaultdict(float)
-        for name, sec in ops.items():
+        for (name, _), sec in ops.items():
             share[op_kind(name)] += sec
         rows.append(f"| {stage} | {wall.get(stage, 0.0):.2f} | {total:.2f} | " + " | ".join(f"{share[k] / total:.0%}" for k in kinds) + " |")
         biggest = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
-        lines.append(f"- {stage}: " + ", ".join(f"{n.removeprefix('aten::')} {s:.2f}" for n, s in biggest))
-    return "\n".join(rows + ["", f"largest {top} operators per stage (self seconds):", *lines])
+        lines.append(f"- {stage}: " + "; ".join(f"{n.removeprefix('aten::')} {shp[:60]} {s:.2f}" for (n, shp), s in biggest))
+    return "\n".join(rows + ["", f"largest {top} operators per stage, by input shapes (self seconds):", *lines])
 
 
 def profile_ops(trainer: Any, batch: dict, start: dict[str, torch.Tensor], seed: int, draw: str, top: int) -> None:
     """One step under torch.profiler: where the time inside each stage goes, by operator."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         clock, sec, _ = step_from(trainer, batch, start, False, seed, draw)
     print(f"\n# one fast step under torch.profiler: {sec:.2f} s (the profiler's own overhead included); "
           "wall minus operators' time = Python, the profiler, idle threads; shares are of operators' time")
