@@ -161,3 +161,21 @@ def test_agreement_of_two_runs_counts_by_loops(tmp_path, capsys):
     bad.write_text('{"kind": "harmful", "lang": "en"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl.*row 1|row 1.*bad.jsonl"):
         study.agreement(bad, b)
+
+
+def test_dominance_needs_both_intervals_apart():
+    """A comparison dominates ``default`` only with harmful refusal above and benign refusal below it,
+    both intervals apart; otherwise the rule says none does, naming what it checked."""
+    def r(diff, lo, hi, seeds=3):
+        return {"diff": diff, "lo": lo, "hi": hi, "seeds": seeds}
+
+    m = {"english": {}, "pooled": {
+        "default": {"harmful refusal": r(0.14, 0.08, 0.22), "benign refusal": r(0.06, 0.02, 0.10)},
+        "overlapping": {"harmful refusal": r(0.30, 0.21, 0.40), "benign refusal": r(0.01, -0.01, 0.03)},
+        "worse": {"harmful refusal": r(0.19, 0.16, 0.22, 1), "benign refusal": r(0.13, 0.11, 0.15, 1)}}}
+    rows = {name: (value, met) for name, value, _, met in study.decision(m)}
+    assert not any(n.startswith("dominated by") for n in rows)
+    assert rows["not dominated"] == ("checked: overlapping (3 seeds), worse (1 seed)", True)
+    m["pooled"]["better"] = {"harmful refusal": r(0.35, 0.25, 0.45), "benign refusal": r(-0.05, -0.08, 0.01)}
+    rows = {name: (value, met) for name, value, _, met in study.decision(m)}
+    assert rows["dominated by better"] == ("+35.0 harmful, -5.0 benign", False) and "not dominated" not in rows
