@@ -22,6 +22,8 @@ What is computed, per model:
   bootstrap over prompts (:func:`polyalign.eval.stats.cluster_bootstrap_diff`);
 * the decision rule of issue #25 for ``default`` (:func:`decision`), and whether a comparison
   dominates it;
+* ``default`` against each comparison head to head (:func:`head_to_head`: default minus the
+  comparison, both sides' seeds in the bootstrap);
 * a Pareto plot: change in benign refusal (x) against change in harmful refusal (y), with those intervals.
 """
 
@@ -37,7 +39,12 @@ from typing import Any
 
 from polyalign.data.records import atomic_write_text, iter_jsonl
 from polyalign.errors import DataError, PolyalignError
-from polyalign.eval.stats import cluster_bootstrap_diff, seeds_bootstrap_diff, wilson
+from polyalign.eval.stats import (
+    cluster_bootstrap_diff,
+    seeds_bootstrap_diff,
+    two_recipes_bootstrap_diff,
+    wilson,
+)
 
 FIELDS = ("config", "model", "seed", "lang", "prompt_id", "kind", "refused", "in_language", "label")
 KINDS = {"safety": "harmful", "benign": "benign", "mgsm": "mgsm"}      # task kind -> row kind
@@ -162,6 +169,19 @@ def pooled_change(runs: dict[int, dict[tuple, dict]], base: dict[tuple, dict], k
                                 [[bool(runs[s][k][flag]) for k in keys] for s in seeds], iters=iters)
 
 
+def head_to_head(mine: dict[int, dict[tuple, dict]], other: dict[int, dict[tuple, dict]], kind: str, flag: str,
+                 iters: int = 2000) -> dict[str, Any] | None:
+    """One config minus another in ``flag`` over ``kind`` rows, pooled over the non-English languages,
+    each averaged over its own seeds, with the two-stage bootstrap of both sides' seeds; over the pairs
+    every seed of both has. None when there are none."""
+    runs = [*mine.values(), *other.values()]
+    keys = [k for k in runs[0] if k[0] == kind and k[2] != "en" and all(k in r for r in runs[1:])]
+    if not keys:
+        return None
+    flags = [[bool(r[k][flag]) for k in keys] for r in runs]
+    return two_recipes_bootstrap_diff([k[1] for k in keys], flags[:len(mine)], flags[len(mine):], iters=iters)
+
+
 def seed_changes(runs: dict[int, dict[tuple, dict]], base: dict[tuple, dict], iters: int = 2000
                  ) -> dict[int, dict[str, dict[str, Any]]]:
     """{seed: {column: cluster_bootstrap_diff}}: each seed's own pooled non-English change against
@@ -213,8 +233,11 @@ def study_numbers(rows: list[dict[str, Any]], iters: int = 2000) -> dict[str, An
         english = {c: {s: language_shares({s: runs[c][s]}, "harmful", "refused").get("en") for s in sorted(runs[c])}
                    for c in configs}
         seeds = {c: seed_changes(runs[c], base, iters) for c in configs if c != "base"}
+        versus = ({c: {col: res for col, kind, flag in POOLED if (res := head_to_head(runs["default"], runs[c], kind, flag,
+                                                                                    iters))}
+                   for c in configs if c not in ("base", "default")} if "default" in runs else {})
         out[model] = {"configs": configs, "pooled": pooled, "languages": languages, "english": english,
-                      "seeds": seeds}
+                      "seeds": seeds, "versus": versus}
     return out
 
 
@@ -293,6 +316,18 @@ def markdown(numbers: dict[str, Any]) -> str:
                       "|---|---|---|---|"]
             lines += [f"| {name} | {value} | {bar} | {'-' if met is None else 'yes' if met else 'no'} |"
                       for name, value, bar, met in decision(m)]
+        if m.get("versus"):
+            vcols = [col for col, _, _ in POOLED if any(col in v for v in m["versus"].values())]
+            lines += ["", "`default` against each comparison, head to head (pp, default minus the comparison, "
+                      "pooled over the non-English languages; each side's mean over its seeds, 95 % interval from "
+                      "a bootstrap over prompts, then each side's seeds).", "",
+                      "| comparison | seeds (default, comparison) | " + " | ".join(vcols) + " |",
+                      "|---" * (len(vcols) + 2) + "|"]
+            for c, v in m["versus"].items():
+                cells = [f"{_pp(r['diff'])} [{_pp(r['lo'])}, {_pp(r['hi'])}]" if (r := v.get(col)) else "-"
+                         for col in vcols]
+                seeds = next((f"{r['seeds'][0]}, {r['seeds'][1]}" for r in v.values()), "-")
+                lines.append(f"| {c} | {seeds} | " + " | ".join(cells) + " |")
         langs = list(dict.fromkeys(lang for c in m["configs"] for col in m["languages"][c].values() for lang in col))
         lines += ["", "Per language: share (%) over every seed's rows, Wilson 95 % interval.", "",
                   "| config | measure | " + " | ".join(langs) + " |", "|---" * (len(langs) + 2) + "|"]

@@ -179,3 +179,27 @@ def test_dominance_needs_both_intervals_apart():
     m["pooled"]["better"] = {"harmful refusal": r(0.35, 0.25, 0.45), "benign refusal": r(-0.05, -0.08, 0.01)}
     rows = {name: (value, met) for name, value, _, met in study.decision(m)}
     assert rows["dominated by better"] == ("+35.0 harmful, -5.0 benign", False) and "not dominated" not in rows
+
+
+def test_head_to_head_is_the_difference_of_the_two_seed_means(tmp_path):
+    """default minus a comparison: each side's non-English share averaged over its own seeds, by loops."""
+    synthetic(tmp_path)
+    rng = random.Random(9)
+    for s in (0, 1):                             # label_sft: default's seeds 0-1 with some flags flipped
+        rows = [{**r, "config": "label_sft", "refused": r["refused"] != (rng.random() < 0.2)}
+                for r in rows_of(tmp_path, "default", s)]
+        (tmp_path / f"label_sft_{study.model_slug(MODEL)}_seed{s}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
+    numbers = study.tables(tmp_path, iters=200)[MODEL]
+
+    def mean_share(config, seeds, kind):
+        shares = []
+        for s in seeds:
+            mine = [r for r in rows_of(tmp_path, config, s) if r["kind"] == kind and r["lang"] != "en"]
+            shares.append(sum(r["refused"] for r in mine) / len(mine))
+        return sum(shares) / len(shares)
+
+    got = numbers["versus"]["label_sft"]["benign refusal"]
+    assert got["diff"] == pytest.approx(mean_share("default", (0, 1, 2), "benign") - mean_share("label_sft", (0, 1), "benign"))
+    assert got["seeds"] == (3, 2) and got["lo"] <= got["diff"] <= got["hi"]
+    assert "| label_sft | 3, 2 | " in (tmp_path / "tables.md").read_text()

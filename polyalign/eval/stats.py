@@ -150,6 +150,38 @@ def cluster_bootstrap_diff(clusters: list[Any], before: list[bool], after: list[
             "after_ci": pct(boot_a)}
 
 
+def two_recipes_bootstrap_diff(clusters: list[Any], a: list[list[bool]], b: list[list[bool]], iters: int = 2000,
+                               seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """Recipe A against recipe B on the same pairs: the mean over A's seeds of its pooled share minus
+    the mean over B's, with a two-stage bootstrap interval (prompt clusters drawn once for both sides,
+    then each side's seeds drawn with replacement on its own). The head-to-head comparison of two
+    trained recipes, where each has its own seed-to-seed spread (issue #25: does distillation beat SFT
+    on the same targets?).
+
+    Args:
+        clusters: the prompt id of each pair.
+        a, b: one list of flags per seed of each recipe, aligned with ``clusters``.
+    """
+    import numpy as np
+
+    if not a or not b or any(len(f) != len(clusters) for f in (*a, *b)):
+        raise ValueError("two_recipes_bootstrap_diff: every seed of both recipes needs one flag per pair")
+    ids, cnt, sums = _cluster_sums(clusters, [*a, *b])
+    sa, sb = np.stack(sums[:len(a)]), np.stack(sums[len(a):])           # [Sa, C], [Sb, C]
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, len(ids), size=(iters, len(ids)))
+    pick_a = rng.integers(0, len(a), size=(iters, len(a)))
+    pick_b = rng.integers(0, len(b), size=(iters, len(b)))
+    m = cnt[draw].sum(1)                                                # [iters]
+    share_a = (sa[:, draw].sum(-1) / m).T                              # [iters, Sa]
+    share_b = (sb[:, draw].sum(-1) / m).T
+    boot = (np.take_along_axis(share_a, pick_a, axis=1).mean(1)
+            - np.take_along_axis(share_b, pick_b, axis=1).mean(1))
+    lo, hi = (float(v) for v in np.quantile(boot, [alpha / 2, 1 - alpha / 2]))
+    diff = float((sa.sum(1) / cnt.sum()).mean() - (sb.sum(1) / cnt.sum()).mean())
+    return {"n": int(cnt.sum()), "clusters": len(ids), "seeds": (len(a), len(b)), "diff": diff, "lo": lo, "hi": hi}
+
+
 def seeds_bootstrap_diff(clusters: list[Any], before: list[bool], after: list[list[bool]], iters: int = 2000,
                          seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
     """A recipe's pooled change averaged over its training seeds, with a two-stage bootstrap
