@@ -342,8 +342,7 @@ def op_tables(prof: Any, top: int, wall: dict[str, float]) -> str:
         where = next((n for n, a, b in spans if a <= e.time_range.start < b), "other")
         shapes = ",".join(str(list(x)) for x in (e.input_shapes or []) if x)
         by_stage[where][(e.name, shapes)] += e.self_cpu_time_total / 1e6
-    kinds = KINDS
-    rows = ["| stage | wall s | operators' self time, s | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 3) + "|"]
+    rows = ["| stage | wall s | operators' self time, s | " + " | ".join(KINDS) + " |", "|---" * (len(KINDS) + 3) + "|"]
     lines = []
     for stage in [*STAGES, "other"]:
         ops = by_stage.get(stage)
@@ -353,7 +352,7 @@ def op_tables(prof: Any, top: int, wall: dict[str, float]) -> str:
         share = defaultdict(float)
         for (name, _), sec in ops.items():
             share[op_kind(name)] += sec
-        rows.append(f"| {stage} | {wall.get(stage, 0.0):.2f} | {total:.2f} | " + " | ".join(f"{share[k] / total:.0%}" for k in kinds) + " |")
+        rows.append(f"| {stage} | {wall.get(stage, 0.0):.2f} | {total:.2f} | " + " | ".join(f"{share[k] / total:.0%}" for k in KINDS) + " |")
         biggest = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
         lines.append(f"- {stage}: " + "; ".join(f"{n.removeprefix('aten::')} {shp[:60]} {s:.2f}" for (n, shp), s in biggest))
     return "\n".join(rows + ["", f"largest {top} operators per stage, by input shapes (self seconds):", *lines])
