@@ -107,6 +107,12 @@ def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
             loss = msd_loss(student_logits, teacher_logits, s["response_mask"], dpsw=False)
         elif kind == "trl_sdft":
             loss = sdft.compute_loss(policy, sdft_inputs)
+        elif kind == "body":    # what every side computes: both forwards and the backward, no LM head
+            head = policy.get_output_embeddings()
+            h_s = response_hidden(policy, s, head)
+            with torch.no_grad(), policy.disable_adapter():
+                h_t = response_hidden(policy, t, head)
+            loss = (h_s.float() * h_t.float()).mean()
         else:
             R = s["response_mask"].shape[1]
             hs = policy(input_ids=s["input_ids"], attention_mask=s["attention_mask"], position_ids=s["position_ids"],
@@ -288,6 +294,28 @@ def bench_generation(model_spec: str, n_prompts: int, max_new_tokens: int, seque
     return res
 
 
+def long_figures(args: argparse.Namespace) -> None:
+    """The long-response figures (batch 4, ``--long-resp-len``): peak memory of each side in its own
+    process, step time with the sides alternating in one, and the shared body that bounds the ratio."""
+    long_args = argparse.Namespace(**{**vars(args), "batch": 4, "resp_len": args.long_resp_len,
+                                      "steps": 1 if args.quick else 2})
+    long_mem = {k: run_worker(k, long_args, steps=0)["peak_mb"] for k in ("ours", "trl_sdft")}
+    long_speed = run_worker("interleaved_long", long_args)
+    print(f"# msd step at response {args.long_resp_len}, batch 4: ours {long_speed['ours']['tokens_per_second']:.1f} tok/s, "
+          f"peak {long_mem['ours']:.0f} MB; TRL SDFTTrainer {long_speed['trl_sdft']['tokens_per_second']:.1f} tok/s, "
+          f"peak {long_mem['trl_sdft']:.0f} MB")
+    print(f"ratio msd_peak_memory_vs_trl_long {long_mem['ours'] / long_mem['trl_sdft']:.3f}")
+    print(f"ratio msd_step_throughput_vs_trl_long "
+          f"{long_speed['ours']['tokens_per_second'] / long_speed['trl_sdft']['tokens_per_second']:.3f}")
+    # Why the throughput ratio is what it is: both sides run the same forwards and backward through
+    # the layers ("body"); they differ only in the LM head and the divergence. TRL's step over the
+    # body's is the ratio ours would reach if our head and divergence cost nothing.
+    body, sdft_s, ours_s = (long_speed[k]["seconds"] for k in ("body", "trl_sdft", "ours"))
+    print(f"# msd step at response {args.long_resp_len}: shared body (forwards + backward, no LM head) {body:.2f} s; "
+          f"beyond it: ours (head + divergence) {ours_s - body:.2f} s, TRL SDFTTrainer {sdft_s - body:.2f} s")
+    print(f"ratio msd_step_throughput_vs_trl_long_ceiling {sdft_s / body:.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
@@ -298,6 +326,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--worker", default=None)
+    p.add_argument("--long-only", action="store_true", help="only the long-response figures (batch 4)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our MSD step and exit")
     args = p.parse_args()
     args.batch = args.batch or (2 if args.quick else 4)
@@ -307,11 +336,15 @@ def main() -> None:
         print(json.dumps(worker_interleaved(MSD_SIDES, args.model, args.batch, args.resp_len, args.steps)))
         return
     if args.worker == "interleaved_long":
-        print(json.dumps(worker_interleaved(["ours", "trl_sdft"], args.model, args.batch, args.resp_len, args.steps)))
+        print(json.dumps(worker_interleaved(["ours", "trl_sdft", "body"], args.model, args.batch, args.resp_len,
+                                            args.steps)))
         return
     if args.worker or args.profile:
         print(json.dumps(worker_msd(args.worker or "ours", args.model, args.batch, args.resp_len, args.steps,
                                     profile=args.profile)))
+        return
+    if args.long_only:
+        long_figures(args)
         return
     device = "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
     print(f"# model {args.model}, batch {args.batch}, response {args.resp_len} tokens, {args.steps} timed steps, {device}")
@@ -336,16 +369,7 @@ def main() -> None:
           + ", ".join(f"{d} {v / 1e9:.1f}" for d, v in peaks.items()) + " GFLOP/s")
     print(f"ratio train_flops_vs_machine_peak {achieved / best:.3g}")   # tiny models: ~0.005, 0.000 at .3f under load
     print(f"ratio train_flops_vs_matmul_peak {achieved / mm:.3g}")
-    long_args = argparse.Namespace(**{**vars(args), "batch": 4, "resp_len": args.long_resp_len,
-                                      "steps": 1 if args.quick else 2})
-    long_mem = {k: run_worker(k, long_args, steps=0)["peak_mb"] for k in ("ours", "trl_sdft")}
-    long_speed = run_worker("interleaved_long", long_args)
-    print(f"# msd step at response {args.long_resp_len}, batch 4: ours {long_speed['ours']['tokens_per_second']:.1f} tok/s, "
-          f"peak {long_mem['ours']:.0f} MB; TRL SDFTTrainer {long_speed['trl_sdft']['tokens_per_second']:.1f} tok/s, "
-          f"peak {long_mem['trl_sdft']:.0f} MB")
-    print(f"ratio msd_peak_memory_vs_trl_long {long_mem['ours'] / long_mem['trl_sdft']:.3f}")
-    print(f"ratio msd_step_throughput_vs_trl_long "
-          f"{long_speed['ours']['tokens_per_second'] / long_speed['trl_sdft']['tokens_per_second']:.3f}")
+    long_figures(args)
     mlc = bench_mlc(args.model, Path(args.shared), 1 if args.quick else args.steps)   # quick: 2 timed steps each
     print(f"# dpo step: plain {mlc['plain']:.2f} s; with MLC every step {mlc['mlc_every1']:.2f} s, "
           f"on the official every-2nd-step schedule {mlc['mlc']:.2f} s (mean)")
