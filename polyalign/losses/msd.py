@@ -43,8 +43,17 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 def _divergence_rows(s: Tensor, t: Tensor, kind: str, beta: float, want_grad: bool):
     """Rows of logits [n, V] -> (D [n], dD/ds [n, V] or None)."""
-    dt = _compute_dtype(s)
-    ls, lt = torch.log_softmax(s.to(dt), -1), torch.log_softmax(t.to(dt), -1)
+    ls, lt = _log_probs(s), _log_probs(t)
+    return _divergence_from_log_probs(ls, lt, kind, beta, want_grad)
+
+
+def _log_probs(x: Tensor) -> Tensor:
+    """log-softmax over the vocabulary in fp32 (at least): what the divergence and DPSW both read."""
+    return torch.log_softmax(x.to(_compute_dtype(x)), -1)
+
+
+def _divergence_from_log_probs(ls: Tensor, lt: Tensor, kind: str, beta: float, want_grad: bool):
+    """Log-probabilities [n, V] of student and teacher -> (D [n], dD/ds [n, V] or None)."""
     ps = ls.exp()
     if kind == "reverse_kl":
         g = ls - lt
@@ -106,16 +115,16 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str =
     return d.reshape(lead)
 
 
-def _dpsw_rows(s: Tensor, t: Tensor, k: int) -> Tensor:
-    """Rows of logits [n, V] -> raw DPSW weights [n], K = k <= V (see :func:`dpsw_raw_weights`)."""
-    dt = _compute_dtype(s)
-    top_logits, top_idx = t.to(dt).topk(k, dim=-1)          # [n, k]; top_idx[:, 0] = y*
-    lp = torch.log_softmax(top_logits, -1)                   # renormalised top-K
+def _dpsw_rows(t: Tensor, ls: Tensor, k: int) -> Tensor:
+    """Teacher logits and student log-probabilities, rows [n, V] -> raw DPSW weights [n], K = k <= V
+    (see :func:`dpsw_raw_weights`). The student's side reads the log-softmax the divergence needs
+    anyway; the teacher's top-K is taken from its logits as they are (no full-width copy)."""
+    top_logits, top_idx = t.topk(k, dim=-1)                  # [n, k]; top_idx[:, 0] = y*
+    lp = torch.log_softmax(top_logits.to(ls.dtype), -1)      # renormalised top-K
     entropy = -(lp.exp() * lp).sum(-1)
     w_t = 1 - entropy / math.log(k) if k > 1 else torch.ones_like(entropy)
     w_t = torch.where(w_t < WEIGHT_FLOOR, torch.zeros_like(w_t), w_t)  # rounding noise of a uniform top-K
-    s = s.to(dt)
-    p_star = (s.gather(-1, top_idx[:, :1]).squeeze(-1) - torch.logsumexp(s, -1)).exp()   # p_S(y*)
+    p_star = ls.gather(-1, top_idx[:, :1]).squeeze(-1).exp()           # p_S(y*)
     return w_t * (1 - p_star)
 
 
@@ -131,7 +140,7 @@ def dpsw_raw_weights(student_logits: Tensor, teacher_logits: Tensor, top_k: int 
                       dtype=_compute_dtype(student_logits)).reshape(-1)
     s2, t2 = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
     for i in range(0, s2.shape[0], CHUNK_ROWS):
-        out[i:i + CHUNK_ROWS] = _dpsw_rows(s2[i:i + CHUNK_ROWS], t2[i:i + CHUNK_ROWS], min(top_k, V))
+        out[i:i + CHUNK_ROWS] = _dpsw_rows(t2[i:i + CHUNK_ROWS], _log_probs(s2[i:i + CHUNK_ROWS]), min(top_k, V))
     return out.reshape(student_logits.shape[:-1])
 
 
@@ -147,8 +156,9 @@ class _FusedDivergence(torch.autograd.Function):
         for i in range(0, h_s.shape[0], chunk):
             s = torch.nn.functional.linear(h_s[i:i + chunk], weight, bias)            # [n, V], the model's dtype
             t = torch.nn.functional.linear(h_t[i:i + chunk], t_weight, t_bias)
-            d[i:i + chunk], g = _divergence_rows(s, t, kind, beta, grad_h is not None)
-            raw[i:i + chunk] = _dpsw_rows(s, t, k)
+            ls, lt = _log_probs(s), _log_probs(t)                                    # fp32 (at least)
+            d[i:i + chunk], g = _divergence_from_log_probs(ls, lt, kind, beta, grad_h is not None)
+            raw[i:i + chunk] = _dpsw_rows(t, ls, k)
             if grad_h is not None:
                 grad_h[i:i + chunk] = g.to(weight.dtype) @ weight                     # dD/dh = dD/ds @ W, [n, H]
         ctx.mark_non_differentiable(raw)
