@@ -12,6 +12,8 @@ ratio is of wall-clock medians; CPU seconds are printed too (less sensitive to a
 
     python benchmarks/fused_divergence.py                               # [4, 512], H 896, V 151936 (Qwen2.5-0.5B), fp32
     python benchmarks/fused_divergence.py --shape 2,8 --vocab 1000      # smoke
+    python benchmarks/fused_divergence.py --dtype bfloat16 --baseline-tree ../old   # + the fused side of
+        # another checkout (e.g. a `git worktree` of an older commit), same inputs: commit against commit
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from pathlib import Path
 import torch
 
 SIDES = ("fused", "unfused")
+BASELINE = "fused_baseline_tree"      # the fused side run with another checkout's polyalign
 
 
-def measure(side: str, shape: tuple[int, int], hidden: int, vocab: int) -> dict[str, float]:
+def measure(side: str, shape: tuple[int, int], hidden: int, vocab: int, dtype: str = "float32") -> dict[str, float]:
     """One forward + backward of ``side`` in this process: wall and CPU seconds, loss, peak RSS (MiB)
     after building the inputs and after the step."""
     from polyalign.losses.msd import (
@@ -44,14 +47,15 @@ def measure(side: str, shape: tuple[int, int], hidden: int, vocab: int) -> dict[
 
     g = torch.Generator().manual_seed(0)
     B, T = shape
-    h_s = torch.randn(B, T, hidden, generator=g).requires_grad_()
-    h_t = torch.randn(B, T, hidden, generator=g)
-    weight = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5
+    dt = getattr(torch, dtype)                                     # the model's dtype: hidden states and head
+    h_s = torch.randn(B, T, hidden, generator=g).to(dt).requires_grad_()
+    h_t = torch.randn(B, T, hidden, generator=g).to(dt)
+    weight = (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).to(dt)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, : T // 4] = False                                     # some padding
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0, c0 = time.perf_counter(), time.process_time()
-    if side == "fused":
+    if side in ("fused", BASELINE):
         d, raw = fused_token_divergence(h_s, h_t, weight)
         per_seq, valid = reduce_sequences(d, normalize_weights(raw, mask), mask)
         loss = mean_over_valid(per_seq, valid, h_s)
@@ -63,7 +67,7 @@ def measure(side: str, shape: tuple[int, int], hidden: int, vocab: int) -> dict[
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": seconds, "cpu_seconds": cpu, "loss": float(loss.detach()), "inputs_mib": base, "peak_mib": peak,
-            "grad_norm": float(h_s.grad.norm())}
+            "grad_norm": float(h_s.grad.double().norm())}
 
 
 def main() -> None:
@@ -72,33 +76,41 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=896)
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)   # internal: one measurement
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--baseline-tree", default=None, help="also time the fused side with this checkout's polyalign")
+    p.add_argument("--side", choices=[*SIDES, BASELINE], help=argparse.SUPPRESS)   # internal: one measurement
     args = p.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
     if args.side:
-        print(json.dumps(measure(args.side, shape, args.hidden, args.vocab)))
+        print(json.dumps(measure(args.side, shape, args.hidden, args.vocab, args.dtype)))
         return
     root = str(Path(__file__).resolve().parents[1])                     # this checkout's polyalign
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    runs: dict[str, list[dict[str, float]]] = {s: [] for s in SIDES}
+    sides = (*SIDES, BASELINE) if args.baseline_tree else SIDES
+    trees = {s: str(Path(args.baseline_tree).resolve()) if s == BASELINE else root for s in sides}
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in sides}
     for rep in range(args.reps):
-        for side in SIDES if rep % 2 == 0 else SIDES[::-1]:           # alternate which side goes first
-            out = subprocess.run([sys.executable, __file__, "--side", side, "--shape", args.shape,
+        for side in sides if rep % 2 == 0 else sides[::-1]:           # alternate which side goes first
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [trees[side], os.environ.get("PYTHONPATH")]))}
+            out = subprocess.run([sys.executable, __file__, "--side", side, "--shape", args.shape, "--dtype", args.dtype,
                                   "--hidden", str(args.hidden), "--vocab", str(args.vocab)],
                                  capture_output=True, text=True, check=True, env=env)
             runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]} for s in SIDES}
+    med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]} for s in sides}
     f, u = med["fused"], med["unfused"]
     print(f"# MSD loss (reverse KL, DPSW) forward+backward from hidden states {list(shape)} x H {args.hidden}, "
-          f"V {args.vocab}, fp32, {torch.get_num_threads()} threads, median of {args.reps}")
+          f"V {args.vocab}, {args.dtype}, {torch.get_num_threads()} threads, median of {args.reps}")
     print(f"# loss fused {f['loss']:.6f} unfused {u['loss']:.6f}; |grad| fused {f['grad_norm']:.6f} "
           f"unfused {u['grad_norm']:.6f}")
-    for s in SIDES:
+    for s in sides:
         m = med[s]
         print(f"# {s}: {m['seconds']:.2f} s ({m['cpu_seconds']:.2f} s CPU), peak RSS {m['peak_mib']:.0f} MiB "
               f"({m['peak_mib'] - m['inputs_mib']:.0f} MiB above the inputs)")
     print(f"ratio fused_vs_unfused_time {f['seconds'] / u['seconds']:.3f}")
     print(f"ratio fused_vs_unfused_peak_memory {(f['peak_mib'] - f['inputs_mib']) / (u['peak_mib'] - u['inputs_mib']):.3f}")
+    if args.baseline_tree:
+        b = med[BASELINE]
+        print(f"# baseline tree {args.baseline_tree}: loss {b['loss']:.6f} |grad| {b['grad_norm']:.6f}")
+        print(f"ratio fused_baseline_tree_vs_fused_time {b['seconds'] / f['seconds']:.3f}")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,22 @@ def test_fused_divergence_runs_and_both_sides_agree():
     assert math.isclose(fused, unfused, rel_tol=1e-4, abs_tol=1e-6), (fused, unfused)
 
 
+def test_fused_divergence_against_a_baseline_tree():
+    """--baseline-tree times the fused side with another checkout's polyalign on the same inputs; given
+    this checkout itself, it computes the very same loss and gradient."""
+    root = SCRIPT.parents[1]
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "fused_divergence.py"), "--shape", "2,8", "--hidden", "16",
+                          "--vocab", "1000", "--reps", "1", "--dtype", "bfloat16", "--baseline-tree", str(root)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ratios = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("ratio ")]
+    assert ratios == ["fused_vs_unfused_time", "fused_vs_unfused_peak_memory", "fused_baseline_tree_vs_fused_time"]
+    fused = next(line for line in res.stdout.splitlines() if line.startswith("# loss")).split()
+    base = next(line for line in res.stdout.splitlines() if line.startswith("# baseline tree")).split()
+    assert "bfloat16" in res.stdout
+    assert (base[-3], base[-1]) == (fused[3], fused[8])          # loss and |grad|, digit for digit
+
+
 def test_bf16_quality_guard_runs_on_tiny_model(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT.parent / "bf16_quality.py"), "--model", "builtin:tiny-random",
                           "--languages", "en,th", "--limit", "2", "--max-new-tokens", "4", "--out", str(tmp_path),
