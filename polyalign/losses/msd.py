@@ -56,8 +56,8 @@ def _divergence_from_log_probs(ls: Tensor, lt: Tensor, kind: str, beta: float, w
     """Log-probabilities [n, V] of student and teacher -> (D [n], dD/ds [n, V] or None)."""
     ps = ls.exp()
     if kind == "reverse_kl":
-        g = ls - lt
-        d = (ps * g).sum(-1)
+        g = (ls - lt).mul_(ps)                               # p_S,i (log p_S,i - log p_T,i): one buffer
+        d = g.sum(-1)
     elif kind == "forward_kl":
         pt = lt.exp()
         d = (pt * (lt - ls)).sum(-1)
@@ -72,7 +72,7 @@ def _divergence_from_log_probs(ls: Tensor, lt: Tensor, kind: str, beta: float, w
     if kind == "forward_kl":
         grad = ps - pt                                       # the -p_T/p_S form, simplified
     elif kind == "reverse_kl":
-        grad = g.sub_(d[:, None]).mul_(ps)                   # sum_i p_S,i g_i is D itself; in place
+        grad = g.addcmul_(ps, d[:, None], value=-1)          # p_S (g - D): sum_i p_S,i g_i is D; in place
     else:
         grad = ps * (g - (ps * g).sum(-1, keepdim=True))
     return d, grad
