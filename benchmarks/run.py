@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -145,12 +146,39 @@ def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
     return step, flops, n_tokens
 
 
+def resident_mb() -> float | None:
+    """This process's resident memory now (Linux), and from now on its peak is counted afresh
+    (``clear_refs`` 5 resets VmHWM), so :func:`peak_since_reset_mb` is a step's own peak; None where unknown."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_since_reset_mb() -> float | None:
+    """The peak resident memory since :func:`resident_mb` (VmHWM; CUDA: max allocated)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
+
+
 def worker_msd(kind: str, model_spec: str, batch: int, resp_len: int, steps: int, profile: bool = False) -> dict:
-    """One side of the MSD comparison in its own process, so its peak memory is its own."""
+    """One side of the MSD comparison in its own process, so its peak memory is its own. With
+    ``steps=0``: the peak, the peak while loading, and what was resident when the step began."""
     step, flops, n_tokens = msd_side(kind, model_spec, batch, resp_len)
+    loaded = {"load_peak_mb": peak_memory_mb(), "before_step_mb": resident_mb()}
     step()  # warm-up; with steps=0 this one step is all (the caller wants peak memory only)
     if not steps:
-        return {"peak_mb": peak_memory_mb()}
+        return {"peak_mb": peak_memory_mb(), "step_peak_mb": peak_since_reset_mb(), **loaded}
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as tprofile
@@ -299,12 +327,21 @@ def long_figures(args: argparse.Namespace) -> None:
     process, step time with the sides alternating in one, and the shared body that bounds the ratio."""
     long_args = argparse.Namespace(**{**vars(args), "batch": 4, "resp_len": args.long_resp_len,
                                       "steps": 1 if args.quick else 2})
-    long_mem = {k: run_worker(k, long_args, steps=0)["peak_mb"] for k in ("ours", "trl_sdft")}
+    long_runs = {k: run_worker(k, long_args, steps=0) for k in ("ours", "trl_sdft")}
+    long_mem = {k: r["peak_mb"] for k, r in long_runs.items()}
     long_speed = run_worker("interleaved_long", long_args)
     print(f"# msd step at response {args.long_resp_len}, batch 4: ours {long_speed['ours']['tokens_per_second']:.1f} tok/s, "
           f"peak {long_mem['ours']:.0f} MB; TRL SDFTTrainer {long_speed['trl_sdft']['tokens_per_second']:.1f} tok/s, "
           f"peak {long_mem['trl_sdft']:.0f} MB")
     print(f"ratio msd_peak_memory_vs_trl_long {long_mem['ours'] / long_mem['trl_sdft']:.3f}")
+    # Why the memory ratio is what it is: the peak also holds what both sides hold before the step
+    # (weights, optimizer state, the loader's leftovers); the step's own share is the peak above that.
+    if all(r.get("before_step_mb") is not None and r.get("step_peak_mb") for r in long_runs.values()):
+        above = {k: r["step_peak_mb"] - r["before_step_mb"] for k, r in long_runs.items()}
+        print("# peak memory at response " + str(args.long_resp_len) + ": " + "; ".join(
+            f"{k}: {r['before_step_mb']:.0f} MB resident before the step (loading peaked at {r['load_peak_mb']:.0f}), "
+            f"the step's peak {r['step_peak_mb']:.0f} (+{above[k]:.0f})" for k, r in long_runs.items()))
+        print(f"ratio msd_step_memory_above_resident_vs_trl_long {above['ours'] / max(above['trl_sdft'], 1e-9):.3f}")
     print(f"ratio msd_step_throughput_vs_trl_long "
           f"{long_speed['ours']['tokens_per_second'] / long_speed['trl_sdft']['tokens_per_second']:.3f}")
     # Why the throughput ratio is what it is: both sides run the same forwards and backward through

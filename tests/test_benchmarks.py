@@ -8,7 +8,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 FIGURES = ["msd_step_throughput_vs_trl", "msd_peak_memory_vs_trl", "msd_step_throughput_vs_trl_distillation",
            "msd_peak_memory_vs_trl_distillation", "train_flops_vs_machine_peak", "train_flops_vs_matmul_peak",
-           "msd_peak_memory_vs_trl_long", "msd_step_throughput_vs_trl_long",
+           "msd_peak_memory_vs_trl_long", "msd_step_memory_above_resident_vs_trl_long", "msd_step_throughput_vs_trl_long",
            "msd_step_throughput_vs_trl_long_ceiling",
            "mlc_step_time_vs_plain_dpo", "mlc_step_time_vs_plain_dpo_every_step", "batched_vs_sequential_generation",
            "eval_generation_bf16_vs_fp32", "msd_step_bf16_vs_fp32", "eval_adapter_vs_base"]
