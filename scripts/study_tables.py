@@ -228,7 +228,7 @@ def study_numbers(rows: list[dict[str, Any]], iters: int = 2000) -> dict[str, An
         configs = _order(set(runs))
         pooled = {c: {col: res for col, kind, flag in POOLED if (res := pooled_change(runs[c], base, kind, flag, iters))}
                   for c in configs if c != "base"}
-        languages = {c: {col: shares for col, kind, flag in POOLED[:3] if (shares := language_shares(runs[c], kind, flag))}
+        languages = {c: {col: shares for col, kind, flag in POOLED if (shares := language_shares(runs[c], kind, flag))}
                      for c in configs}
         english = {c: {s: language_shares({s: runs[c][s]}, "harmful", "refused").get("en") for s in sorted(runs[c])}
                    for c in configs}
