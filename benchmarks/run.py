@@ -66,6 +66,9 @@ def fixed_batch(tok, batch: int, resp_len: int, seed: int = 0):
     return student, teacher, responses
 
 
+CHECKPOINTING = {"on": False}     # --gradient-checkpointing: every side recomputes its layers in the backward
+
+
 def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
     """One side of the MSD comparison: (step function, model FLOPs per step, tokens per step)."""
     from polyalign.models import LoraSettings, attach_lora, load_model, load_tokenizer
@@ -83,6 +86,8 @@ def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
     else:
         policy = attach_lora(load_model(model_spec, dtype=dtype, device=device), LoraSettings(r=16, alpha=32))
     policy.train()
+    if CHECKPOINTING["on"]:   # the same on every side (TRL's trainer would only turn it on in train())
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
     if kind == "trl":
         teacher = load_model(model_spec, dtype=dtype, device=device)   # TRL needs a separate teacher model
@@ -253,6 +258,7 @@ MSD_SIDES = ["ours", "trl_sdft", "trl"]
 def run_worker(kind: str, args, steps: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--batch", str(args.batch),
            "--resp-len", str(args.resp_len), "--steps", str(args.steps if steps is None else steps)]
+    cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"worker {kind} failed:\n{res.stderr[-3000:]}")
@@ -330,7 +336,8 @@ def long_figures(args: argparse.Namespace) -> None:
     long_runs = {k: run_worker(k, long_args, steps=0) for k in ("ours", "trl_sdft")}
     long_mem = {k: r["peak_mb"] for k, r in long_runs.items()}
     long_speed = run_worker("interleaved_long", long_args)
-    print(f"# msd step at response {args.long_resp_len}, batch 4: ours {long_speed['ours']['tokens_per_second']:.1f} tok/s, "
+    gc = ", gradient checkpointing on every side" if args.gradient_checkpointing else ""
+    print(f"# msd step at response {args.long_resp_len}, batch 4{gc}: ours {long_speed['ours']['tokens_per_second']:.1f} tok/s, "
           f"peak {long_mem['ours']:.0f} MB; TRL SDFTTrainer {long_speed['trl_sdft']['tokens_per_second']:.1f} tok/s, "
           f"peak {long_mem['trl_sdft']:.0f} MB")
     print(f"ratio msd_peak_memory_vs_trl_long {long_mem['ours'] / long_mem['trl_sdft']:.3f}")
@@ -364,8 +371,11 @@ def main() -> None:
     p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--worker", default=None)
     p.add_argument("--long-only", action="store_true", help="only the long-response figures (batch 4)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="every side recomputes its layers' activations in the backward (less memory, more time)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our MSD step and exit")
     args = p.parse_args()
+    CHECKPOINTING["on"] = args.gradient_checkpointing
     args.batch = args.batch or (2 if args.quick else 4)
     args.resp_len = args.resp_len or (32 if args.quick else 64)
     args.steps = (2 if args.quick else 4) if args.steps is None else args.steps

@@ -24,6 +24,16 @@ def test_benchmarks_run_on_tiny_model(shared):
     assert all(v > 0 for v in ratios.values())
 
 
+def test_long_figures_alone_with_gradient_checkpointing():
+    res = subprocess.run([sys.executable, str(SCRIPT), "--model", "builtin:tiny-random", "--long-only",
+                          "--long-resp-len", "8", "--gradient-checkpointing"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "gradient checkpointing on every side" in res.stdout
+    ratios = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("ratio ")]
+    assert ratios == ["msd_peak_memory_vs_trl_long", "msd_step_memory_above_resident_vs_trl_long",
+                      "msd_step_throughput_vs_trl_long", "msd_step_throughput_vs_trl_long_ceiling"]
+
+
 def test_decode_scaling_runs_on_tiny_model():
     res = subprocess.run([sys.executable, str(SCRIPT.parent / "decode_scaling.py"), "--model", "builtin:tiny-random",
                           "--batches", "1,4"], capture_output=True, text=True, timeout=300)
