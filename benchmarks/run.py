@@ -98,11 +98,12 @@ def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
         from polyalign.losses.msd import fused_token_divergence, mean_over_valid, msd_loss, reduce_sequences
         from polyalign.models.batching import response_hidden, response_logits
 
-        if kind == "ours":      # the trainer's default: fused LM head + divergence, no [B, R, V] logits
+        if kind in ("ours", "body"):   # both forwards to the final hidden states (the teacher: adapter off)
             head = policy.get_output_embeddings()
             h_s = response_hidden(policy, s, head)
             with torch.no_grad(), policy.disable_adapter():
                 h_t = response_hidden(policy, t, head)
+        if kind == "ours":      # the trainer's default: fused LM head + divergence, no [B, R, V] logits
             d, _ = fused_token_divergence(h_s, h_t, head.weight, head.bias)
             per_seq, valid = reduce_sequences(d, s["response_mask"].to(d.dtype), s["response_mask"])
             loss = mean_over_valid(per_seq, valid, h_s)
@@ -114,10 +115,6 @@ def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
         elif kind == "trl_sdft":
             loss = sdft.compute_loss(policy, sdft_inputs)
         elif kind == "body":    # what every side computes: both forwards and the backward, no LM head
-            head = policy.get_output_embeddings()
-            h_s = response_hidden(policy, s, head)
-            with torch.no_grad(), policy.disable_adapter():
-                h_t = response_hidden(policy, t, head)
             loss = (h_s.float() * h_t.float()).mean()
         else:
             R = s["response_mask"].shape[1]
