@@ -7,7 +7,8 @@ states [B, T, H] and head [V, H], gradient w.r.t. the student hidden states (the
 * fused:   ``fused_token_divergence`` (logits a chunk of rows at a time, [N, H] saved for backward).
 
 Each measurement runs in a fresh subprocess (sides alternate within a repetition) so that its peak
-resident memory (``ru_maxrss``) is its own; memory is reported above the inputs' footprint. The time
+resident memory is its own; memory is the step's peak above what was resident once the inputs were
+built (Linux: VmHWM reset by ``clear_refs``; elsewhere ``ru_maxrss``, which may count building the inputs). The time
 ratio is of wall-clock medians; CPU seconds are printed too (less sensitive to a shared machine).
 
     python benchmarks/fused_divergence.py                               # [4, 512], H 896, V 151936 (Qwen2.5-0.5B), fp32
@@ -29,12 +30,14 @@ import time
 from pathlib import Path
 
 import torch
+from run import peak_since_reset_mb, resident_mb
 
 SIDES = ("fused", "unfused")
 BASELINE = "fused_baseline_tree"      # the fused side run with another checkout's polyalign
 
 
-def measure(side: str, shape: tuple[int, int], hidden: int, vocab: int, dtype: str = "float32") -> dict[str, float]:
+def measure(side: str, shape: tuple[int, int], hidden: int, vocab: int, dtype: str = "float32",
+            chunk: int | None = None) -> dict[str, float]:
     """One forward + backward of ``side`` in this process: wall and CPU seconds, loss, peak RSS (MiB)
     after building the inputs and after the step."""
     from polyalign.losses.msd import (
@@ -54,9 +57,10 @@ def measure(side: str, shape: tuple[int, int], hidden: int, vocab: int, dtype: s
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, : T // 4] = False                                     # some padding
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    resident = resident_mb()         # Linux: resident now, and the peak counted afresh from here
     t0, c0 = time.perf_counter(), time.process_time()
     if side in ("fused", BASELINE):
-        d, raw = fused_token_divergence(h_s, h_t, weight)
+        d, raw = fused_token_divergence(h_s, h_t, weight, chunk=chunk)
         per_seq, valid = reduce_sequences(d, normalize_weights(raw, mask), mask)
         loss = mean_over_valid(per_seq, valid, h_s)
     else:
@@ -66,6 +70,9 @@ def measure(side: str, shape: tuple[int, int], hidden: int, vocab: int, dtype: s
     loss.backward()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    step_peak = peak_since_reset_mb()
+    if resident is not None and step_peak is not None:   # the step's own peak, not building the inputs'
+        base, peak = resident, step_peak
     return {"seconds": seconds, "cpu_seconds": cpu, "loss": float(loss.detach()), "inputs_mib": base, "peak_mib": peak,
             "grad_norm": float(h_s.grad.double().norm())}
 
@@ -78,11 +85,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--baseline-tree", default=None, help="also time the fused side with this checkout's polyalign")
+    p.add_argument("--chunk", type=int, default=None, help="rows of logits the fused side holds at once "
+                   "(default: polyalign.losses.msd.CHUNK_ROWS)")
     p.add_argument("--side", choices=[*SIDES, BASELINE], help=argparse.SUPPRESS)   # internal: one measurement
     args = p.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
     if args.side:
-        print(json.dumps(measure(args.side, shape, args.hidden, args.vocab, args.dtype)))
+        print(json.dumps(measure(args.side, shape, args.hidden, args.vocab, args.dtype, args.chunk)))
         return
     root = str(Path(__file__).resolve().parents[1])                     # this checkout's polyalign
     sides = (*SIDES, BASELINE) if args.baseline_tree else SIDES
@@ -92,7 +101,8 @@ def main() -> None:
         for side in sides if rep % 2 == 0 else sides[::-1]:           # alternate which side goes first
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [trees[side], os.environ.get("PYTHONPATH")]))}
             out = subprocess.run([sys.executable, __file__, "--side", side, "--shape", args.shape, "--dtype", args.dtype,
-                                  "--hidden", str(args.hidden), "--vocab", str(args.vocab)],
+                                  "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
+                                 + (["--chunk", str(args.chunk)] if args.chunk else []),
                                  capture_output=True, text=True, check=True, env=env)
             runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in runs[s][0]} for s in sides}

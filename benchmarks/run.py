@@ -67,6 +67,16 @@ def fixed_batch(tok, batch: int, resp_len: int, seed: int = 0):
 
 
 CHECKPOINTING = {"on": False}     # --gradient-checkpointing: every side recomputes its layers in the backward
+PHASES: list[tuple[str, float, float]] | None = None   # --memory-phases: (phase, its peak, resident after it)
+
+
+def mark(phase: str) -> None:
+    """With ``--memory-phases``: record the peak resident memory since the previous mark and what is
+    resident now, then count the peak afresh, so each phase of the step gets its own peak."""
+    if PHASES is None:
+        return
+    peak = peak_since_reset_mb()
+    PHASES.append((phase, peak, resident_mb()))
 
 
 def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
@@ -101,12 +111,15 @@ def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
         if kind in ("ours", "body"):   # both forwards to the final hidden states (the teacher: adapter off)
             head = policy.get_output_embeddings()
             h_s = response_hidden(policy, s, head)
+            mark("student forward (to the final hidden states)")
             with torch.no_grad(), policy.disable_adapter():
                 h_t = response_hidden(policy, t, head)
+            mark("teacher forward (adapter off, no grad)")
         if kind == "ours":      # the trainer's default: fused LM head + divergence, no [B, R, V] logits
             d, _ = fused_token_divergence(h_s, h_t, head.weight, head.bias)
             per_seq, valid = reduce_sequences(d, s["response_mask"].to(d.dtype), s["response_mask"])
             loss = mean_over_valid(per_seq, valid, h_s)
+            mark("LM head + divergence forward")
         elif kind == "ours_unfused":
             student_logits = response_logits(policy, s)
             with torch.no_grad(), policy.disable_adapter():
@@ -127,9 +140,13 @@ def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
             w_s = policy.get_output_embeddings().weight
             loss = _chunked_divergence_loss(hs, ht, w_s, teacher.get_output_embeddings().weight,
                                             s["response_mask"].long(), beta=1.0)[0]
+        if kind == "trl_sdft":
+            mark("compute_loss (both forwards, logits, divergence)")
         loss.backward()
+        mark("backward")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("optimizer step")
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -181,6 +198,11 @@ def worker_msd(kind: str, model_spec: str, batch: int, resp_len: int, steps: int
     step()  # warm-up; with steps=0 this one step is all (the caller wants peak memory only)
     if not steps:
         return {"peak_mb": peak_memory_mb(), "step_peak_mb": peak_since_reset_mb(), **loaded}
+    if PHASES is not None:   # a second step, phase by phase (the first allocated the optimizer's state)
+        PHASES.clear()
+        PHASES.append(("before the step", resident_mb(), resident_mb()))
+        step()
+        return {"phases": PHASES}
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as tprofile
@@ -357,6 +379,22 @@ def long_figures(args: argparse.Namespace) -> None:
     print(f"ratio msd_step_throughput_vs_trl_long_ceiling {sdft_s / body:.3f}")
 
 
+def memory_phases(args: argparse.Namespace) -> None:
+    """Where each side's long step holds its memory: per phase, the peak above what was resident before
+    the step (the second step in its process; Linux VmHWM, reset by ``clear_refs``)."""
+    long_args = argparse.Namespace(**{**vars(args), "batch": 4, "resp_len": args.long_resp_len})
+    gc = ", gradient checkpointing" if args.gradient_checkpointing else ""
+    for kind in ("ours", "trl_sdft"):
+        phases = run_worker("phases_" + kind, long_args, steps=1)["phases"]
+        if phases[0][1] is None:
+            print(f"# {kind}: no per-phase memory on this platform (needs Linux /proc)")
+            continue
+        start = phases[0][2]
+        print(f"# {kind}, response {args.long_resp_len}, batch 4{gc}: {start:.0f} MB resident before the step")
+        for name, peak, now in phases[1:]:
+            print(f"#   {name}: peak +{peak - start:.0f} MB, then resident +{now - start:.0f} MB")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
@@ -371,6 +409,8 @@ def main() -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="every side recomputes its layers' activations in the backward (less memory, more time)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our MSD step and exit")
+    p.add_argument("--memory-phases", action="store_true",
+                   help="ours and TRL's long step (batch 4, --long-resp-len): each phase's peak resident memory")
     args = p.parse_args()
     CHECKPOINTING["on"] = args.gradient_checkpointing
     args.batch = args.batch or (2 if args.quick else 4)
@@ -382,6 +422,14 @@ def main() -> None:
     if args.worker == "interleaved_long":
         print(json.dumps(worker_interleaved(["ours", "trl_sdft", "body"], args.model, args.batch, args.resp_len,
                                             args.steps)))
+        return
+    if args.worker and args.worker.startswith("phases_"):
+        global PHASES
+        PHASES = []
+        print(json.dumps(worker_msd(args.worker.removeprefix("phases_"), args.model, args.batch, args.resp_len, 1)))
+        return
+    if args.memory_phases:
+        memory_phases(args)
         return
     if args.worker or args.profile:
         print(json.dumps(worker_msd(args.worker or "ours", args.model, args.batch, args.resp_len, args.steps,

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 FIGURES = ["msd_step_throughput_vs_trl", "msd_peak_memory_vs_trl", "msd_step_throughput_vs_trl_distillation",
            "msd_peak_memory_vs_trl_distillation", "train_flops_vs_machine_peak", "train_flops_vs_matmul_peak",
@@ -32,6 +34,19 @@ def test_long_figures_alone_with_gradient_checkpointing():
     ratios = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("ratio ")]
     assert ratios == ["msd_peak_memory_vs_trl_long", "msd_step_memory_above_resident_vs_trl_long",
                       "msd_step_throughput_vs_trl_long", "msd_step_throughput_vs_trl_long_ceiling"]
+
+
+def test_memory_phases_name_every_phase_of_both_steps():
+    res = subprocess.run([sys.executable, str(SCRIPT), "--model", "builtin:tiny-random", "--memory-phases",
+                          "--long-resp-len", "8"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    if "no per-phase memory" in res.stdout:          # not Linux
+        return
+    phases = [line.split(":")[0].strip("# ") for line in res.stdout.splitlines() if line.startswith("#   ")]
+    assert phases == ["student forward (to the final hidden states)", "teacher forward (adapter off, no grad)",
+                      "LM head + divergence forward", "backward", "optimizer step",
+                      "compute_loss (both forwards, logits, divergence)", "backward", "optimizer step"]
+    assert sum("MB resident before the step" in line for line in res.stdout.splitlines()) == 2
 
 
 def test_decode_scaling_runs_on_tiny_model():
@@ -123,9 +138,10 @@ def test_divergence_benchmark_runs():
     assert float(res.stdout.split("ratio divergence_time_vs_trl_sdft ")[1]) > 0
 
 
-def test_fused_divergence_runs_and_both_sides_agree():
+@pytest.mark.parametrize("chunk", [[], ["--chunk", "3"]])      # 16 rows in ragged chunks of 3
+def test_fused_divergence_runs_and_both_sides_agree(chunk):
     res = subprocess.run([sys.executable, str(SCRIPT.parent / "fused_divergence.py"), "--shape", "2,8", "--hidden", "16",
-                          "--vocab", "1000", "--reps", "1"], capture_output=True, text=True, timeout=300)
+                          "--vocab", "1000", "--reps", "1", *chunk], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ratios = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("ratio ")]
     assert ratios == ["fused_vs_unfused_time", "fused_vs_unfused_peak_memory"]

@@ -154,13 +154,18 @@ class _FusedDivergence(torch.autograd.Function):
         d = torch.empty(h_s.shape[0], dtype=_compute_dtype(h_s), device=h_s.device)
         raw = torch.empty_like(d)
         for i in range(0, h_s.shape[0], chunk):
-            s = torch.nn.functional.linear(h_s[i:i + chunk], weight, bias)            # [n, V], the model's dtype
-            t = torch.nn.functional.linear(h_t[i:i + chunk], t_weight, t_bias)
-            ls, lt = _log_probs(s), _log_probs(t)                                    # fp32 (at least)
+            # Each [n, V] temporary is dropped as soon as nothing reads it (and before the next chunk
+            # allocates its own): the step's peak memory is this loop's, a few [n, V] buffers.
+            ls = _log_probs(torch.nn.functional.linear(h_s[i:i + chunk], weight, bias))  # fp32 (at least)
+            t = torch.nn.functional.linear(h_t[i:i + chunk], t_weight, t_bias)         # [n, V], the model's dtype
+            lt = _log_probs(t)
             d[i:i + chunk], g = _divergence_from_log_probs(ls, lt, kind, beta, grad_h is not None)
+            del lt
             raw[i:i + chunk] = _dpsw_rows(t, ls, k)
+            del t, ls
             if grad_h is not None:
                 grad_h[i:i + chunk] = g.to(weight.dtype) @ weight                     # dD/dh = dD/ds @ W, [n, H]
+            del g
         ctx.mark_non_differentiable(raw)
         ctx.args = (kind, beta, chunk, recompute)
         ctx.save_for_backward(*((h_s, h_t, weight, bias, t_weight, t_bias) if recompute else (grad_h,)))
@@ -183,6 +188,7 @@ class _FusedDivergence(torch.autograd.Function):
             s = torch.nn.functional.linear(h_s[i:i + chunk], weight, bias)
             t = torch.nn.functional.linear(h_t[i:i + chunk], t_weight, t_bias)
             _, g = _divergence_rows(s, t, kind, beta, True)
+            del s, t
             g = (g * grad_d[i:i + chunk, None].to(g.dtype)).to(weight.dtype)          # dL/ds, [n, V]
             if need_h:
                 grad_h[i:i + chunk] = g @ weight
@@ -190,6 +196,7 @@ class _FusedDivergence(torch.autograd.Function):
                 grad_w += g.T @ h_s[i:i + chunk]
             if need_b:
                 grad_b += g.sum(0)
+            del g
         return (grad_h, None, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), *none[:6])
 
