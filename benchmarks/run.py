@@ -3,6 +3,8 @@
     python benchmarks/run.py --quick            # ~minutes on 2 CPU cores (0.5B model, small batch)
     python benchmarks/run.py                    # full: builtin:qwen2.5-coder-0.5b-instruct, batch 4
     python benchmarks/run.py --model builtin:tiny-random --steps 1   # smoke (what the tests run)
+    python benchmarks/run.py --long-only [--gradient-checkpointing]  # response 512, batch 4 only
+    python benchmarks/run.py --memory-phases                         # where that long step's memory goes
 
 Prints one line per figure: ``ratio NAME VALUE`` (plus the raw numbers behind it).
 
@@ -199,8 +201,8 @@ def worker_msd(kind: str, model_spec: str, batch: int, resp_len: int, steps: int
     if not steps:
         return {"peak_mb": peak_memory_mb(), "step_peak_mb": peak_since_reset_mb(), **loaded}
     if PHASES is not None:   # a second step, phase by phase (the first allocated the optimizer's state)
-        PHASES.clear()
-        PHASES.append(("before the step", resident_mb(), resident_mb()))
+        resident = resident_mb()
+        PHASES[:] = [("before the step", resident, resident)]
         step()
         return {"phases": PHASES}
     if profile:
