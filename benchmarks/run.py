@@ -68,7 +68,7 @@ def fixed_batch(tok, batch: int, resp_len: int, seed: int = 0):
     return student, teacher, responses
 
 
-CHECKPOINTING = {"on": False}     # --gradient-checkpointing: every side recomputes its layers in the backward
+CHECKPOINTING = False     # --gradient-checkpointing: every side recomputes its layers in the backward
 PHASES: list[tuple[str, float, float]] | None = None   # --memory-phases: (phase, its peak, resident after it)
 
 
@@ -98,7 +98,7 @@ def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
     else:
         policy = attach_lora(load_model(model_spec, dtype=dtype, device=device), LoraSettings(r=16, alpha=32))
     policy.train()
-    if CHECKPOINTING["on"]:   # the same on every side (TRL's trainer would only turn it on in train())
+    if CHECKPOINTING:   # the same on every side (TRL's trainer would only turn it on in train())
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
     if kind == "trl":
@@ -414,7 +414,8 @@ def main() -> None:
     p.add_argument("--memory-phases", action="store_true",
                    help="ours and TRL's long step (batch 4, --long-resp-len): each phase's peak resident memory")
     args = p.parse_args()
-    CHECKPOINTING["on"] = args.gradient_checkpointing
+    global CHECKPOINTING, PHASES   # set once from the command line, before any side is built
+    CHECKPOINTING = args.gradient_checkpointing
     args.batch = args.batch or (2 if args.quick else 4)
     args.resp_len = args.resp_len or (32 if args.quick else 64)
     args.steps = (2 if args.quick else 4) if args.steps is None else args.steps
@@ -426,7 +427,6 @@ def main() -> None:
                                             args.steps)))
         return
     if args.worker and args.worker.startswith("phases_"):
-        global PHASES
         PHASES = []
         print(json.dumps(worker_msd(args.worker.removeprefix("phases_"), args.model, args.batch, args.resp_len, 1)))
         return

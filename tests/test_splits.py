@@ -352,3 +352,22 @@ def test_comparisons_spec_lists_every_config(bench):
     assert rows["system_prompt/seed0"]["steps"] == 0
     assert {rows[f"{c}/seed0"]["steps"] * rows[f"{c}/seed0"]["batch"]
             for c in ("default", "msd_mlc", "paper_msd", "label_sft", "mlc_dpo")} == {32 * 8}   # same budget
+
+
+def test_the_1_5b_spec_is_the_0_5b_one_on_the_larger_model():
+    """comparisons_1.5b_bf16.yaml runs the default and the strongest comparison exactly as the 0.5B
+    bf16 spec does (overrides, seeds, evaluation, MGSM), only on the 1.5B model, into its own folder."""
+    from dataclasses import asdict
+
+    from polyalign.sweep import expand_points, load_sweep
+
+    small = load_sweep(ROOT / "recipes" / "sweeps" / "comparisons_0.5b_bf16.yaml")
+    large = load_sweep(ROOT / "recipes" / "sweeps" / "comparisons_1.5b_bf16.yaml")
+    kept = {"default", "msd_mlc"}
+    assert [(p.config, p.overrides, p.seed) for p in expand_points(large)] == \
+        [(p.config, p.overrides, p.seed) for p in expand_points(small) if p.config in kept]
+    assert large.model.endswith("1.5b-instruct") and large.out != small.out
+    assert (large.recipe, large.overrides, large.seeds) == (small.recipe, small.overrides, small.seeds)
+    assert asdict(large.eval) == asdict(small.eval)
+    assert [asdict(f) for f in large.finalist_eval] == \
+        [asdict(f) | {"configs": sorted(kept, key=["default", "msd_mlc"].index)} for f in small.finalist_eval]
