@@ -185,3 +185,12 @@ def test_head_input_benchmark_runs_on_tiny_model():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "ratio frozen_generate_without_vs_with_contiguous_head_input" in res.stdout
+
+
+def test_allocator_benchmark_runs_both_sides_on_tiny_model():
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "allocator.py"), "--model", "builtin:tiny-random",
+                          "--eval-limit", "1", "--steps", "1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "# as it comes (round 1): kept=False" in res.stdout and "kept=True" in res.stdout
+    assert "ratio cpu_malloc_eval_speedup" in res.stdout and "ratio cpu_malloc_msd_step_speedup" in res.stdout
+    assert "same generations on both sides: True; same losses: True" in res.stdout

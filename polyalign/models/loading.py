@@ -186,6 +186,43 @@ def model_dtype(model: Any) -> str:
     return str(getattr(base, "dtype", next(base.parameters()).dtype)).removeprefix("torch.")
 
 
+# glibc's malloc serves an allocation above its mmap threshold (dynamic, at most 32 MiB by default)
+# with a fresh mapping and returns it to the kernel when freed, so every such tensor is page-faulted
+# and zeroed anew: a bf16 [32, 137, 4864] product (42 MiB, the MLP of an evaluation batch's
+# prefill) took 16.1 ms to multiply into fresh memory against 4.9 ms into memory used before (an
+# Intel Xeon with AMX, 2026-12-06; benchmarks/allocator.py measures the step and the evaluation).
+_MMAP_THRESHOLD_BYTES = 1 << 30      # allocations up to 1 GiB come from the heap, freed ones are reused
+_TRIM_THRESHOLD_BYTES = 1 << 30      # up to 1 GiB of free heap top is kept instead of returned
+_allocator_done: list[bool] = []
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Tell glibc's malloc to reuse freed large blocks instead of unmapping them (``mallopt``), once a
+    process; True when set. Why: CPU training and generation allocate the same large activations
+    step after step, and a fresh mapping costs its page faults every time. The price: up to 1 GiB of
+    freed memory stays resident. ``POLYALIGN_CPU_MALLOC=default`` (or a libc other than glibc) leaves
+    malloc as it is; ``MALLOC_*`` / ``GLIBC_TUNABLES`` set by the user win (nothing is changed)."""
+    if _allocator_done:
+        return _allocator_done[0]
+    ok = False
+    user_set = any(k.startswith("MALLOC_") for k in os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    if os.environ.get("POLYALIGN_CPU_MALLOC", "keep") != "default" and not user_set:
+        import ctypes
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                libc = None
+            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                 # <malloc.h>
+            ok = bool(libc and libc.mallopt(M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+                      and libc.mallopt(M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+    _allocator_done.append(ok)
+    log.debug("glibc malloc keeps freed blocks: %s", ok)
+    return ok
+
+
 def load_model(spec: str, dtype: str | None = None, trust_remote_code: bool = False, device: str | None = None,
                revision: str | None = None, attn_implementation: str | None = None):
     """Causal LM for ``spec`` in eval mode, on ``device`` (default: this rank's GPU when present, else
@@ -203,6 +240,8 @@ def load_model(spec: str, dtype: str | None = None, trust_remote_code: bool = Fa
     device = resolve_device(device)
     torch_dtype = getattr(torch, dtype)
     r = resolve_spec(spec)
+    if device == "cpu":
+        keep_freed_cpu_memory()
     if r.kind == "tiny":
         model = builtin.build_tiny_model(builtin.build_tiny_tokenizer()).to(torch_dtype)
         if device != "cpu":
