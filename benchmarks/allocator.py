@@ -14,6 +14,10 @@ per process; ``POLYALIGN_CPU_MALLOC=default`` is the side as it comes), on the s
 * ``msd step``: the demo's MSD step (``benchmarks/msd_profile.py``'s trainer: recipes/msd_selective.yaml,
   its first batch), one untimed step, then ``--steps`` steps from the same adapter with seeds 1, 2, ...
 
+and first, in each process after the model is loaded, the product the problem was found in: two bf16
+[32, 137, 4864] tensors (42 MiB, an evaluation batch's MLP in its prefill) multiplied into a new
+tensor and into one allocated before (``out=``), 20 times each.
+
 Prints each side's seconds, whether the two sides generated the same text and computed the same
 losses (the allocator must not change what is computed), each process's peak resident memory, the
 ratios ``cpu_malloc_eval_speedup`` and ``cpu_malloc_msd_step_speedup`` (as it comes / kept, > 1:
@@ -43,6 +47,19 @@ from run import peak_since_reset_mb  # noqa: E402
 SIDES = {"as it comes": "default", "kept": "keep"}
 
 
+def product_ms(reps: int = 20) -> dict[str, float]:
+    a, b = (torch.randn(32, 137, 4864).to(torch.bfloat16) for _ in range(2))
+    out = torch.empty_like(a)
+    ms = {}
+    for name, f in (("new tensor", lambda: a * b), ("out=", lambda: torch.mul(a, b, out=out))):
+        f()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        ms[name] = round((time.perf_counter() - t0) / reps * 1e3, 2)
+    return ms
+
+
 def worker(args: argparse.Namespace) -> dict:
     from polyalign.demo import FULL, _evaluate
     from polyalign.models import load_model, load_tokenizer
@@ -54,6 +71,7 @@ def worker(args: argparse.Namespace) -> dict:
         tok = load_tokenizer(args.model)
         base = load_model(args.model, device="cpu")
         res["kept"] = keep_freed_cpu_memory()
+        res["product_ms"] = product_ms()
         t0 = time.perf_counter()
         _evaluate("baseline", args.model, Path(out), plan, base, tok, None)
         res["eval_s"] = time.perf_counter() - t0
@@ -104,7 +122,7 @@ def main() -> None:
                                  text=True, check=True).stdout
             res = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
             runs[side].append(res)
-            print(f"# {side} (round {r + 1}): kept={res['kept']} evaluation {res['eval_s']:.2f} s, MSD steps "
+            print(f"# {side} (round {r + 1}): kept={res['kept']} bf16 product ms {res['product_ms']}, evaluation {res['eval_s']:.2f} s, MSD steps "
                   f"{res['step_s']} s, stages {res['stages']}, losses {[round(x, 6) for x in res['losses']]}, "
                   f"peak {res['peak_mb']:.0f} MB ({load()})", flush=True)
     med = {side: (statistics.median(x["eval_s"] for x in rs),
