@@ -189,7 +189,7 @@ def model_dtype(model: Any) -> str:
 # glibc's malloc serves an allocation above its mmap threshold (dynamic, at most 32 MiB by default)
 # with a fresh mapping and returns it to the kernel when freed, so every such tensor is page-faulted
 # and zeroed anew: a bf16 [32, 137, 4864] product (42 MiB, the MLP of an evaluation batch's
-# prefill) took 16.1 ms to multiply into fresh memory against 4.9 ms into memory used before (an
+# prefill) took 15.7 ms to multiply into fresh memory against 5.3 ms into memory used before (an
 # Intel Xeon with AMX, 2026-12-06; benchmarks/allocator.py measures the step and the evaluation).
 _MMAP_THRESHOLD_BYTES = 1 << 30      # allocations up to 1 GiB come from the heap, freed ones are reused
 _TRIM_THRESHOLD_BYTES = 1 << 30      # up to 1 GiB of free heap top is kept instead of returned
