@@ -5,6 +5,7 @@
     python benchmarks/decode_linears.py --decode-profile     # the token draw, and a decode step by part
     python benchmarks/decode_linears.py --packing            # oneDNN on weights packed once vs plain
     python benchmarks/decode_linears.py --products-only --dtype bfloat16   # bf16 products (a CPU with AMX)
+    python benchmarks/decode_linears.py --lora-beside --dtype bfloat16     # MSD sampling: LoRA folded vs beside
 
 Two workloads, each timed with the previous path and with :func:`polyalign.models.sampling.decoding_linears`
 (oneDNN for every linear layer while it multiplies at most ``ONEDNN_MAX_ROWS`` rows), the two sides
@@ -91,6 +92,27 @@ def side_by_side(name: str, model, tok, ids, greedy: bool, new_tokens: int, befo
           f"{tokens / a:.1f} tokens/s after")
     print(f"  ratio {name.replace(' ', '_')}_{sides} **{b / a:.3f}**; rows with the same tokens both ways: {same}/{len(ids)}")
     return b / a
+
+
+@contextlib.contextmanager
+def lora_beside(model, on: bool, keep):
+    """:func:`decoding_linears` as the MSD trainer enters it every step (one ``keep`` for all steps),
+    with LoRA folded into a new weight (``on`` False, the default) or beside the base, which is
+    packed once and kept (``POLYALIGN_LORA_BESIDE=1``)."""
+    import os
+
+    from polyalign.models.sampling import decoding_linears
+
+    old = os.environ.get("POLYALIGN_LORA_BESIDE")
+    os.environ["POLYALIGN_LORA_BESIDE"] = "1" if on else "0"
+    try:
+        with decoding_linears(model, keep=keep):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("POLYALIGN_LORA_BESIDE")
+        else:
+            os.environ["POLYALIGN_LORA_BESIDE"] = old
 
 
 @contextlib.contextmanager
@@ -209,6 +231,8 @@ def main() -> None:
                    help="both workloads with oneDNN on plain weights vs on weights packed once (a few minutes)")
     p.add_argument("--decode-profile", action="store_true",
                    help="the draw side by side and where a decode step of the demo's sampling goes (two minutes)")
+    p.add_argument("--lora-beside", action="store_true",
+                   help="the demo's MSD sampling with LoRA folded (as trained) vs beside a base packed once")
     p.add_argument("--eval-batches", type=int, default=1,
                    help="N: the evaluation workload is N batches of 32 in one context, as a run generates them")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -235,6 +259,21 @@ def main() -> None:
         ids = prompts(tok, "train", langs, 8, ("harmful",))
         for draw in ("multinomial", "inverse_cdf"):
             decode_profile(model, tok, ids, 48, draw)
+        return
+    if args.lora_beside:
+        from polyalign.models.sampling import PackedWeights
+
+        torch.manual_seed(0)
+        model = attach_lora(base, LoraSettings(r=16, alpha=32)).eval()
+        with torch.no_grad():
+            for n, prm in model.named_parameters():
+                if "lora_B" in n:
+                    prm.normal_(0, 1e-3)                     # a trained-like adapter (B starts at zero)
+        keep = PackedWeights()                               # the trainer's: one for every step
+        ids_train = prompts(tok, "train", langs, 8, ("harmful",))
+        side_by_side("msd sampling", model, tok, ids_train, False, 48, lambda: lora_beside(model, False, keep),
+                     lambda: lora_beside(model, True, keep), args.repeats, "folded_vs_beside")
+        print(f"# {load()}")
         return
     print(f"  memory read: {read_bandwidth():.1f} GB/s (sum over a 1 GiB fp32 tensor, best of 3)")
     products(base)

@@ -194,3 +194,10 @@ def test_allocator_benchmark_runs_both_sides_on_tiny_model():
     assert "# as it comes (round 1): kept=False" in res.stdout and "kept=True" in res.stdout
     assert "ratio cpu_malloc_eval_speedup" in res.stdout and "ratio cpu_malloc_msd_step_speedup" in res.stdout
     assert "same generations on both sides: True; same losses: True" in res.stdout
+
+
+def test_decode_linears_lora_beside_runs_on_tiny_model():
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "decode_linears.py"), "--model", "builtin:tiny-random",
+                          "--lora-beside", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ratio msd_sampling_folded_vs_beside" in res.stdout and "rows with the same tokens both ways" in res.stdout

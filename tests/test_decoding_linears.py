@@ -225,3 +225,40 @@ def test_packing_is_off_when_switched_off(monkeypatch):
     with torch.no_grad():
         out = layer(torch.randn(4, 40))
     assert layer.packed_weight is None and out.shape == (4, 300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_beside_computes_what_pefts_forward_does_with_the_base_packed_and_kept(monkeypatch, dtype):
+    """POLYALIGN_LORA_BESIDE=1: the student's wrapped layers are base (packed once, kept by the owner)
+    plus B(A(x)) * scaling in the adapter's dtype, as PEFT's forward: the decode step's logits equal
+    PEFT's own within the products' rounding, the base's packed copies are reused by the next context,
+    and nothing is folded."""
+    from polyalign.models import loading, sampling
+
+    monkeypatch.setenv("POLYALIGN_LORA_BESIDE", "1")
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda cpuinfo=None: True)   # bf16 on oneDNN here too
+    monkeypatch.setattr(sampling, "ONEDNN_MIN_OUT_FEATURES", 1)                  # the tiny model's narrow layers too
+    torch.manual_seed(0)
+    model = attach_lora(load_model(SPEC, dtype=str(dtype).removeprefix("torch.")), LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.eval()
+    x = torch.randint(3, 200, (4, 1))                     # one decode step's rows
+    keep = PackedWeights()
+    with torch.no_grad():
+        want = model(input_ids=x).logits.float()
+        with decoding_linears(model, keep=keep):
+            beside = [m for m in model.modules() if type(m).__name__ == "LoraBesideLinear"]
+            got = model(input_ids=x).logits.float()
+        kept = len(keep._by_id)
+        with decoding_linears(model, keep=keep):
+            again = model(input_ids=x).logits.float()
+    assert beside and all(m.base.onednn and m.adapters and m.adapters[0][0].dtype == torch.float32 for m in beside)
+    assert kept >= len(beside) and len(keep._by_id) == kept          # packed once, reused
+    tol = 1e-5 if dtype == torch.float32 else 2e-2 * float(want.abs().max())
+    assert float((got - want).abs().max()) <= tol
+    assert torch.equal(got, again)
+    monkeypatch.setenv("POLYALIGN_LORA_BESIDE", "0")
+    assert not sampling.lora_beside_enabled()

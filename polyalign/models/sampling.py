@@ -225,6 +225,41 @@ def _folded_linear_class() -> type:
     return FoldedLinear
 
 
+def lora_beside_enabled() -> bool:
+    """``POLYALIGN_LORA_BESIDE=1``: while decoding on oneDNN, the student's wrapped layers keep the
+    frozen base packed across MSD steps and compute LoRA beside it, as PEFT's forward does, instead
+    of folding base + delta into a new weight every step (:func:`_folded`). Off by default: in bf16 a
+    folded weight rounds base + delta once, PEFT's forward adds the two products, so samples (and a
+    run's adapter) differ at one seed; ``benchmarks/decode_linears.py --lora-beside`` measures it."""
+    import os
+
+    return os.environ.get("POLYALIGN_LORA_BESIDE", "0") == "1"
+
+
+@functools.cache
+def _lora_beside_class() -> type:
+    import torch
+
+    class LoraBesideLinear(torch.nn.Module):
+        """PEFT's LoRA ``Linear.forward`` over plain tensors: ``base(x)``, plus each adapter's
+        ``B(A(x)) * scaling`` with ``x`` in the adapter's dtype, cast back to the base's output dtype
+        (dropout is the identity in eval mode)."""
+
+        def __init__(self, base: Any, adapters: list[tuple[Any, Any, Any, float]]):
+            super().__init__()
+            self.base, self.adapters = base, adapters     # (A weight, B weight, B bias, scaling)
+
+        def forward(self, x: Any) -> Any:
+            result = self.base(x)
+            dtype = result.dtype
+            for a, b, b_bias, scaling in self.adapters:
+                x = x.to(a.dtype)
+                result = result + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b, b_bias) * scaling
+            return result.to(dtype)
+
+    return LoraBesideLinear
+
+
 def _linear(weight: Any, bias: Any, onednn: bool = False, frozen: Any = None,
             keep: PackedWeights | None = None) -> Any:
     """A module computing ``x W^T + b`` with tensors it holds as plain attributes (no parameters);
@@ -240,6 +275,12 @@ def _folded(module: Any, adapter: bool, onednn: bool = False, keep: PackedWeight
     base = module.base_layer
     if not adapter:
         return _linear(base.weight.detach(), _detached(base.bias), onednn, base.weight, keep) if onednn else base
+    if onednn and lora_beside_enabled():
+        adapters = [(module.lora_A[n].weight.detach(), module.lora_B[n].weight.detach(),
+                     _detached(module.lora_B[n].bias), module.scaling[n])
+                    for n in module.active_adapters if n in module.lora_A]
+        return _lora_beside_class()(_linear(base.weight.detach(), _detached(base.bias), onednn, base.weight, keep),
+                                    adapters)
     weight = base.weight.detach()
     for name in module.active_adapters:
         if name in module.lora_A:
