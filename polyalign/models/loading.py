@@ -216,7 +216,9 @@ def keep_freed_cpu_memory() -> bool:
             except OSError:
                 libc = None
             M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                 # <malloc.h>
-            ok = bool(libc and libc.mallopt(M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+            # a glibc that caps the mmap threshold (32 MiB, HEAP_MAX_SIZE / 2, in older ones) refuses 1 GiB: take the cap
+            ok = bool(libc and (libc.mallopt(M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+                                or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
                       and libc.mallopt(M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
     _allocator_done.append(ok)
     log.debug("glibc malloc keeps freed blocks: %s", ok)
