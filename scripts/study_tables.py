@@ -156,12 +156,20 @@ def by_run(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[tuple[str, st
     return out
 
 
+def _seeds_with(runs: dict[int, dict[tuple, dict]], kind: str) -> list[int]:
+    """The seeds whose rows include ``kind`` (e.g. MGSM run for seed 0 only)."""
+    return [s for s in sorted(runs) if any(k[0] == kind for k in runs[s])]
+
+
 def pooled_change(runs: dict[int, dict[tuple, dict]], base: dict[tuple, dict], kind: str, flag: str,
                   iters: int = 2000) -> dict[str, Any] | None:
     """A config's change against ``base`` in ``flag`` over ``kind`` rows, pooled over the non-English
     languages, averaged over its seeds, with the two-stage bootstrap interval; over the (prompt,
-    language) pairs that base and every seed have. None when there are none."""
-    seeds = sorted(runs)
+    language) pairs that base and every seed have, among the seeds with ``kind`` rows at all (MGSM may
+    have run for fewer seeds than safety). None when there are none."""
+    seeds = _seeds_with(runs, kind)
+    if not seeds:
+        return None
     keys = [k for k in base if k[0] == kind and k[2] != "en" and all(k in runs[s] for s in seeds)]
     if not keys:
         return None
@@ -173,8 +181,12 @@ def head_to_head(mine: dict[int, dict[tuple, dict]], other: dict[int, dict[tuple
                  iters: int = 2000) -> dict[str, Any] | None:
     """One config minus another in ``flag`` over ``kind`` rows, pooled over the non-English languages,
     each averaged over its own seeds, with the two-stage bootstrap of both sides' seeds; over the pairs
-    every seed of both has. None when there are none."""
+    every seed of both has (among each side's seeds with ``kind`` rows). None when there are none."""
+    mine = {s: mine[s] for s in _seeds_with(mine, kind)}
+    other = {s: other[s] for s in _seeds_with(other, kind)}
     runs = [*mine.values(), *other.values()]
+    if not mine or not other:
+        return None
     keys = [k for k in runs[0] if k[0] == kind and k[2] != "en" and all(k in r for r in runs[1:])]
     if not keys:
         return None
@@ -297,12 +309,14 @@ def markdown(numbers: dict[str, Any]) -> str:
             if c == "base":
                 continue
             cells = []
+            most = max((r["seeds"] for r in m["pooled"][c].values()), default=0)
             for col in cols:
                 r = m["pooled"][c].get(col)
-                cells.append(f"{_pp(r['diff'])} [{_pp(r['lo'])}, {_pp(r['hi'])}]" if r else "-")
+                fewer = f" ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})" if r and r["seeds"] < most else ""
+                cells.append(f"{_pp(r['diff'])} [{_pp(r['lo'])}, {_pp(r['hi'])}]{fewer}" if r else "-")
             en = " / ".join(f"{100 * e['share']:.1f}" for e in m["english"][c].values() if e)
             en = f"{100 * base_en['share']:.1f} -> {en}" if base_en and en else "-"
-            seeds = next((str(r["seeds"]) for r in m["pooled"][c].values()), "-")
+            seeds = str(most) if most else "-"
             lines.append(f"| {c} | {seeds} | " + " | ".join(cells) + f" | {en} |")
         lines += ["", "Each seed's own change (pp, 95 % cluster bootstrap over prompts).", "",
                   "| config | seed | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
@@ -324,9 +338,11 @@ def markdown(numbers: dict[str, Any]) -> str:
                       "| comparison | seeds (default, comparison) | " + " | ".join(vcols) + " |",
                       "|---" * (len(vcols) + 2) + "|"]
             for c, v in m["versus"].items():
-                cells = [f"{_pp(r['diff'])} [{_pp(r['lo'])}, {_pp(r['hi'])}]" if (r := v.get(col)) else "-"
-                         for col in vcols]
-                seeds = next((f"{r['seeds'][0]}, {r['seeds'][1]}" for r in v.values()), "-")
+                first = next((r["seeds"] for r in v.values()), None)
+                cells = [(f"{_pp(r['diff'])} [{_pp(r['lo'])}, {_pp(r['hi'])}]"
+                          + (f" ({r['seeds'][0]}, {r['seeds'][1]} seeds)" if tuple(r["seeds"]) != tuple(first) else ""))
+                         if (r := v.get(col)) else "-" for col in vcols]
+                seeds = f"{first[0]}, {first[1]}" if first else "-"
                 lines.append(f"| {c} | {seeds} | " + " | ".join(cells) + " |")
         langs = list(dict.fromkeys(lang for c in m["configs"] for col in m["languages"][c].values() for lang in col))
         lines += ["", "Per language: share (%) over every seed's rows, Wilson 95 % interval.", "",

@@ -203,3 +203,27 @@ def test_head_to_head_is_the_difference_of_the_two_seed_means(tmp_path):
     assert got["diff"] == pytest.approx(mean_share("default", (0, 1, 2), "benign") - mean_share("label_sft", (0, 1), "benign"))
     assert got["seeds"] == (3, 2) and got["lo"] <= got["diff"] <= got["hi"]
     assert "| label_sft | 3, 2 | " in (tmp_path / "tables.md").read_text()
+
+
+def test_mgsm_run_for_fewer_seeds_is_pooled_over_those_and_says_so(tmp_path):
+    """MGSM evaluated for default's seeds 0 and 2 only: its change averages those two seeds (by loops)
+    and the table names the count; safety still pools all three."""
+    synthetic(tmp_path)
+    rng = random.Random(4)
+    problems = [f"m{i}" for i in range(15)]
+    for config, s, p in (("base", 0, 0.3), ("default", 0, 0.2), ("default", 2, 0.4)):
+        rows = [{"config": config, "model": MODEL, "seed": s, "lang": lang, "prompt_id": pid, "kind": "mgsm",
+                 "refused": False, "in_language": True, "label": "safe", "correct": rng.random() < p}
+                for pid in problems for lang in LANGS]
+        path = tmp_path / f"{config}_{study.model_slug(MODEL)}_seed{s}.jsonl"
+        path.write_text(path.read_text() + "".join(json.dumps(r) + "\n" for r in rows))
+    numbers = study.tables(tmp_path, iters=200)[MODEL]
+
+    def share(config, s):
+        mine = [r for r in rows_of(tmp_path, config, s) if r["kind"] == "mgsm" and r["lang"] != "en"]
+        return sum(r["correct"] for r in mine) / len(mine)
+
+    got = numbers["pooled"]["default"]["MGSM accuracy"]
+    assert got["seeds"] == 2 and numbers["pooled"]["default"]["harmful refusal"]["seeds"] == 3
+    assert got["diff"] == pytest.approx((share("default", 0) + share("default", 2)) / 2 - share("base", 0))
+    assert "(2 seeds)" in (tmp_path / "tables.md").read_text()
