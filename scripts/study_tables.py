@@ -184,9 +184,9 @@ def head_to_head(mine: dict[int, dict[tuple, dict]], other: dict[int, dict[tuple
     every seed of both has (among each side's seeds with ``kind`` rows). None when there are none."""
     mine = {s: mine[s] for s in _seeds_with(mine, kind)}
     other = {s: other[s] for s in _seeds_with(other, kind)}
-    runs = [*mine.values(), *other.values()]
     if not mine or not other:
         return None
+    runs = [*mine.values(), *other.values()]
     keys = [k for k in runs[0] if k[0] == kind and k[2] != "en" and all(k in r for r in runs[1:])]
     if not keys:
         return None
