@@ -95,24 +95,30 @@ def side_by_side(name: str, model, tok, ids, greedy: bool, new_tokens: int, befo
 
 
 @contextlib.contextmanager
+def switch(name: str, on: bool):
+    """The environment switch ``name`` set to "1" / "0" inside the block, as it was after it."""
+    import os
+
+    old = os.environ.get(name)
+    os.environ[name] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
 def lora_beside(model, on: bool, keep):
     """:func:`decoding_linears` as the MSD trainer enters it every step (one ``keep`` for all steps),
     with LoRA folded into a new weight (``on`` False, the default) or beside the base, which is
     packed once and kept (``POLYALIGN_LORA_BESIDE=1``)."""
-    import os
-
     from polyalign.models.sampling import decoding_linears
 
-    old = os.environ.get("POLYALIGN_LORA_BESIDE")
-    os.environ["POLYALIGN_LORA_BESIDE"] = "1" if on else "0"
-    try:
-        with decoding_linears(model, keep=keep):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("POLYALIGN_LORA_BESIDE")
-        else:
-            os.environ["POLYALIGN_LORA_BESIDE"] = old
+    with switch("POLYALIGN_LORA_BESIDE", on), decoding_linears(model, keep=keep):
+        yield
 
 
 @contextlib.contextmanager
@@ -120,20 +126,10 @@ def packing(model, on: bool):
     """:func:`decoding_linears` with oneDNN's weights packed once (``on``) or read plain each product;
     packing included in the timing: every layer is packed anew in each generation (in training the
     frozen LM head is packed once for all steps)."""
-    import os
-
     from polyalign.models.sampling import decoding_linears
 
-    old = os.environ.get("POLYALIGN_ONEDNN_PACK")
-    os.environ["POLYALIGN_ONEDNN_PACK"] = "1" if on else "0"
-    try:
-        with decoding_linears(model):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("POLYALIGN_ONEDNN_PACK")
-        else:
-            os.environ["POLYALIGN_ONEDNN_PACK"] = old
+    with switch("POLYALIGN_ONEDNN_PACK", on), decoding_linears(model):
+        yield
 
 
 def read_bandwidth(gib: float = 1.0, trials: int = 3) -> float:
