@@ -27,6 +27,7 @@ keeping is faster), and the CPU model and flags.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -65,7 +66,7 @@ def worker(args: argparse.Namespace) -> dict:
     from polyalign.models import load_model, load_tokenizer
     from polyalign.models.loading import keep_freed_cpu_memory
 
-    plan = FULL.__class__(**{**FULL.__dict__, "eval_limit": args.eval_limit})
+    plan = dataclasses.replace(FULL, eval_limit=args.eval_limit)
     res: dict = {}
     with tempfile.TemporaryDirectory() as out:
         tok = load_tokenizer(args.model)

@@ -7,6 +7,7 @@ file, or a hub id (for users with hub access). Weights load from safetensors onl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -193,17 +194,15 @@ def model_dtype(model: Any) -> str:
 # Intel Xeon with AMX, 2026-12-06; benchmarks/allocator.py measures the step and the evaluation).
 _MMAP_THRESHOLD_BYTES = 1 << 30      # allocations up to 1 GiB come from the heap, freed ones are reused
 _TRIM_THRESHOLD_BYTES = 1 << 30      # up to 1 GiB of free heap top is kept instead of returned
-_allocator_done: list[bool] = []
 
 
+@functools.cache
 def keep_freed_cpu_memory() -> bool:
     """Tell glibc's malloc to reuse freed large blocks instead of unmapping them (``mallopt``), once a
     process; True when set. Why: CPU training and generation allocate the same large activations
     step after step, and a fresh mapping costs its page faults every time. The price: up to 1 GiB of
     freed memory stays resident. ``POLYALIGN_CPU_MALLOC=default`` (or a libc other than glibc) leaves
     malloc as it is; ``MALLOC_*`` / ``GLIBC_TUNABLES`` set by the user win (nothing is changed)."""
-    if _allocator_done:
-        return _allocator_done[0]
     ok = False
     user_set = any(k.startswith("MALLOC_") for k in os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
     if os.environ.get("POLYALIGN_CPU_MALLOC", "keep") != "default" and not user_set:
@@ -220,7 +219,6 @@ def keep_freed_cpu_memory() -> bool:
             ok = bool(libc and (libc.mallopt(M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
                                 or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
                       and libc.mallopt(M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
-    _allocator_done.append(ok)
     log.debug("glibc malloc keeps freed blocks: %s", ok)
     return ok
 
