@@ -6,6 +6,7 @@
     python benchmarks/decode_linears.py --packing            # oneDNN on weights packed once vs plain
     python benchmarks/decode_linears.py --products-only --dtype bfloat16   # bf16 products (a CPU with AMX)
     python benchmarks/decode_linears.py --lora-beside --dtype bfloat16     # MSD sampling: LoRA folded vs beside
+    python benchmarks/decode_linears.py --pack-folded --dtype bfloat16     # MSD sampling: folded bf16 packed or not
 
 Two workloads, each timed with the previous path and with :func:`polyalign.models.sampling.decoding_linears`
 (oneDNN for every linear layer while it multiplies at most ``ONEDNN_MAX_ROWS`` rows), the two sides
@@ -51,12 +52,13 @@ def prompts(tok, split: str, languages: list[str], n: int, kinds: tuple[str, ...
     return [prompt_ids(tok, t) for t in texts]
 
 
-def generate(model, tok, ids: list[list[int]], greedy: bool, new_tokens: int, seed: int) -> tuple[float, torch.Tensor]:
+def generate(model, tok, ids: list[list[int]], greedy: bool, new_tokens: int, seed: int,
+             draw: str = "multinomial") -> tuple[float, torch.Tensor]:
     from polyalign.models.batching import left_pad
     from polyalign.models.sampling import sampling_kwargs
 
     x, mask, _ = left_pad(ids, tok.pad_token_id)
-    kwargs = sampling_kwargs(new_tokens, 0.0 if greedy else 1.0, 1.0, tok.pad_token_id)
+    kwargs = sampling_kwargs(new_tokens, 0.0 if greedy else 1.0, 1.0, tok.pad_token_id, draw=draw)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -65,7 +67,7 @@ def generate(model, tok, ids: list[list[int]], greedy: bool, new_tokens: int, se
 
 
 def side_by_side(name: str, model, tok, ids, greedy: bool, new_tokens: int, before, after, repeats: int,
-                 sides: str = "mkl_vs_onednn", batch: int | None = None) -> float:
+                 sides: str = "mkl_vs_onednn", batch: int | None = None, draw: str = "multinomial") -> float:
     """Median seconds of each side, alternating; prints them, the ratio and the rows' agreement.
     ``batch``: cut ``ids`` into batches of that many rows, all generated inside one entry of the
     side's context, as an evaluation run does (what a context sets up once is paid once)."""
@@ -78,7 +80,7 @@ def side_by_side(name: str, model, tok, ids, greedy: bool, new_tokens: int, befo
             outs[side], dt = [], 0.0
             with ctx():
                 for chunk in chunks:
-                    t, out = generate(model, tok, chunk, greedy, new_tokens, seed=1234)
+                    t, out = generate(model, tok, chunk, greedy, new_tokens, seed=1234, draw=draw)
                     dt += t
                     outs[side].extend(out)
             times[side].append(dt)
@@ -119,6 +121,22 @@ def lora_beside(model, on: bool, keep):
 
     with switch("POLYALIGN_LORA_BESIDE", on), decoding_linears(model, keep=keep):
         yield
+
+
+@contextlib.contextmanager
+def folded_packing(model, on: bool, keep):
+    """:func:`decoding_linears` as the MSD trainer enters it every step, its folded bf16 layers packed
+    for oneDNN at their first few-row product (``on``, ``sampling.PACK_FOLDED``, the default since
+    2026-12-06) or read plain (before); packing is inside the timed generation."""
+    from polyalign.models import sampling
+
+    before = sampling.PACK_FOLDED
+    sampling.PACK_FOLDED = on
+    try:
+        with sampling.decoding_linears(model, keep=keep):
+            yield
+    finally:
+        sampling.PACK_FOLDED = before
 
 
 @contextlib.contextmanager
@@ -229,6 +247,8 @@ def main() -> None:
                    help="the draw side by side and where a decode step of the demo's sampling goes (two minutes)")
     p.add_argument("--lora-beside", action="store_true",
                    help="the demo's MSD sampling with LoRA folded (as trained) vs beside a base packed once")
+    p.add_argument("--pack-folded", action="store_true",
+                   help="the demo's MSD sampling with folded bf16 layers packed for oneDNN (default) or read plain")
     p.add_argument("--eval-batches", type=int, default=1,
                    help="N: the evaluation workload is N batches of 32 in one context, as a run generates them")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -256,7 +276,7 @@ def main() -> None:
         for draw in ("multinomial", "inverse_cdf"):
             decode_profile(model, tok, ids, 48, draw)
         return
-    if args.lora_beside:
+    if args.lora_beside or args.pack_folded:
         from polyalign.models.sampling import PackedWeights
 
         torch.manual_seed(0)
@@ -267,8 +287,13 @@ def main() -> None:
                     prm.normal_(0, 1e-3)                     # a trained-like adapter (B starts at zero)
         keep = PackedWeights()                               # the trainer's: one for every step
         ids_train = prompts(tok, "train", langs, 8, ("harmful",))
-        side_by_side("msd sampling", model, tok, ids_train, False, 48, lambda: lora_beside(model, False, keep),
-                     lambda: lora_beside(model, True, keep), args.repeats, "folded_vs_beside")
+        if args.pack_folded:
+            side_by_side("msd sampling", model, tok, ids_train, False, 48, lambda: folded_packing(model, False, keep),
+                         lambda: folded_packing(model, True, keep), args.repeats, "folded_plain_vs_packed",
+                         draw="inverse_cdf")                # the trainer's draw (msd.draw)
+        else:
+            side_by_side("msd sampling", model, tok, ids_train, False, 48, lambda: lora_beside(model, False, keep),
+                         lambda: lora_beside(model, True, keep), args.repeats, "folded_vs_beside")
         print(f"# {load()}")
         return
     print(f"  memory read: {read_bandwidth():.1f} GB/s (sum over a 1 GiB fp32 tensor, best of 3)")

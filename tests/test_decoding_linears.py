@@ -69,7 +69,7 @@ def test_many_rows_narrow_layers_and_other_dtypes_stay_with_f_linear():
 def test_bf16_goes_to_onednn_only_where_the_cpu_has_it_and_computes_f_linear(monkeypatch, fast_bf16):
     """bf16 few-row products take oneDNN's path only on a CPU with native bf16 (emulated, it is ~100x
     slower); there they match F.linear in bf16 (bit for bit on AMX; within bf16 rounding where
-    oneDNN emulates it, as on a CPU without it that runs this test), frozen weights packed, folded not."""
+    oneDNN emulates it, as on a CPU without it that runs this test), frozen and folded weights packed."""
     import polyalign.models.loading as loading
 
     if fast_bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -83,7 +83,7 @@ def test_bf16_goes_to_onednn_only_where_the_cpu_has_it_and_computes_f_linear(mon
         for layer in (_linear(w, None, onednn=True), _linear(w, None, True, frozen, PackedWeights())):
             assert onednn_calls(lambda layer=layer: layer(x)) == (1 if fast_bf16 else 0)
             torch.testing.assert_close(layer(x).float(), torch.nn.functional.linear(x, w).float(), rtol=1e-2, atol=1e-2)
-            assert layer.pack == (fast_bf16 and layer.frozen is not None)
+            assert layer.pack == fast_bf16
 
 
 def test_a_product_that_needs_a_gradient_never_goes_to_onednn():

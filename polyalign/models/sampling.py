@@ -120,9 +120,15 @@ ONEDNN_MIN_OUT_FEATURES = 256
 # On a CPU with native bf16 (AMX / avx512_bf16) the same path serves a bf16 model: packed bf16
 # products at 8 rows are 1.5-2.4x plain ``F.linear`` on the 0.5B model's layers and its LM head,
 # unpacked ones no faster; greedy generation gives the same tokens (an Intel Xeon with AMX,
-# 2026-12-05; `benchmarks/decode_linears.py --dtype bfloat16 --eval-batches 3`, BENCHMARKS.md). So
-# in bf16 only frozen weights are packed: a folded weight, new every MSD step, would cost about what
-# it saves. Where bf16 is emulated, the path stays off.
+# 2026-12-05; `benchmarks/decode_linears.py --dtype bfloat16 --eval-batches 3`, BENCHMARKS.md).
+# A folded weight (new every MSD step) is packed too: with glibc keeping freed blocks
+# (``keep_freed_cpu_memory``) its packed copy no longer page-faults in afresh each step, and the
+# demo's 48-token sampling went 5.42 -> 4.73 s with the same tokens (2026-12-06, ``--pack-folded``);
+# before that change packing cost about what it saved. Where bf16 is emulated, the path stays off.
+#
+# ``PACK_FOLDED``: whether folded bf16 weights are packed (False: as before 2026-12-06, fp32 ones
+# still are); the switch ``benchmarks/decode_linears.py --pack-folded`` measures it with.
+PACK_FOLDED = True
 
 
 def onednn_dtypes() -> tuple[Any, ...]:
@@ -203,10 +209,8 @@ def _folded_linear_class() -> type:
             self.folded_weight, self.folded_bias = weight, bias
             self.onednn = (onednn and weight.device.type == "cpu" and weight.dtype in onednn_dtypes()
                            and weight.shape[0] >= ONEDNN_MIN_OUT_FEATURES)
-            # bf16: a new (folded) weight is not packed: its packing costs about what it saves within
-            # one generation (MSD folds the student's layers anew every step); frozen ones are
-            self.pack = self.onednn and onednn_packing_enabled() and (weight.dtype == torch.float32
-                                                                       or frozen is not None)
+            self.pack = self.onednn and onednn_packing_enabled() and (PACK_FOLDED or frozen is not None
+                                                                       or weight.dtype == torch.float32)
             self.frozen, self.keep = frozen, keep   # the parameter a frozen weight views; its owner's cache
             self.packed_weight: Any = None    # packed at the first few-row product, for its row count
 
