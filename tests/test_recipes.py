@@ -179,3 +179,25 @@ def test_the_comparisons_trained_configs_share_prompts_and_budget():
         budgets[name] = (t["max_steps"], t["per_device_train_batch_size"] * t["gradient_accumulation_steps"],
                          float(t["learning_rate"]), r["lora"]["r"], r["data"]["limit"], r["data"]["benign_limit"])
     assert set(budgets.values()) == {(32, 8, 1e-4, 16, 24, 24)}, budgets
+
+
+def test_build_model_on_a_base_already_loaded_inits_the_same_adapter():
+    """The demo trains on the base it evaluated instead of loading it twice: the adapter must start
+    from the same random init as a policy built from scratch (loading draws no random numbers), and
+    a base in another dtype than the recipe trains in is refused."""
+    import torch
+
+    from polyalign.models import load_model
+    from polyalign.train.recipes import build_model
+
+    r = load_recipe("msd_selective", ["model=builtin:tiny-random", "dtype=float32"])
+    fresh, _ = build_model(r)
+    torch.manual_seed(123)                                   # whatever ran before (an evaluation) drew
+    reused, _ = build_model(r, base=load_model("builtin:tiny-random", dtype="float32"))
+    a = {n: p for n, p in fresh.named_parameters() if "lora_" in n}
+    b = {n: p for n, p in reused.named_parameters() if "lora_" in n}
+    assert a and a.keys() == b.keys()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(p.abs().sum() > 0 for p in a.values())        # lora_A is random, not zeros
+    with pytest.raises(ValueError, match="bfloat16"):
+        build_model(r, base=load_model("builtin:tiny-random", dtype="bfloat16"))

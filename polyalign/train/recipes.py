@@ -341,18 +341,25 @@ def training_device(args: Any) -> str:
     return str(device)
 
 
-def build_model(r: Recipe, device: str | None = None):
+def build_model(r: Recipe, device: str | None = None, base: Any = None):
     """The recipe's policy and tokenizer, seeded by the recipe first (the adapter's init is random),
     so a model built here and passed to :func:`run_recipe` (the demo does) trains exactly as one
     ``run_recipe`` builds itself, whatever ran before (an evaluation, another model). ``device``:
-    :func:`training_device` (default: this rank's GPU, else the CPU)."""
+    :func:`training_device` (default: this rank's GPU, else the CPU). ``base``: the recipe's model
+    already loaded in the recipe's dtype and never written (the demo's, after its baseline
+    evaluation), used instead of loading it again (loading draws no random numbers, so the adapter's
+    init is the same either way: tests/test_recipes.py)."""
     from transformers import set_seed
 
     from polyalign.models import attach_lora, load_model, load_tokenizer
+    from polyalign.models.loading import model_dtype
 
     set_seed(r.seed)
     tok = load_tokenizer(r.model, trust_remote_code=r.trust_remote_code, revision=r.revision)
-    model = load_model(r.model, dtype=precision(r)[0], device=device, **model_options(r))
+    if base is not None and model_dtype(base) != precision(r)[0]:
+        raise ValueError(f"build_model: the base passed is in {model_dtype(base)}, the recipe trains on "
+                         f"{precision(r)[0]}")
+    model = base if base is not None else load_model(r.model, dtype=precision(r)[0], device=device, **model_options(r))
     model.train()
     if r.lora is not None:
         model = attach_lora(model, LoraSettings(**r.lora))
