@@ -201,3 +201,20 @@ def test_decode_linears_lora_beside_runs_on_tiny_model():
                           "--lora-beside", "--repeats", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "ratio msd_sampling_folded_vs_beside" in res.stdout and "rows with the same tokens both ways" in res.stdout
+
+
+def test_decode_linears_pack_folded_runs_on_tiny_model():
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "decode_linears.py"), "--model", "builtin:tiny-random",
+                          "--pack-folded", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ratio msd_sampling_folded_plain_vs_packed" in res.stdout and "rows with the same tokens both ways" in res.stdout
+
+
+def test_eval_batch_size_runs_on_tiny_model():
+    """Two batch sizes on the tiny model: a row per size, the reference agreeing with itself."""
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "eval_batch_size.py"), "--model", "builtin:tiny-random",
+                          "--sizes", "4,16", "--limit", "2", "--repeats", "1", "--max-new-tokens", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 4 |") or line.startswith("| 16 |")]
+    assert len(rows) == 2 and "| 1.000 | 36/36 | 36/36 |" in rows[0]
