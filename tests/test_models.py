@@ -1,6 +1,8 @@
 """Model specs, built-in assembly/verification, chat rendering, LoRA and checkpoints."""
 
 import hashlib
+import json
+import os
 
 import pytest
 import torch
@@ -83,10 +85,32 @@ def test_corrupt_cached_folder_is_detected(tmp_path):
     assert builtin.verify_folder(folder)
     data = bytearray((folder / "model.safetensors").read_bytes())
     data[5] ^= 1                                          # one flipped bit, same size
+    recorded = (folder / "model.safetensors").stat().st_mtime_ns
     (folder / "model.safetensors").write_bytes(bytes(data))
-    assert not builtin.verify_folder(folder)
+    assert builtin.verify_folder(folder, full=True) is False               # hashed: caught whatever the time
+    os.utime(folder / "model.safetensors", ns=(recorded + 10**9, recorded + 10**9))   # a later write's time
+    assert not builtin.verify_folder(folder)                               # the time differs: hashed, caught
     (folder / "model.safetensors").unlink()
     assert not builtin.verify_folder(folder)
+
+
+def test_an_unchanged_cached_folder_is_not_hashed_again(tmp_path, monkeypatch):
+    """Size and modification time as recorded: no hashing (the model's load skips 2.4 GB of sha256);
+    a manifest without recorded times (written before they were) is hashed once, then records them."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"abc" * 100)
+    builtin.write_manifest(folder)
+    hashed = []
+    real = builtin.sha256_file
+    monkeypatch.setattr(builtin, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a))
+    assert builtin.verify_folder(folder) and hashed == []
+    manifest = json.loads((folder / builtin.MANIFEST).read_text())
+    del manifest["files"]["model.safetensors"]["mtime_ns"]
+    (folder / builtin.MANIFEST).write_text(json.dumps(manifest))
+    assert builtin.verify_folder(folder) and len(hashed) == 1
+    assert "mtime_ns" in json.loads((folder / builtin.MANIFEST).read_text())["files"]["model.safetensors"]
+    assert builtin.verify_folder(folder) and len(hashed) == 1                # recorded now: not hashed again
 
 
 def test_lora_checkpoint_roundtrip_with_head(tmp_path):
