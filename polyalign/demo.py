@@ -29,10 +29,10 @@ class DemoPlan:
     recipe: str = "msd_selective"         # the study's finalist (docs/study.md)
     overrides: list[str] = field(default_factory=list)
     # Rows per generate call. Decoding on a CPU reads every weight once per token whatever the rows, so
-    # 128 rows (each task's 144 prompts in two calls) took 40 s where 32 took 53 s (bf16, an Intel
-    # Xeon with AMX, 2026-12-06). The study's sweeps generate 32 at a time; in bf16 the batch moves
-    # some greedy tokens (same text for 234 of 288 baseline prompts), so the demo's baseline is the
-    # study's only up to that.
+    # 128 rows (each task's 144 prompts in two calls) took 41.5 s where 32 took 52.5 s (bf16, an Intel
+    # Xeon with AMX, 2026-12-06, benchmarks/eval_batch_size.py). The study's sweeps generate 32 at a
+    # time; in bf16 the batch moves some greedy tokens (the same refusal verdict for 282 of 288
+    # baseline prompts), so the demo's baseline is the study's only up to that.
     eval_batch_size: int = 128
 
 

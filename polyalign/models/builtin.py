@@ -128,8 +128,9 @@ def verify_folder(folder: Path, full: bool = False) -> bool:
 
     A file whose size and modification time (``mtime_ns``) are still those the manifest recorded is
     taken as verified without hashing it (``full``: hash every file anyway): hashing the 0.5B model's
-    2.4 GB took 1.7 s of every load, and an interrupted or replaced write changes the size or the
-    time. Manifests written before the times were recorded are hashed as before."""
+    2.4 GB took about as long as the rest of each load, and an interrupted or replaced write changes
+    the size or the time (a same-size rewrite within one clock tick of the manifest would not: ``full``
+    catches it). Manifests written before the times were recorded are hashed once, then record them."""
     manifest = folder / MANIFEST
     if not manifest.exists():
         return False

@@ -123,7 +123,7 @@ ONEDNN_MIN_OUT_FEATURES = 256
 # 2026-12-05; `benchmarks/decode_linears.py --dtype bfloat16 --eval-batches 3`, BENCHMARKS.md).
 # A folded weight (new every MSD step) is packed too: with glibc keeping freed blocks
 # (``keep_freed_cpu_memory``) its packed copy no longer page-faults in afresh each step, and the
-# demo's 48-token sampling went 5.42 -> 4.73 s with the same tokens (2026-12-06, ``--pack-folded``);
+# demo's 48-token sampling went 4.86 -> 4.15 s with the same tokens (2026-12-06, ``--pack-folded``);
 # before that change packing cost about what it saved. Where bf16 is emulated, the path stays off.
 #
 # ``PACK_FOLDED``: whether folded bf16 weights are packed (False: as before 2026-12-06, fp32 ones
