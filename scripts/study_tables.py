@@ -299,6 +299,10 @@ def markdown(numbers: dict[str, Any]) -> str:
     lines = ["# Study tables", "", "Written by `python scripts/study_tables.py` from the results files alone.", ""]
     for model, m in numbers.items():
         cols = [col for col, _, _ in POOLED if any(col in p for p in m["pooled"].values())]
+        if not cols:                    # only the base evaluated so far: its shares, no change to show
+            lines += [f"## {model}", "", "Only `base` is evaluated yet: no change against it to show.", ""]
+            lines += _per_language(m)
+            continue
         lines += [f"## {model}", "",
                   "Change against `base`, pooled over the non-English languages (pp; mean over seeds, 95 % interval "
                   "from the two-stage bootstrap over prompts, then seeds), and English harmful refusal (%) per seed.", "",
@@ -344,16 +348,21 @@ def markdown(numbers: dict[str, Any]) -> str:
                          if (r := v.get(col)) else "-" for col in vcols]
                 seeds = f"{first[0]}, {first[1]}" if first else "-"
                 lines.append(f"| {c} | {seeds} | " + " | ".join(cells) + " |")
-        langs = list(dict.fromkeys(lang for c in m["configs"] for col in m["languages"][c].values() for lang in col))
-        lines += ["", "Per language: share (%) over every seed's rows, Wilson 95 % interval.", "",
-                  "| config | measure | " + " | ".join(langs) + " |", "|---" * (len(langs) + 2) + "|"]
-        for c in m["configs"]:
-            for col, shares in m["languages"][c].items():
-                cells = [f"{100 * s['share']:.1f} [{100 * s['lo']:.0f}, {100 * s['hi']:.0f}]" if (s := shares.get(lang))
-                         else "" for lang in langs]
-                lines.append(f"| {c} | {col} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [""] + _per_language(m)
     return "\n".join(lines)
+
+
+def _per_language(m: dict[str, Any]) -> list[str]:
+    """The per-language table of one model: each config's shares with Wilson intervals."""
+    langs = list(dict.fromkeys(lang for c in m["configs"] for col in m["languages"][c].values() for lang in col))
+    lines = ["Per language: share (%) over every seed's rows, Wilson 95 % interval.", "",
+             "| config | measure | " + " | ".join(langs) + " |", "|---" * (len(langs) + 2) + "|"]
+    for c in m["configs"]:
+        for col, shares in m["languages"][c].items():
+            cells = [f"{100 * s['share']:.1f} [{100 * s['lo']:.0f}, {100 * s['hi']:.0f}]" if (s := shares.get(lang))
+                     else "" for lang in langs]
+            lines.append(f"| {c} | {col} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def pareto_plot(model: str, m: dict[str, Any], path: Path) -> bool:

@@ -227,3 +227,19 @@ def test_mgsm_run_for_fewer_seeds_is_pooled_over_those_and_says_so(tmp_path):
     assert got["seeds"] == 2 and numbers["pooled"]["default"]["harmful refusal"]["seeds"] == 3
     assert got["diff"] == pytest.approx((share("default", 0) + share("default", 2)) / 2 - share("base", 0))
     assert "(2 seeds)" in (tmp_path / "tables.md").read_text()
+
+
+def test_a_model_with_only_its_base_evaluated_gets_its_shares_and_no_empty_change_table(tmp_path):
+    """A study half way (the 1.5B base evaluated, no trained config yet): the base's per-language shares,
+    each a Wilson interval of its rows, and no change table with a header of zero columns."""
+    synthetic(tmp_path)
+    for p in tmp_path.glob("default_*"):
+        p.unlink()
+    md = study.markdown(study.tables(tmp_path, iters=50))
+    assert "Only `base` is evaluated yet" in md and "| config | seeds |" not in md
+    rows = [r for r in rows_of(tmp_path, "base", 0) if r["kind"] == "harmful" and r["lang"] == "zh"]
+    k = sum(r["refused"] for r in rows)
+    lo, hi = wilson(k, len(rows))
+    assert "| base | harmful refusal | " in md
+    zh = md.split("| base | harmful refusal | ")[1].split(" | ")[1]
+    assert zh == f"{100 * k / len(rows):.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
