@@ -3,6 +3,7 @@
     python benchmarks/eval_batch_size.py                                   # 0.5B, batches 32 and 128, 2 repeats
     python benchmarks/eval_batch_size.py --sizes 32,96,128 --repeats 1
     python benchmarks/eval_batch_size.py --model builtin:tiny-random --sizes 4,16 --limit 2   # smoke
+    python benchmarks/eval_batch_size.py --profile 128              # where a decode step's time goes at 128 rows
 
 Decoding on a CPU reads every weight once per generated token whatever the number of rows, so a
 call over more prompts costs little more per token than one over fewer. Each side runs the demo's
@@ -11,6 +12,10 @@ prompts per language, nine languages, greedy, 40 new tokens) on one loaded base 
 empty cache, the sizes alternating. Prints each side's seconds (median over ``--repeats``), the
 ratio against the first size, and how many responses and refusal verdicts equal the first size's:
 in bf16 the batch's padding moves some greedy tokens. CPU model and flags first.
+
+``--profile N``: instead, one call of N of those prompts (the shortest N by tokens, as the first
+batch of an evaluation) under ``torch.profiler``, generating 1 and then ``--max-new-tokens`` tokens;
+the difference over the extra tokens is a decode step: its wall ms and its top operators' self ms.
 """
 
 from __future__ import annotations
@@ -47,6 +52,38 @@ def evaluate(model, tok, spec: str, batch: int, limit: int, max_new_tokens: int)
     return time.perf_counter() - t0, rows
 
 
+def profile_decode(model, tok, spec: str, rows: int, limit: int, new_tokens: int, top: int = 8) -> None:
+    """ms per decode step of one evaluation call of ``rows`` prompts, by operator (profiler on)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from polyalign.eval.generation import GenerationSettings, HFGenerator
+    from polyalign.eval.runner import select_requests
+    from polyalign.eval.tasks import get_task
+    from polyalign.models.sampling import decoding_linears
+
+    texts = [r.text for name in ("builtin-harmful", "builtin-benign")
+             for r in select_requests(get_task(name).load(), LANGS, limit)]
+    gen = HFGenerator(model, tok, rows)
+    texts = sorted(texts, key=lambda t: gen.prompt_length(t, GenerationSettings()))[:rows]
+    per: dict[int, tuple[float, dict[str, float]]] = {}
+    with decoding_linears(model):
+        for n in (1, new_tokens):
+            settings = GenerationSettings(max_new_tokens=n)
+            gen.generate(texts, settings)                                        # warm (packing)
+            t0 = time.perf_counter()
+            gen.generate(texts, settings)
+            wall = time.perf_counter() - t0
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                gen.generate(texts, settings)
+            per[n] = (wall, {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()})
+    steps = new_tokens - 1
+    ops = {k: (v - per[1][1].get(k, 0.0)) / steps for k, v in per[new_tokens][1].items()}
+    print(f"# decode step at {len(texts)} rows ({spec}): {1e3 * (per[new_tokens][0] - per[1][0]) / steps:.1f} ms "
+          f"wall, {sum(ops.values()):.1f} ms of operators under the profiler; prefill {per[1][0]:.2f} s")
+    for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"#   {v:7.2f} ms  {k}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
@@ -55,6 +92,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dtype", default=None, help="the base's dtype (default: the policy's)")
+    p.add_argument("--profile", type=int, default=0, help="N: profile a decode step of one N-prompt call instead")
     args = p.parse_args()
 
     from polyalign.models import load_model, load_tokenizer
@@ -64,6 +102,9 @@ def main() -> None:
     print(f"# CPU: {name}; flags: {' '.join(flags)}; {load()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     tok = load_tokenizer(args.model)
     model = load_model(args.model, dtype=args.dtype, device="cpu").eval()
+    if args.profile:
+        profile_decode(model, tok, args.model, args.profile, args.limit, args.max_new_tokens)
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     times: dict[int, list[float]] = {s: [] for s in sizes}
     rows: dict[int, dict] = {}

@@ -218,3 +218,11 @@ def test_eval_batch_size_runs_on_tiny_model():
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| 4 |") or line.startswith("| 16 |")]
     assert len(rows) == 2 and "| 1.000 | 36/36 | 36/36 |" in rows[0]
+
+
+def test_eval_batch_size_profiles_a_decode_step_on_tiny_model():
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "eval_batch_size.py"), "--model", "builtin:tiny-random",
+                          "--profile", "8", "--limit", "2", "--max-new-tokens", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "# decode step at 8 rows" in res.stdout and " ms  " in res.stdout
