@@ -135,7 +135,8 @@ def verify_folder(folder: Path, full: bool = False) -> bool:
     if not manifest.exists():
         return False
     try:
-        files = json.loads(manifest.read_text())["files"]
+        data = json.loads(manifest.read_text())
+        files = data["files"]
     except (json.JSONDecodeError, KeyError):
         return False
     untimed = False
@@ -150,8 +151,6 @@ def verify_folder(folder: Path, full: bool = False) -> bool:
         untimed |= "mtime_ns" not in meta
         meta["mtime_ns"] = st.st_mtime_ns
     if untimed:                                   # hashed and sound: record the times for next loads
-        data = json.loads(manifest.read_text())
-        data["files"] = files
         tmp = manifest.with_name(manifest.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, manifest)
