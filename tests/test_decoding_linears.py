@@ -262,3 +262,38 @@ def test_lora_beside_computes_what_pefts_forward_does_with_the_base_packed_and_k
     assert torch.equal(got, again)
     monkeypatch.setenv("POLYALIGN_LORA_BESIDE", "0")
     assert not sampling.lora_beside_enabled()
+
+
+def test_past_onednn_rows_a_strided_head_input_reaches_f_linear_with_plain_strides(monkeypatch):
+    """A stand-in LM head lacks ``contiguous_head_input``'s hook: a prefill's last-position slice
+    ``hidden[:, -1:, :]`` past ONEDNN_MAX_ROWS rows must still reach F.linear with row-major strides
+    (else torch copies the weight once per row: 144 rows of the 0.5B head asked for 39 GB)."""
+    torch.manual_seed(0)
+    w = torch.randn(300, 40)
+    hidden = torch.randn(ONEDNN_MAX_ROWS + 16, 5, 40)
+    x = hidden[:, -1:, :]
+    seen = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda i, *a: seen.append(i.stride()) or real(i, *a))
+    with torch.no_grad():
+        out = _linear(w, None, onednn=True)(x)
+    assert seen == [(40, 40, 1)]
+    torch.testing.assert_close(out, real(x.contiguous(), w))
+
+
+@pytest.mark.parametrize("alpha", [32, 8, 64, 24])
+def test_lora_delta_is_pefts_delta_bit_for_bit(alpha):
+    """``lora_delta`` moves a power-of-two scaling onto B (exact) and leaves any other to PEFT."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from polyalign.models.sampling import lora_delta
+
+    torch.manual_seed(alpha)
+    model = attach_lora(load_model(SPEC, dtype="float32", device="cpu"), LoraSettings(r=16, alpha=alpha))
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert layers
+    for m in layers:
+        with torch.no_grad():
+            m.lora_B["default"].weight.normal_(0, 0.02)          # trained-like, not the zero init
+            m.lora_A["default"].weight.mul_(3.0)
+        assert torch.equal(lora_delta(m, "default"), m.get_delta_weight("default").detach())

@@ -121,6 +121,55 @@ def test_merged_for_generation_still_merges_and_restores_on_the_cpu():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("alpha", [8, 6])
+def test_merged_for_generation_holds_pefts_merged_weights_without_writing_the_base(dtype, alpha):
+    """The stand-ins carry exactly what ``merge_adapter`` writes (bf16: base + delta rounded once),
+    for a power-of-two scaling (alpha 8, r 4) and another (alpha 6); the base weights stay as they
+    are while the stand-ins generate (the wrappers, and their base layers, are only out of the tree)."""
+    from polyalign.eval.runner import merged_for_generation
+
+    torch.manual_seed(alpha)
+    peft_model = attach_lora(load_model(SPEC, dtype=dtype), LoraSettings(r=4, alpha=alpha))
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    names = [n for n, m in peft_model.named_modules() if getattr(m, "base_layer", None) is not None]
+    wrappers = {n: peft_model.get_submodule(n) for n in names}
+    base = {n: w.base_layer.weight.detach().clone() for n, w in wrappers.items()}
+    with merged_for_generation(peft_model):
+        held = {n: peft_model.get_submodule(n).weight.detach().clone() for n in names}
+        assert all(torch.equal(w.base_layer.weight, base[n]) for n, w in wrappers.items())
+    peft_model.merge_adapter()
+    for n in names:
+        merged = peft_model.get_submodule(n).base_layer.weight
+        assert held[n].dtype == merged.dtype and torch.equal(held[n], merged), n
+
+
+def test_merged_for_generation_merges_in_place_what_it_cannot_copy():
+    """A DoRA adapter has no plain delta: it is merged in place and restored, as before."""
+    from peft import LoraConfig, get_peft_model
+
+    from polyalign.eval.runner import merged_for_generation
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(SPEC), LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 100, (2, 6))
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        with merged_for_generation(model):
+            assert not any(getattr(m, "base_layer", None) is not None for m in model.modules())
+            got = model(input_ids=x).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 # --- per-rank placement ------------------------------------------------------------------------------
 
 def test_each_rank_loads_its_model_on_its_own_device(monkeypatch, tmp_path):

@@ -115,3 +115,15 @@ def test_generate_takes_the_drawn_token():
         torch.manual_seed(9)
         runs.append(model.generate(input_ids=ids, **kwargs)[:, ids.shape[1]:])
     assert torch.equal(runs[0], runs[1]) and runs[0].shape[1] >= 1
+
+
+
+def test_draw_at_u_equal_to_the_total_takes_the_last_token(monkeypatch):
+    """u = r * total with r < 1 can round up to the total, where no cdf entry exceeds u: the draw
+    then takes the last token instead of an out-of-range index (the search covers the whole
+    cumulative sum and clamps, rather than copying its first V - 1 entries every token). Forced
+    here with r = 1; for every other r the explicit loop above is the reference."""
+    scores = torch.randn(6, 40)
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(*a, dtype=k.get("dtype")))
+    out = InverseCDFDraw()(None, scores)
+    assert out.argmax(-1).tolist() == [39] * 6 and (out.isfinite().sum(-1) == 1).all()

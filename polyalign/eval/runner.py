@@ -280,20 +280,23 @@ def weights_provenance(cfg: EvalConfig, model: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def merged_for_generation(model: Any) -> Iterator[None]:
-    """Fold LoRA into the base weights while generating, then restore the adapter and the base
-    weights bit for bit. Merged weights keep the base dtype.
+    """Generate with LoRA folded into the base weights, then leave the model as it was, bit for bit.
+    Merged weights keep the base dtype.
 
-    Merging alone is not enough: PEFT's wrapper modules stay in the tree, and each decode step calls
+    Folding alone is not enough: PEFT's wrapper modules stay in the tree, and each decode step calls
     every one of them (7 per layer) in Python. In bf16 on a CPU with AMX the tiny per-step matmuls
     are so fast that this overhead dominates: merged-but-wrapped generation ran 2.6x slower than the
-    base (benchmarks/precision.py, ``eval_adapter_vs_base``). So the wrappers are also swapped for
-    their base layers for the duration. And unmerging is not exact in bf16 (W + dW - dW rounds), so
-    a base model shared by several evaluations (a sweep) would drift: the base weights are copied
-    before the merge and written back after it.
+    base (benchmarks/precision.py, ``eval_adapter_vs_base``). So each wrapper is swapped, for the
+    duration, for a plain ``Linear`` holding the merged weight as a new tensor: the base weights are
+    never written, and a base model shared by several evaluations (a sweep) cannot drift. The merged
+    weight is what PEFT's ``merge_adapter`` writes (``weight.data += delta``: base + delta rounded
+    once to the base dtype), so generations equal a merged model's; until 2026-12-06 this context
+    did merge in place, saving a copy of every adapted weight first and writing it back after the
+    unmerge (bf16's W + dW - dW rounds), which cost 3-4x the merge itself. Wrappers this cannot copy
+    (DoRA and other variants, ``fan_in_fan_out``, a LoRA bias, a disabled adapter) still go that way.
 
-    Only on the CPU: that copy is every adapted base weight (13 GB at 7B in bf16), which a GPU
-    cannot spare, and on a GPU the wrappers' extra kernels cost little next to the copy (and
-    ``--backend vllm`` is the fast path there). Off the CPU the adapter generates unmerged."""
+    Only on the CPU: on a GPU the wrappers' extra kernels cost little and ``--backend vllm`` is the
+    fast path; off the CPU the adapter generates unmerged."""
     import torch
 
     from polyalign.models.adapters import is_peft
@@ -302,10 +305,18 @@ def merged_for_generation(model: Any) -> Iterator[None]:
         yield
         return
     wrappers = [(name, m) for name, m in model.named_modules() if getattr(m, "base_layer", None) is not None]
+    if all(_copy_mergeable(m) for _, m in wrappers):
+        swapped = _swap_in(model, [(name, _merged_linear(m)) for name, m in wrappers])
+        try:
+            yield
+        finally:
+            for parent, attr, module in reversed(swapped):
+                setattr(parent, attr, module)
+        return
     saved = [(m.base_layer, {k: t.detach().clone() for k, t in m.base_layer.named_parameters(recurse=False)})
              for _, m in wrappers]
     model.merge_adapter()
-    swapped = _swap_in_base_layers(model, [(n, m) for n, m in wrappers if getattr(m, "merged", False)])
+    swapped = _swap_in(model, [(n, m.base_layer) for n, m in wrappers if getattr(m, "merged", False)])
     try:
         yield
     finally:
@@ -318,19 +329,50 @@ def merged_for_generation(model: Any) -> Iterator[None]:
                     getattr(base, k).copy_(t)
 
 
+def _copy_mergeable(m: Any) -> bool:
+    """Whether ``m`` is a plain LoRA ``Linear`` wrapper whose merge :func:`_merged_linear` computes."""
+    import torch
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    active = [n for n in m.active_adapters if n in m.lora_A]
+    return (type(m) is LoraLinear and type(m.base_layer) is torch.nn.Linear and not m.merged
+            and not m.disable_adapters and not getattr(m, "fan_in_fan_out", False)
+            and not any(n in m.lora_variant or m.lora_bias.get(n, False) for n in active))
+
+
+def _merged_linear(m: Any) -> Any:
+    """A ``Linear`` with the base's bias and base + each active adapter's delta as a new weight,
+    rounded as PEFT's merge rounds it (``weight.data += delta``: summed in fp32, rounded once per
+    adapter to the base dtype)."""
+    import torch
+
+    from polyalign.models.sampling import lora_delta
+
+    base = m.base_layer
+    weight = base.weight.detach()
+    with torch.no_grad():
+        for name in m.active_adapters:
+            if name in m.lora_A:
+                weight = torch.add(weight, lora_delta(m, name)).to(base.weight.dtype)
+    layer = torch.nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    layer.bias = base.bias
+    return layer
+
+
 def _on_cpu(model: Any) -> bool:
     return all(p.device.type == "cpu" for p in model.parameters())
 
 
-def _swap_in_base_layers(model: Any, wrappers: list[tuple[str, Any]]) -> list[tuple[Any, str, Any]]:
-    """Put each (name, PEFT wrapper)'s base layer in the wrapper's place; returns (parent, attribute,
-    wrapper) triples, what puts the wrappers back."""
+def _swap_in(model: Any, replacements: list[tuple[str, Any]]) -> list[tuple[Any, str, Any]]:
+    """Put each (name, module) in the model at ``name``; returns (parent, attribute, module replaced)
+    triples, what puts the originals back."""
     swapped = []
-    for name, module in wrappers:
+    for name, module in replacements:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, module.base_layer)
-        swapped.append((parent, attr, module))
+        swapped.append((parent, attr, getattr(parent, attr)))
+        setattr(parent, attr, module)
     return swapped
 
 
