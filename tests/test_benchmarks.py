@@ -226,3 +226,12 @@ def test_eval_batch_size_profiles_a_decode_step_on_tiny_model():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "# decode step at 8 rows" in res.stdout and " ms  " in res.stdout
+
+
+def test_fold_merge_runs_both_sides_on_tiny_model():
+    """Each piece of work timed both ways, with the same results (the benchmark checks bit for bit)."""
+    res = subprocess.run([sys.executable, str(SCRIPT.parent / "fold_merge.py"), "--model", "builtin:tiny-random",
+                          "--repeats", "1", "--tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and "speedup" in line]
+    assert len(rows) == 3 and all(line.endswith("| yes |") for line in rows), res.stdout

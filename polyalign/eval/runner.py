@@ -279,7 +279,7 @@ def weights_provenance(cfg: EvalConfig, model: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def merged_for_generation(model: Any) -> Iterator[None]:
+def merged_for_generation(model: Any, in_place: bool = False) -> Iterator[None]:
     """Generate with LoRA folded into the base weights, then leave the model as it was, bit for bit.
     Merged weights keep the base dtype.
 
@@ -292,11 +292,14 @@ def merged_for_generation(model: Any) -> Iterator[None]:
     weight is what PEFT's ``merge_adapter`` writes (``weight.data += delta``: base + delta rounded
     once to the base dtype), so generations equal a merged model's; until 2026-12-06 this context
     did merge in place, saving a copy of every adapted weight first and writing it back after the
-    unmerge (bf16's W + dW - dW rounds), which cost 3-4x the merge itself. Wrappers this cannot copy
-    (DoRA and other variants, ``fan_in_fan_out``, a LoRA bias, a disabled adapter) still go that way.
+    unmerge (bf16's W + dW - dW rounds), which cost more than the merge itself
+    (``benchmarks/fold_merge.py``). Wrappers this cannot copy (DoRA and other variants,
+    ``fan_in_fan_out``, a LoRA bias, a disabled adapter) still go that way, and so does every wrapper
+    with ``in_place`` (the benchmark's other side).
 
-    Only on the CPU: on a GPU the wrappers' extra kernels cost little and ``--backend vllm`` is the
-    fast path; off the CPU the adapter generates unmerged."""
+    Only on the CPU: either way the model holds a second copy of every adapted weight meanwhile (13 GB
+    at 7B in bf16), which a GPU cannot spare, and on a GPU the wrappers' extra kernels cost little
+    next to it (``--backend vllm`` is the fast path there). Off the CPU the adapter generates unmerged."""
     import torch
 
     from polyalign.models.adapters import is_peft
@@ -305,7 +308,7 @@ def merged_for_generation(model: Any) -> Iterator[None]:
         yield
         return
     wrappers = [(name, m) for name, m in model.named_modules() if getattr(m, "base_layer", None) is not None]
-    if all(_copy_mergeable(m) for _, m in wrappers):
+    if not in_place and all(_copy_mergeable(m) for _, m in wrappers):
         swapped = _swap_in(model, [(name, _merged_linear(m)) for name, m in wrappers])
         try:
             yield
