@@ -232,6 +232,29 @@ def table(name: str, seconds: dict[str, float], total: float, flops: dict[str, t
     return "\n".join(rows)
 
 
+def read_bandwidth(gib: float = 1.0, trials: int = 5) -> float:
+    """Bytes/s of reading memory: best of ``trials`` sums over a ``gib`` GiB fp32 tensor (all threads)."""
+    x = torch.ones(int(gib * (1 << 30)) // 4)
+    x.sum()
+    best = 0.0
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t0))
+    return best
+
+
+def sampling_floor(model: Any, decode_steps: int, bandwidth: float, took: float) -> str:
+    """What the sampling stage cannot go below on this machine: each decode step reads every weight the
+    base holds once (LoRA folded in, in the base's dtype; a tied head counted once, as it is read),
+    so ``decode_steps`` x those bytes at the measured read bandwidth. Prefill and draw are left out."""
+    nbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+    floor = decode_steps * nbytes / bandwidth
+    return (f"sampling floor: {decode_steps} decode steps x {nbytes / 1e9:.2f} GB of weights at "
+            f"{bandwidth / 1e9:.1f} GB/s read = {floor:.2f} s; the stage took {took:.2f} s "
+            f"({took / floor:.2f}x the floor)")
+
+
 def check(args: argparse.Namespace) -> None:
     """Train ``args.check`` steps with the legacy and the fast step from the same seed; max |diff|."""
     results = {}
@@ -276,9 +299,11 @@ def compare_dtypes(args: argparse.Namespace) -> None:
             sides[d] = (trainer, next(iter(trainer.get_train_dataloader())), adapter_state(trainer.model),
                         model_sizes(trainer.model))
         peaks = {d: matmul_peak(getattr(torch, d), 2048, trials=5) for d in dtypes}
+        bandwidth = read_bandwidth()
         print(f"# model {args.model}, recipe {args.recipe}: batch {r.training['per_device_train_batch_size']}, "
               f"{r.msd['max_new_tokens']} sampled tokens; matmul peak (2048^3, best of 5) "
-              + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in peaks.items()), flush=True)
+              + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in peaks.items())
+              + f"; memory read {bandwidth / 1e9:.1f} GB/s (1 GiB sum, best of 5)", flush=True)
 
         def run(d: str, seed: int) -> tuple[StageClock, float, float]:
             trainer, batch, start, _ = sides[d]
@@ -305,6 +330,7 @@ def compare_dtypes(args: argparse.Namespace) -> None:
             print()
             print(table(f"fast step, base in {d} (median of {len(runs)}): responses {min(lens)}-{max(lens)} tokens "
                         f"({sum(lens)} in all)", seconds, medians[d], work(info, sides[d][3], False), peaks[d]))
+            print(sampling_floor(sides[d][0].model, max(lens), bandwidth, seconds["sampling"]))
         print()
         print(f"ratio msd_step_bf16_vs_fp32 {medians['float32'] / medians['bfloat16']:.3f} "
               f"(fp32 {medians['float32']:.2f} s, bf16 {medians['bfloat16']:.2f} s per step)")
@@ -445,9 +471,11 @@ def main() -> None:
         trainer.model.train()
         dtype = model_dtype(trainer.model)
         peak = matmul_peak(getattr(torch, dtype), 2048, trials=5)
+        bandwidth = read_bandwidth()
         print(f"# model {args.model}, {dtype}, recipe {args.recipe}: batch "
               f"{r.training['per_device_train_batch_size']}, {r.msd['max_new_tokens']} sampled tokens; "
-              f"matmul peak {peak / 1e9:.1f} GFLOP/s ({dtype}, 2048^3, best of 5)", flush=True)
+              f"matmul peak {peak / 1e9:.1f} GFLOP/s ({dtype}, 2048^3, best of 5); memory read "
+              f"{bandwidth / 1e9:.1f} GB/s (1 GiB sum, best of 5)", flush=True)
         batch = next(iter(trainer.get_train_dataloader()))
         fast_draw = args.draw or trainer.msd.draw
         print(f"# draws: legacy multinomial, fast {fast_draw}", flush=True)
@@ -482,6 +510,8 @@ def main() -> None:
                         f"teacher prompts {min(map(len, info['teacher_prompts']))}-"
                         f"{max(map(len, info['teacher_prompts']))}",
                         seconds, total, work(info, sizes, legacy), peak))
+            if not legacy:
+                print(sampling_floor(trainer.model, max(lens), bandwidth, seconds["sampling"]))
         if args.ops:
             profile_ops(trainer, batch, start, args.seed, fast_draw, args.ops)
         if args.compare:

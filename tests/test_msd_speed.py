@@ -193,6 +193,19 @@ def test_profile_script_compares_dtypes_on_the_tiny_model():
     text = out.stdout
     assert "fast step, base in float32" in text and "fast step, base in bfloat16" in text
     assert text.count("| sampling |") == 2 and "ratio msd_step_bf16_vs_fp32" in text
+    assert text.count("sampling floor: ") == 2 and "GB/s (1 GiB sum, best of 5)" in text
+
+
+def test_sampling_floor_counts_each_base_weight_once_per_decode_step():
+    """The floor: decode steps x the base's bytes (adapter weights left out: they are folded in) / bandwidth."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from msd_profile import sampling_floor
+
+    net = torch.nn.Module()
+    net.base = torch.nn.Linear(100, 10).to(torch.bfloat16)          # 1010 values, 2 bytes each
+    net.lora_A = torch.nn.Linear(100, 4, bias=False)                # not read while decoding
+    line = sampling_floor(net, decode_steps=5, bandwidth=1e4, took=2.02)
+    assert "5 decode steps x 0.00 GB" in line and "= 1.01 s" in line and "(2.00x the floor)" in line
 
 
 def test_prompt_run_once_gives_the_packed_hidden_states_and_gradients_in_float64(tiny):
