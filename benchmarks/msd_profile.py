@@ -246,9 +246,14 @@ def read_bandwidth(gib: float = 1.0, trials: int = 5) -> float:
 
 def sampling_floor(model: Any, decode_steps: int, bandwidth: float, took: float) -> str:
     """What the sampling stage cannot go below on this machine: each decode step reads every weight the
-    base holds once (LoRA folded in, in the base's dtype; a tied head counted once, as it is read),
-    so ``decode_steps`` x those bytes at the measured read bandwidth. Prefill and draw are left out."""
-    nbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+    base holds once (LoRA folded in, in the base's dtype), so ``decode_steps`` x those bytes at the
+    measured read bandwidth. An input embedding that is not the LM head's own tensor is left out (a
+    step gathers one row of it per sequence); so are prefill and draw."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = {id(embed.weight)} if embed is not None and (head is None or head.weight is not embed.weight) else set()
+    nbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                 if "lora_" not in n and id(p) not in skip)
     floor = decode_steps * nbytes / bandwidth
     return (f"sampling floor: {decode_steps} decode steps x {nbytes / 1e9:.2f} GB of weights at "
             f"{bandwidth / 1e9:.1f} GB/s read = {floor:.2f} s; the stage took {took:.2f} s "

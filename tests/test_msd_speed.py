@@ -206,6 +206,12 @@ def test_sampling_floor_counts_each_base_weight_once_per_decode_step():
     net.lora_A = torch.nn.Linear(100, 4, bias=False)                # not read while decoding
     line = sampling_floor(net, decode_steps=5, bandwidth=1e4, took=2.02)
     assert "5 decode steps x 0.00 GB" in line and "= 1.01 s" in line and "(2.00x the floor)" in line
+    # an untied input embedding is gathered, not read whole: left out; a tied one is the head, counted once
+    model = load_model(SPEC)
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    every = sum(p.numel() * p.element_size() for p in model.parameters())
+    read = every - (0 if head is embed else embed.numel() * embed.element_size())
+    assert f"= {5 * read / 1e4:.2f} s" in sampling_floor(model, decode_steps=5, bandwidth=1e4, took=1.0)
 
 
 def test_prompt_run_once_gives_the_packed_hidden_states_and_gradients_in_float64(tiny):
