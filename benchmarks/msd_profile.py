@@ -6,6 +6,7 @@
     python benchmarks/msd_profile.py --check 2                  # train 2 steps each way from one seed: max |diff|
     python benchmarks/msd_profile.py --dtypes 3 --seeds 3       # fast step in fp32 and bf16, alternating: both tables + ratio
     python benchmarks/msd_profile.py --ops 6                    # + one step under torch.profiler: operators by stage
+    python benchmarks/msd_profile.py --one-pass-lora 3 --seeds 3  # LoRA layers on PEFT's forward vs lora_add's, alternating
     python benchmarks/msd_profile.py --model builtin:tiny-random --batch 4 --max-new-tokens 8 --compare 1   # smoke
 
 Per stage of one step (sampling, teacher forward, student forward, head + divergence, backward,
@@ -341,6 +342,66 @@ def compare_dtypes(args: argparse.Namespace) -> None:
               f"(fp32 {medians['float32']:.2f} s, bf16 {medians['bfloat16']:.2f} s per step)")
 
 
+
+def compare_one_pass_lora(args: argparse.Namespace) -> None:
+    """``msd_step_one_pass_lora_vs_peft``: the fast step with the student's LoRA layers on PEFT's own
+    forward and on :mod:`polyalign.models.lora_add`'s one-pass sum (one trainer, the switch
+    ``lora_add.ENABLED`` flipped between steps), alternating on the same batch, seed and starting
+    adapter; the two must give the same responses, loss and gradients bit for bit."""
+    from precision import matmul_peak
+
+    from polyalign.models import lora_add
+    from polyalign.models.loading import model_dtype
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer, r = build_trainer(args, out, dtype=args.dtype)
+        trainer.create_optimizer_and_scheduler(num_training_steps=2 * args.one_pass_lora + 2)
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.model.train()
+        dtype = model_dtype(trainer.model)
+        peak = matmul_peak(getattr(torch, dtype), 2048, trials=5)
+        print(f"# model {args.model}, {dtype}, recipe {args.recipe}: batch "
+              f"{r.training['per_device_train_batch_size']}, {r.msd['max_new_tokens']} sampled tokens; "
+              f"matmul peak {peak / 1e9:.1f} GFLOP/s ({dtype}, 2048^3, best of 5)", flush=True)
+        batch, start, sizes = next(iter(trainer.get_train_dataloader())), adapter_state(trainer.model), model_sizes(trainer.model)
+        draw = args.draw or trainer.msd.draw
+
+        def run(one_pass: bool, seed: int) -> tuple[StageClock, float, float]:
+            lora_add.ENABLED = one_pass
+            try:
+                return step_from(trainer, batch, start, False, seed, draw)
+            finally:
+                lora_add.ENABLED = True
+
+        sides = (False, True)
+        if not args.no_warmup:
+            run(True, args.seed)
+        reps: dict[bool, list[tuple[StageClock, float, float]]] = {s: [] for s in sides}
+        for k in range(args.one_pass_lora):
+            for one_pass in (sides if k % 2 == 0 else sides[::-1]):
+                seed = args.seed + (k % args.seeds)
+                reps[one_pass].append(run(one_pass, seed))
+                print(f"# {'one-pass' if one_pass else 'PEFT'} step {k + 1} (seed {seed}): "
+                      f"{reps[one_pass][-1][1]:.2f} s, loss {reps[one_pass][-1][2]:.6g} ({load()})", flush=True)
+        medians = {}
+        for one_pass in sides:
+            runs = reps[one_pass]
+            medians[one_pass] = statistics.median(t for _, t, _ in runs)
+            seconds = {s: statistics.median(c.seconds.get(s, 0.0) for c, _, _ in runs) for s in STAGES}
+            lens = [len(y) for y in runs[0][0].info["responses"]]
+            print()
+            side = "the one-pass sum" if one_pass else "PEFT's forward"
+            print(table(f"fast step, LoRA layers on {side} (median of {len(runs)}): responses "
+                        f"{min(lens)}-{max(lens)} tokens",
+                        seconds, medians[one_pass], work(runs[0][0].info, sizes, False), peak))
+        same = all(a[0].info["responses"] == b[0].info["responses"] and a[2] == b[2]
+                   and all(torch.equal(a[0].info["grads"][n], b[0].info["grads"][n]) for n in a[0].info["grads"])
+                   for a, b in zip(reps[False], reps[True], strict=True))
+        print()
+        print(f"# each pair of steps (same seed): the same responses, loss and gradients bit for bit: {same}")
+        print(f"ratio msd_step_one_pass_lora_vs_peft {medians[False] / medians[True]:.3f} "
+              f"(PEFT {medians[False]:.2f} s, one-pass {medians[True]:.2f} s per step)")
+
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
 ATTENTION = {"softmax", "_softmax", "_safe_softmax"}
 COPIES = {"to", "_to_copy", "copy_", "contiguous", "clone", "cat", "index", "index_select", "gather", "scatter",
@@ -447,6 +508,11 @@ def main() -> None:
     p.add_argument("--ops", type=int, default=0,
                    help="N: after the timed steps, one more under torch.profiler: operators' time by stage and kind, top N")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed first step (a loaded machine, short on time)")
+    p.add_argument("--one-pass-lora", type=int, default=0,
+                   help="K: K fast steps with PEFT's LoRA forward and K with polyalign.models.lora_add's, alternating: "
+                        "both tables + ratio msd_step_one_pass_lora_vs_peft, and whether they compute the same")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="--one-pass-lora: the base's dtype (default: the policy's)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -463,6 +529,10 @@ def main() -> None:
         return
     if args.check:
         check(args)
+        print(f"# {load()} at end")
+        return
+    if args.one_pass_lora:
+        compare_one_pass_lora(args)
         print(f"# {load()} at end")
         return
     if args.dtypes:

@@ -289,3 +289,24 @@ def test_profile_operator_kinds():
                                  "aten::_to_copy", "aten::cat", "aten::mul", "aten::rsqrt", "aten::topk")] == \
         [KINDS[0]] * 3 + [KINDS[1], KINDS[2], KINDS[2]] + [KINDS[3]] * 3
 
+
+
+def test_sampling_split_times_the_decode_steps_parts_on_the_tiny_model():
+    """``benchmarks/sampling_split.py``: per-part timings inside generate only, the linear stand-ins by
+    shape with their read floors, the LM head and the draw, and the cold-cache line."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampling_split.py"), "--model", SPEC,
+                          "--batch", "2", "--max-new-tokens", "4", "--steps", "1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    for part in ("decoder layers", "attention block", "MLP block", "norms", "attention kernel", "LM head", "draw"):
+        assert part in rows, (part, text)
+    assert any(k.startswith("linear ") for k in rows)
+    steps = int(re.search(r"(\d+) decode steps", text).group(1))
+    assert 1 <= steps <= 4
+    # a decode step runs every layer once: as many decoder-layer calls as the tiny model has layers
+    from polyalign.models import load_model
+    layers = load_model(SPEC).config.num_hidden_layers
+    assert round(float(rows["decoder layers"].split("|")[4])) == layers
+    assert "cold cache: the first norm" in text and "linear products:" in text

@@ -444,6 +444,27 @@ class MSDTrainer(Trainer):
     # wrappers while sampling): kept selectable so tests and benchmarks/msd_profile.py compare the two.
     legacy_step: bool = False
 
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """Trainer's step, with the student's LoRA layers adding their term in one pass
+        (:mod:`polyalign.models.lora_add`: PEFT's numbers bit for bit, fewer fp32 [tokens, out] passes)
+        over the forward and the backward, a checkpointed layer's recomputation included."""
+        with self._one_pass_lora(model):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _one_pass_lora(self, model: Any):
+        if self.legacy_step or self.is_deepspeed_enabled or self.is_fsdp_enabled or not is_peft(
+                unwrapped := self.accelerator.unwrap_model(model)):
+            yield
+            return
+        from polyalign.models import lora_add
+
+        lora_add.install(unwrapped)
+        try:
+            yield
+        finally:
+            lora_add.uninstall(unwrapped)
+
     def _fast_step(self) -> bool:
         """Whether this step packs its forwards by length and folds LoRA while sampling: on one process
         without ZeRO-3 / FSDP / vLLM. (Grouped forwards are a different number of forward calls per
