@@ -97,6 +97,10 @@ def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
         policy, sdft, sdft_inputs = trl_sdft_side(model_spec, tok, student_p, teacher_p, responses, batch, device, dtype)
     else:
         policy = attach_lora(load_model(model_spec, dtype=dtype, device=device), LoraSettings(r=16, alpha=32))
+    if kind in ("ours", "ours_unfused"):   # as MSDTrainer.training_step: LoRA's sum in one pass (same numbers)
+        from polyalign.models import lora_add
+
+        lora_add.install(policy)
     policy.train()
     if CHECKPOINTING:   # the same on every side (TRL's trainer would only turn it on in train())
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
