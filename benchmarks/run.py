@@ -69,6 +69,7 @@ def fixed_batch(tok, batch: int, resp_len: int, seed: int = 0):
 
 
 CHECKPOINTING = False     # --gradient-checkpointing: every side recomputes its layers in the backward
+ONE_PASS_LORA = True      # --peft-lora-forward: our side on PEFT's LoRA forward (before commit 7a2316b)
 PHASES: list[tuple[str, float, float]] | None = None   # --memory-phases: (phase, its peak, resident after it)
 
 
@@ -97,7 +98,7 @@ def msd_side(kind: str, model_spec: str, batch: int, resp_len: int):
         policy, sdft, sdft_inputs = trl_sdft_side(model_spec, tok, student_p, teacher_p, responses, batch, device, dtype)
     else:
         policy = attach_lora(load_model(model_spec, dtype=dtype, device=device), LoraSettings(r=16, alpha=32))
-    if kind in ("ours", "ours_unfused"):   # as MSDTrainer.training_step: LoRA's sum in one pass (same numbers)
+    if kind in ("ours", "ours_unfused") and ONE_PASS_LORA:   # as MSDTrainer.training_step: LoRA's sum in one pass
         from polyalign.models import lora_add
 
         lora_add.install(policy)
@@ -284,6 +285,7 @@ def run_worker(kind: str, args, steps: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--batch", str(args.batch),
            "--resp-len", str(args.resp_len), "--steps", str(args.steps if steps is None else steps)]
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    cmd += ["--peft-lora-forward"] if args.peft_lora_forward else []
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"worker {kind} failed:\n{res.stderr[-3000:]}")
@@ -362,6 +364,7 @@ def long_figures(args: argparse.Namespace) -> None:
     long_mem = {k: r["peak_mb"] for k, r in long_runs.items()}
     long_speed = run_worker("interleaved_long", long_args)
     gc = ", gradient checkpointing on every side" if args.gradient_checkpointing else ""
+    gc += ", ours on PEFT's LoRA forward" if args.peft_lora_forward else ""
     print(f"# msd step at response {args.long_resp_len}, batch 4{gc}: ours {long_speed['ours']['tokens_per_second']:.1f} tok/s, "
           f"peak {long_mem['ours']:.0f} MB; TRL SDFTTrainer {long_speed['trl_sdft']['tokens_per_second']:.1f} tok/s, "
           f"peak {long_mem['trl_sdft']:.0f} MB")
@@ -414,12 +417,14 @@ def main() -> None:
     p.add_argument("--long-only", action="store_true", help="only the long-response figures (batch 4)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="every side recomputes its layers' activations in the backward (less memory, more time)")
+    p.add_argument("--peft-lora-forward", action="store_true",
+                   help="our side's LoRA layers on PEFT's own forward, not polyalign.models.lora_add's one-pass sum")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our MSD step and exit")
     p.add_argument("--memory-phases", action="store_true",
                    help="ours and TRL's long step (batch 4, --long-resp-len): each phase's peak resident memory")
     args = p.parse_args()
-    global CHECKPOINTING, PHASES   # set once from the command line, before any side is built
-    CHECKPOINTING = args.gradient_checkpointing
+    global CHECKPOINTING, PHASES, ONE_PASS_LORA   # set once from the command line, before any side is built
+    CHECKPOINTING, ONE_PASS_LORA = args.gradient_checkpointing, not args.peft_lora_forward
     args.batch = args.batch or (2 if args.quick else 4)
     args.resp_len = args.resp_len or (32 if args.quick else 64)
     args.steps = (2 if args.quick else 4) if args.steps is None else args.steps

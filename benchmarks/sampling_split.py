@@ -211,6 +211,7 @@ def main() -> None:
             if isinstance(m, torch.nn.Linear) and w is not None:
                 sizes.setdefault(f"linear {w.shape[0]}x{w.shape[1]}", w.numel() * w.element_size())
         head = model.get_output_embeddings().weight
+        sizes.pop(f"linear {head.shape[0]}x{head.shape[1]}", None)
         sizes["LM head"] = head.numel() * head.element_size()
         print()
         print("| part (inclusive) | ms per decode step | share of a decode step | calls per decode step | "
