@@ -1,11 +1,10 @@
 """PEFT's LoRA ``Linear`` forward with the adapter's term added in one pass, bit for bit.
 
-PEFT computes a wrapped layer as ``(base(x) + B(A(x.to(fp32))) * s).to(base dtype)``. With a bf16
-base and the fp32 adapter PEFT keeps for training, that is four passes over an fp32 [tokens, out]
-tensor per layer in the forward (B's product, ``* s``, the promoted sum, the cast back) and as many
-in the backward (the cast's and the sum's gradients, ``* s``), on the 0.5B model's [T, 4864] MLP
-outputs the same order of memory traffic as the frozen base's own product. :class:`LoraAdd` computes
-the same numbers with one fp32 [T, out] tensor each way:
+PEFT computes a wrapped layer as ``(base(x) + B(A(x.to(fp32))) * s).to(base dtype)``. With the fp32
+adapter PEFT keeps for training, that makes three fp32 [tokens, out] tensors per layer in the forward
+(B's product, ``* s``, the promoted sum) and two in the backward (the cast's gradient, ``* s``); at
+long responses (4 x ~580 tokens, the 0.5B model's 4864-wide MLP) they are a large share of the
+step's memory and traffic. :class:`LoraAdd` computes the same numbers with one each way:
 
 - forward: ``torch.add(base(x), B h, alpha=s, out=<base dtype>)`` does the promoted sum and the cast
   in one pass. With ``s`` a power of two, ``s * o`` is exact, so the single rounding of
