@@ -603,6 +603,9 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = Fa
                 if not resume:       # a resumed run's seconds cover only part of the steps
                     steps, batch = _steps_and_batch(recipe)
                     timing.update(train_seconds=round(time.perf_counter() - t0, 2), train_examples=steps * batch)
+                from polyalign.models.loading import release_freed_cpu_memory
+
+                release_freed_cpu_memory()      # the evaluation loads its own model: training's memory goes back
                 atomic_write_text(d / "timings.json", json.dumps(timing, indent=1))
             prog.update(bar, description=f"{i}/{len(points)} {p.name}: evaluate")
             ev = evaluate(d / "eval", *_trained_model(d, base_model, p.trains), system=system_prompts(p))

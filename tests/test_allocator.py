@@ -56,3 +56,32 @@ def test_load_model_on_the_cpu_sets_it_and_generation_is_the_same_either_way():
     kept, plain = run(GENERATE), run(GENERATE, POLYALIGN_CPU_MALLOC="default")
     assert (kept["kept"], plain["kept"]) == (True, False)
     assert kept["tokens"] == plain["tokens"]
+
+
+def test_release_freed_cpu_memory_hands_kept_blocks_back():
+    """With freed blocks kept (polyalign's default), memory freed by a finished phase stays resident
+    until ``release_freed_cpu_memory``; in a fresh process, so the settings and counts are its own."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent('''
+        import platform, torch
+        from polyalign.models.loading import keep_freed_cpu_memory, release_freed_cpu_memory
+        def rss():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+        kept = keep_freed_cpu_memory()
+        xs = [torch.ones(25_000_000) for _ in range(8)]      # 8 x 100 MB, from the heap
+        pins = [torch.ones(1000) for _ in range(8)]
+        del xs
+        before = rss()
+        trimmed = release_freed_cpu_memory()
+        print(platform.libc_ver()[0], kept, trimmed, before, rss())
+    ''')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    libc, kept, trimmed, before, after = out.stdout.split()
+    if libc != "glibc" or kept != "True":
+        pytest.skip("glibc's malloc settings are not polyalign's here")
+    assert trimmed == "True"
+    assert float(before) - float(after) > 400          # most of the 800 MB freed goes back

@@ -223,6 +223,26 @@ def keep_freed_cpu_memory() -> bool:
     return ok
 
 
+def release_freed_cpu_memory() -> bool:
+    """Collect unreachable objects and hand the heap's free memory back to the system (glibc's
+    ``malloc_trim``); True when trimmed. Why: with :func:`keep_freed_cpu_memory` a long job's freed
+    blocks stay resident, so a process that trains and then evaluates holds training's high-water mark
+    through the evaluation (a 1.5B sweep point: 21 GB resident while evaluating, against ~15 GB for
+    its training, on 2026-12-06). Call it between such phases, not inside one."""
+    import gc
+
+    gc.collect()
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def load_model(spec: str, dtype: str | None = None, trust_remote_code: bool = False, device: str | None = None,
                revision: str | None = None, attn_implementation: str | None = None):
     """Causal LM for ``spec`` in eval mode, on ``device`` (default: this rank's GPU when present, else
