@@ -3,8 +3,9 @@
 PEFT computes a wrapped layer as ``(base(x) + B(A(x.to(fp32))) * s).to(base dtype)``. With the fp32
 adapter PEFT keeps for training, that makes three fp32 [tokens, out] tensors per layer in the forward
 (B's product, ``* s``, the promoted sum) and two in the backward (the cast's gradient, ``* s``); at
-long responses (4 x ~580 tokens, the 0.5B model's 4864-wide MLP) they are a large share of the
-step's memory and traffic. :class:`LoraAdd` computes the same numbers with one each way:
+512-token responses (batch 4, the 0.5B model's 4864-wide MLP) they are a large share of the
+step's memory and traffic (BENCHMARKS.md, 2026-12-06). :class:`LoraAdd` computes the same numbers
+with one each way:
 
 - forward: ``torch.add(base(x), B h, alpha=s, out=<base dtype>)`` does the promoted sum and the cast
   in one pass. With ``s`` a power of two, ``s * o`` is exact, so the single rounding of
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 # Off: every wrapped layer runs PEFT's forward even where :func:`install` put this one (the switch
-# ``benchmarks/msd_profile.py --no-one-pass-lora`` measures it with). Read at every call: flip it
+# ``benchmarks/msd_profile.py --one-pass-lora K`` compares the two with). Read at every call: flip it
 # between steps, never between a forward and its backward (a checkpointed layer recomputes its
 # forward in the backward and must save what the first forward saved).
 ENABLED = True
@@ -96,9 +97,9 @@ def install(model: Any) -> int:
     the module, its parameters and hooks stay as they are). Skipped: modules whose ``forward`` is
     already an instance attribute (accelerate's offload hooks). Returns how many were given it.
 
-    For one process without sharding: the forward reads ``lora_A`` / ``lora_B``'s weights without
-    calling those modules, so ZeRO-3 / FSDP hooks that gather a module's parameters when it is called
-    would not run."""
+    Not for sharded training: the forward reads ``lora_A`` / ``lora_B``'s weights without calling
+    those modules, so ZeRO-3 / FSDP hooks that gather a module's parameters when it is called would
+    not run (``MSDTrainer`` installs it on one process or under DDP only)."""
     from peft.tuners.lora.layer import Linear
 
     n = 0
