@@ -3,6 +3,7 @@
     python benchmarks/msd_profile.py                            # 0.5B, recipes/msd_selective.yaml, fast step
     python benchmarks/msd_profile.py --compare 2                # legacy and fast steps interleaved: both tables + ratio
     python benchmarks/msd_profile.py --compare 3 --seeds 3      # each pair of steps with its own sampling seed
+    python benchmarks/msd_profile.py --compare 3 --seeds 3 --dtype float32   # the same with the base in fp32
     python benchmarks/msd_profile.py --check 2                  # train 2 steps each way from one seed: max |diff|
     python benchmarks/msd_profile.py --dtypes 3 --seeds 3       # fast step in fp32 and bf16, alternating: both tables + ratio
     python benchmarks/msd_profile.py --ops 6                    # + one step under torch.profiler: operators by stage
@@ -266,7 +267,7 @@ def check(args: argparse.Namespace) -> None:
     results = {}
     for legacy in (True, False):
         with tempfile.TemporaryDirectory() as out:
-            trainer, _ = build_trainer(args, out)
+            trainer, _ = build_trainer(args, out, dtype=args.dtype)
             trainer.legacy_step = legacy
             trainer.msd.draw = args.draw or trainer.msd.draw      # one draw for both: the same computation
             t0 = time.perf_counter()
@@ -467,7 +468,7 @@ def flop_model(args: argparse.Namespace) -> None:
 
     steps = int(load_recipe(args.recipe).training.get("max_steps", 1))
     with tempfile.TemporaryDirectory() as out:
-        trainer, r = build_trainer(args, out)
+        trainer, r = build_trainer(args, out, dtype=args.dtype)
         sizes = model_sizes(trainer.model)
         total = {True: defaultdict(float), False: defaultdict(float)}
         for _, batch in zip(range(steps), trainer.get_train_dataloader()):
@@ -512,7 +513,7 @@ def main() -> None:
                    help="K: K fast steps with PEFT's LoRA forward and K with polyalign.models.lora_add's, alternating: "
                         "both tables + ratio msd_step_one_pass_lora_vs_peft, and whether they compute the same")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="--one-pass-lora: the base's dtype (default: the policy's)")
+                   help="the base's dtype (default: the policy's; --dtypes runs both)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -540,7 +541,7 @@ def main() -> None:
         print(f"# {load()} at end")
         return
     with tempfile.TemporaryDirectory() as out:
-        trainer, r = build_trainer(args, out)
+        trainer, r = build_trainer(args, out, dtype=args.dtype)
         trainer.create_optimizer_and_scheduler(num_training_steps=max(2 * args.compare, 2) + 1)
         trainer.current_gradient_accumulation_steps = 1
         trainer.model.train()
