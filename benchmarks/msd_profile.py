@@ -166,6 +166,30 @@ def step_from(trainer: Any, batch: dict, start: dict[str, torch.Tensor], legacy:
     return res
 
 
+
+Step = tuple[StageClock, float, float]      # (stage clock, seconds, loss) of one timed step
+
+
+def alternating(sides: list[Any], rounds: int, args: argparse.Namespace, run: Any, label: Any) -> dict[Any, list[Step]]:
+    """``rounds`` rounds of one step per side, the order flipped every other round so that a loaded
+    machine's drift hits every side alike; round k samples with seed ``args.seed + k mod args.seeds``."""
+    reps: dict[Any, list[Step]] = {s: [] for s in sides}
+    for k in range(rounds):
+        for side in (sides if k % 2 == 0 else sides[::-1]):
+            seed = args.seed + (k % args.seeds)
+            reps[side].append(run(side, seed))
+            clock, sec, loss = reps[side][-1]
+            lens = [len(y) for y in clock.info["responses"]]
+            print(f"# {label(side)} step {k + 1} (seed {seed}): {sec:.2f} s, loss {loss:.6g}, {sum(lens)} response "
+                  f"tokens, longest {max(lens)} ({load()})", flush=True)
+    return reps
+
+
+def medians(runs: list[Step]) -> tuple[float, dict[str, float]]:
+    """(median step seconds, median seconds of each stage) over the runs."""
+    return (statistics.median(t for _, t, _ in runs),
+            {s: statistics.median(c.seconds.get(s, 0.0) for c, _, _ in runs) for s in STAGES})
+
 def model_sizes(model: Any) -> dict[str, int]:
     """Non-embedding base weights without the head, adapter weights, H and V."""
     head = model.get_output_embeddings().weight
@@ -319,28 +343,20 @@ def compare_dtypes(args: argparse.Namespace) -> None:
         if not args.no_warmup:
             for d in dtypes:
                 run(d, args.seed)
-        reps: dict[str, list[tuple[StageClock, float, float]]] = {d: [] for d in dtypes}
-        for k in range(args.dtypes):
-            for d in (dtypes if k % 2 == 0 else dtypes[::-1]):
-                seed = args.seed + (k % args.seeds)
-                reps[d].append(run(d, seed))
-                lens = [len(y) for y in reps[d][-1][0].info["responses"]]
-                print(f"# {d} step {k + 1} (seed {seed}): {reps[d][-1][1]:.2f} s, loss {reps[d][-1][2]:.4f}, "
-                      f"{sum(lens)} response tokens, longest {max(lens)} ({load()})", flush=True)
-        medians = {}
+        reps = alternating(list(dtypes), args.dtypes, args, run, str)
+        total = {}
         for d in dtypes:
             runs = reps[d]
-            medians[d] = statistics.median(t for _, t, _ in runs)
-            seconds = {s: statistics.median(c.seconds.get(s, 0.0) for c, _, _ in runs) for s in STAGES}
+            total[d], seconds = medians(runs)
             info = runs[0][0].info
             lens = [len(y) for y in info["responses"]]
             print()
             print(table(f"fast step, base in {d} (median of {len(runs)}): responses {min(lens)}-{max(lens)} tokens "
-                        f"({sum(lens)} in all)", seconds, medians[d], work(info, sides[d][3], False), peaks[d]))
+                        f"({sum(lens)} in all)", seconds, total[d], work(info, sides[d][3], False), peaks[d]))
             print(sampling_floor(sides[d][0].model, max(lens), bandwidth, seconds["sampling"]))
         print()
-        print(f"ratio msd_step_bf16_vs_fp32 {medians['float32'] / medians['bfloat16']:.3f} "
-              f"(fp32 {medians['float32']:.2f} s, bf16 {medians['bfloat16']:.2f} s per step)")
+        print(f"ratio msd_step_bf16_vs_fp32 {total['float32'] / total['bfloat16']:.3f} "
+              f"(fp32 {total['float32']:.2f} s, bf16 {total['bfloat16']:.2f} s per step)")
 
 
 
@@ -374,34 +390,27 @@ def compare_one_pass_lora(args: argparse.Namespace) -> None:
             finally:
                 lora_add.ENABLED = True
 
-        sides = (False, True)
+        sides = [False, True]
         if not args.no_warmup:
             run(True, args.seed)
-        reps: dict[bool, list[tuple[StageClock, float, float]]] = {s: [] for s in sides}
-        for k in range(args.one_pass_lora):
-            for one_pass in (sides if k % 2 == 0 else sides[::-1]):
-                seed = args.seed + (k % args.seeds)
-                reps[one_pass].append(run(one_pass, seed))
-                print(f"# {'one-pass' if one_pass else 'PEFT'} step {k + 1} (seed {seed}): "
-                      f"{reps[one_pass][-1][1]:.2f} s, loss {reps[one_pass][-1][2]:.6g} ({load()})", flush=True)
-        medians = {}
+        reps = alternating(sides, args.one_pass_lora, args, run, lambda one_pass: "one-pass" if one_pass else "PEFT")
+        total = {}
         for one_pass in sides:
             runs = reps[one_pass]
-            medians[one_pass] = statistics.median(t for _, t, _ in runs)
-            seconds = {s: statistics.median(c.seconds.get(s, 0.0) for c, _, _ in runs) for s in STAGES}
+            total[one_pass], seconds = medians(runs)
             lens = [len(y) for y in runs[0][0].info["responses"]]
             print()
             side = "the one-pass sum" if one_pass else "PEFT's forward"
             print(table(f"fast step, LoRA layers on {side} (median of {len(runs)}): responses "
                         f"{min(lens)}-{max(lens)} tokens",
-                        seconds, medians[one_pass], work(runs[0][0].info, sizes, False), peak))
+                        seconds, total[one_pass], work(runs[0][0].info, sizes, False), peak))
         same = all(a[0].info["responses"] == b[0].info["responses"] and a[2] == b[2]
                    and all(torch.equal(a[0].info["grads"][n], b[0].info["grads"][n]) for n in a[0].info["grads"])
                    for a, b in zip(reps[False], reps[True], strict=True))
         print()
         print(f"# each pair of steps (same seed): the same responses, loss and gradients bit for bit: {same}")
-        print(f"ratio msd_step_one_pass_lora_vs_peft {medians[False] / medians[True]:.3f} "
-              f"(PEFT {medians[False]:.2f} s, one-pass {medians[True]:.2f} s per step)")
+        print(f"ratio msd_step_one_pass_lora_vs_peft {total[False] / total[True]:.3f} "
+              f"(PEFT {total[False]:.2f} s, one-pass {total[True]:.2f} s per step)")
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
 ATTENTION = {"softmax", "_softmax", "_safe_softmax"}
@@ -564,19 +573,10 @@ def main() -> None:
         sides = [True, False] if args.compare else [args.legacy]
         if not args.no_warmup:
             run(sides[-1], args.seed)                      # warm-up (allocator, first-call costs)
-        reps: dict[bool, list[tuple[StageClock, float, float]]] = {s: [] for s in sides}
-        for k in range(max(args.compare, 1)):
-            for legacy in (sides if k % 2 == 0 else sides[::-1]):
-                seed = args.seed + (k % args.seeds)
-                reps[legacy].append(run(legacy, seed))
-                lens = [len(y) for y in reps[legacy][-1][0].info["responses"]]
-                print(f"# {'legacy' if legacy else 'fast'} step {k + 1} (seed {seed}): {reps[legacy][-1][1]:.2f} s, "
-                      f"{sum(lens)} response tokens, longest {max(lens)} ({load()})",
-                      flush=True)
+        reps = alternating(sides, max(args.compare, 1), args, run, lambda legacy: "legacy" if legacy else "fast")
         for legacy in sides:
             runs = reps[legacy]
-            total = statistics.median(t for _, t, _ in runs)
-            seconds = {s: statistics.median(c.seconds.get(s, 0.0) for c, _, _ in runs) for s in STAGES}
+            total, seconds = medians(runs)
             info = runs[0][0].info
             lens = [len(y) for y in info["responses"]]
             print()
@@ -591,7 +591,7 @@ def main() -> None:
         if args.ops:
             profile_ops(trainer, batch, start, args.seed, fast_draw, args.ops)
         if args.compare:
-            old, new = (statistics.median(t for _, t, _ in reps[s]) for s in (True, False))
+            old, new = (medians(reps[s])[0] for s in (True, False))
             print()
             print(f"ratio msd_step_legacy_vs_fast {old / new:.3f} (legacy {old:.2f} s, fast {new:.2f} s per step)")
             (c_old, _, l_old), (c_new, _, l_new) = reps[True][0], reps[False][0]
