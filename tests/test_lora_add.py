@@ -174,3 +174,23 @@ def test_profile_script_compares_one_pass_lora_on_the_tiny_model():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ratio msd_step_one_pass_lora_vs_peft" in out.stdout
     assert "the same responses, loss and gradients bit for bit: True" in out.stdout, out.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_on_cuda_equals_peft(dtype):
+    """On a GPU (scripts/gpu_check.sh runs it): the same outputs bit for bit (the same products and a
+    power-of-two scaling); gradients from cuBLAS products laid out differently, so within rounding."""
+    m = wrapped(dtype).cuda()
+    x = torch.randn(2, 7, 24, dtype=dtype, device="cuda")
+    ref = run(m, x)
+    lora_add.install(m)
+    try:
+        new = run(m, x)
+    finally:
+        lora_add.uninstall(m)
+    assert torch.equal(new[0], ref[0])
+    for n in ref[1]:
+        torch.testing.assert_close(new[1][n], ref[1][n], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new[2].float(), ref[2].float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-5)
