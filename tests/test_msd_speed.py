@@ -8,6 +8,7 @@ hold on AVX2, AVX-512 and AMX machines).
 """
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -310,3 +311,14 @@ def test_sampling_split_times_the_decode_steps_parts_on_the_tiny_model():
     layers = load_model(SPEC).config.num_hidden_layers
     assert round(float(rows["decoder layers"].split("|")[4])) == layers
     assert "cold cache: the first norm" in text and "linear products:" in text
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler")
+def test_compiled_decode_benchmark_runs_on_the_tiny_model():
+    """``benchmarks/compiled_decode.py``: transformers' compiled static-cache decoding against eager."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compiled_decode.py"), "--model", SPEC,
+                          "--batch", "2", "--tokens", "3", "--repeats", "1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ratio decode_compiled_vs_eager" in out.stdout and "the same tokens: " in out.stdout
+    assert "compilation included" in out.stdout
