@@ -10,8 +10,12 @@ static cache (``cache_implementation="static"``) and a ``CompileConfig`` that al
 (``_compile_all_devices``; by default only accelerators). This times, on the demo's first MSD batch
 of student prompts (greedy, so the two sides' tokens can be compared):
 
-- eager: ``generate`` as evaluation runs it (dynamic cache, no compilation);
-- compiled: the same with the static cache and the compiled forward; its first call includes the
+- eager: plain ``generate`` (dynamic cache, no compilation);
+- ours: the same inside ``decoding_linears``, as evaluation and MSD sampling run it (few-row
+  products on oneDNN with packed weights);
+- compiled: plain ``generate`` with the static cache and the compiled forward (``--freezing``:
+  inductor's freezing, which folds the weights in as constants and packs them for oneDNN; weights
+  that change, as a folded adapter does every MSD step, would recompile); its first call includes the
   compilation (printed apart), then ``--repeats`` timed calls.
 
 Only the base model is timed (no LoRA stand-ins, no shared prefix): the question is what the
@@ -38,6 +42,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--freezing", action="store_true", help="torch._inductor.config.freezing for the compiled side")
     args = p.parse_args()
     import msd_profile as mp
     from transformers import CompileConfig
@@ -47,7 +52,7 @@ def main() -> None:
     from polyalign.models.batching import left_pad
     from polyalign.models.chat import prompt_ids
     from polyalign.models.loading import model_dtype
-    from polyalign.models.sampling import sampling_kwargs
+    from polyalign.models.sampling import decoding_linears, sampling_kwargs
 
     name, flags = mp.cpu_info()
     print(f"# cpu: {name}, torch threads {torch.get_num_threads()}; flags: {' '.join(flags)}")
@@ -66,6 +71,14 @@ def main() -> None:
     def eager() -> torch.Tensor:
         return model.generate(input_ids=ids, attention_mask=mask, **kw)
 
+    def ours() -> torch.Tensor:
+        with decoding_linears(model):
+            return model.generate(input_ids=ids, attention_mask=mask, **kw)
+
+    if args.freezing:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
     compile_config = CompileConfig(fullgraph=False, dynamic=False)
     compile_config._compile_all_devices = True
 
@@ -79,22 +92,24 @@ def main() -> None:
             out = f()
         return time.perf_counter() - t0, out
 
-    first_eager, ref = timed(eager)
-    first_compiled, out = timed(compiled)
-    print(f"# first calls: eager {first_eager:.2f} s, compiled {first_compiled:.2f} s (compilation included)",
+    sides = {"eager": eager, "ours": ours, "compiled": compiled}
+    first, outs = {}, {}
+    for side, f in sides.items():
+        first[side], outs[side] = timed(f)
+    print("# first calls: " + ", ".join(f"{k} {v:.2f} s" for k, v in first.items()) + " (compilation included)",
           flush=True)
-    times: dict[str, list[float]] = {"eager": [], "compiled": []}
-    same = torch.equal(ref, out)
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    order = list(sides)
     for k in range(args.repeats):
-        for side, f in ((("eager", eager), ("compiled", compiled)) if k % 2 == 0 else
-                        (("compiled", compiled), ("eager", eager))):
-            sec, o = timed(f)
+        for side in (order if k % 2 == 0 else order[::-1]):
+            sec, outs[side] = timed(sides[side])
             times[side].append(sec)
-            same = same and torch.equal(o, ref)
-    e, c = (statistics.median(times[s]) for s in ("eager", "compiled"))
-    print(f"eager {e:.2f} s ({e / args.tokens * 1e3:.1f} ms a token), compiled {c:.2f} s "
-          f"({c / args.tokens * 1e3:.1f} ms a token), medians of {args.repeats}; the same tokens: {same}")
-    print(f"ratio decode_compiled_vs_eager {e / c:.3f}")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for side in sides:
+        print(f"{side}: {med[side]:.2f} s ({med[side] / args.tokens * 1e3:.1f} ms a token, {len(prompts)} rows), "
+              f"median of {args.repeats}; the same tokens as eager: {torch.equal(outs[side], outs['eager'])}")
+    print(f"ratio decode_compiled_vs_eager {med['eager'] / med['compiled']:.3f}")
+    print(f"ratio decode_compiled_vs_ours {med['ours'] / med['compiled']:.3f}")
     print(f"# {mp.load()} at end")
 
 
