@@ -106,8 +106,9 @@ def main() -> None:
             times[side].append(sec)
     med = {k: statistics.median(v) for k, v in times.items()}
     for side in sides:
-        print(f"{side}: {med[side]:.2f} s ({med[side] / args.tokens * 1e3:.1f} ms a token, {len(prompts)} rows), "
-              f"median of {args.repeats}; the same tokens as eager: {torch.equal(outs[side], outs['eager'])}")
+        print(f"{side}: {med[side]:.2f} s a call ({len(prompts)} rows: prefill, {args.tokens} tokens; the oneDNN side "
+              f"packs its weights in each call), median of {args.repeats}; the same tokens as eager: "
+              f"{torch.equal(outs[side], outs['eager'])}")
     print(f"ratio decode_compiled_vs_eager {med['eager'] / med['compiled']:.3f}")
     print(f"ratio decode_compiled_vs_ours {med['ours'] / med['compiled']:.3f}")
     print(f"# {mp.load()} at end")
