@@ -17,8 +17,8 @@ with wall-clock timers around the model's parts only while ``generate`` runs:
   read of as many bytes as the MLP's largest weight. Each decode step streams every weight through
   the caches, so each small operator that follows a large product starts cold.
 
-Timers add a few microseconds per call; the step's own time is printed beside the untimed one of
-``msd_profile.py``'s run of the same commit.
+Timers add a few microseconds per call: the timed step's seconds are printed, to hold against an
+untimed ``msd_profile.py`` run of the same commit.
 """
 
 from __future__ import annotations
