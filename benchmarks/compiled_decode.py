@@ -3,12 +3,13 @@
     python benchmarks/compiled_decode.py                           # 0.5B, the policy's dtype, 8 prompts, 48 tokens
     python benchmarks/compiled_decode.py --model builtin:tiny-random --tokens 4 --repeats 1   # smoke
 
-``benchmarks/sampling_split.py`` finds a quarter of a decode step in small operators that cost the
+``benchmarks/sampling_split.py`` finds about 30 % of a decode step in small operators that cost the
 same in bf16 and fp32 (norms, rotary, the KV cache, attention, residual adds, Python). Fusing them
 takes a compiler. transformers compiles the decoding forward itself when ``generate`` runs with a
 static cache (``cache_implementation="static"``) and a ``CompileConfig`` that allows every device
-(``_compile_all_devices``; by default only accelerators). This times, on the demo's first MSD batch
-of student prompts (greedy, so the two sides' tokens can be compared):
+(``_compile_all_devices``; by default only accelerators). This times, on ``--batch`` harmful
+train prompts of the built-in benchmark, each in the next non-English language (greedy, so the
+sides' tokens can be compared):
 
 - eager: plain ``generate`` (dynamic cache, no compilation);
 - ours: the same inside ``decoding_linears``, as evaluation and MSD sampling run it (few-row

@@ -120,6 +120,16 @@ def build_trainer(args: argparse.Namespace, out: str, dtype: str | None = None):
     return trainer, r
 
 
+def stepping_trainer(args: argparse.Namespace, out: str, steps: int, dtype: str | None = None):
+    """:func:`build_trainer`, ready for ``steps`` timed ``training_step`` calls outside ``train()``:
+    optimizer and schedule made, one micro-batch a step, training mode."""
+    trainer, r = build_trainer(args, out, dtype=dtype)
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    trainer.current_gradient_accumulation_steps = 1    # set by the train loop; we call training_step directly
+    trainer.model.train()
+    return trainer, r
+
+
 def adapter_state(model: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -166,7 +176,6 @@ def step_from(trainer: Any, batch: dict, start: dict[str, torch.Tensor], legacy:
     return res
 
 
-
 Step = tuple[StageClock, float, float]      # (stage clock, seconds, loss) of one timed step
 
 
@@ -189,6 +198,7 @@ def medians(runs: list[Step]) -> tuple[float, dict[str, float]]:
     """(median step seconds, median seconds of each stage) over the runs."""
     return (statistics.median(t for _, t, _ in runs),
             {s: statistics.median(c.seconds.get(s, 0.0) for c, _, _ in runs) for s in STAGES})
+
 
 def model_sizes(model: Any) -> dict[str, int]:
     """Non-embedding base weights without the head, adapter weights, H and V."""
@@ -322,10 +332,7 @@ def compare_dtypes(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as out:
         sides = {}
         for d in dtypes:
-            trainer, r = build_trainer(args, str(Path(out) / d), dtype=d)
-            trainer.create_optimizer_and_scheduler(num_training_steps=2 * args.dtypes + 2)
-            trainer.current_gradient_accumulation_steps = 1
-            trainer.model.train()
+            trainer, r = stepping_trainer(args, str(Path(out) / d), 2 * args.dtypes + 2, dtype=d)
             assert model_dtype(trainer.model) == d, (model_dtype(trainer.model), d)
             sides[d] = (trainer, next(iter(trainer.get_train_dataloader())), adapter_state(trainer.model),
                         model_sizes(trainer.model))
@@ -359,7 +366,6 @@ def compare_dtypes(args: argparse.Namespace) -> None:
               f"(fp32 {total['float32']:.2f} s, bf16 {total['bfloat16']:.2f} s per step)")
 
 
-
 def compare_one_pass_lora(args: argparse.Namespace) -> None:
     """``msd_step_one_pass_lora_vs_peft``: the fast step with the student's LoRA layers on PEFT's own
     forward and on :mod:`polyalign.models.lora_add`'s one-pass sum (one trainer, the switch
@@ -371,10 +377,7 @@ def compare_one_pass_lora(args: argparse.Namespace) -> None:
     from polyalign.models.loading import model_dtype
 
     with tempfile.TemporaryDirectory() as out:
-        trainer, r = build_trainer(args, out, dtype=args.dtype)
-        trainer.create_optimizer_and_scheduler(num_training_steps=2 * args.one_pass_lora + 2)
-        trainer.current_gradient_accumulation_steps = 1
-        trainer.model.train()
+        trainer, r = stepping_trainer(args, out, 2 * args.one_pass_lora + 2, dtype=args.dtype)
         dtype = model_dtype(trainer.model)
         peak = matmul_peak(getattr(torch, dtype), 2048, trials=5)
         print(f"# model {args.model}, {dtype}, recipe {args.recipe}: batch "
@@ -411,6 +414,7 @@ def compare_one_pass_lora(args: argparse.Namespace) -> None:
         print(f"# each pair of steps (same seed): the same responses, loss and gradients bit for bit: {same}")
         print(f"ratio msd_step_one_pass_lora_vs_peft {total[False] / total[True]:.3f} "
               f"(PEFT {total[False]:.2f} s, one-pass {total[True]:.2f} s per step)")
+
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
 ATTENTION = {"softmax", "_softmax", "_safe_softmax"}
@@ -550,10 +554,7 @@ def main() -> None:
         print(f"# {load()} at end")
         return
     with tempfile.TemporaryDirectory() as out:
-        trainer, r = build_trainer(args, out, dtype=args.dtype)
-        trainer.create_optimizer_and_scheduler(num_training_steps=max(2 * args.compare, 2) + 1)
-        trainer.current_gradient_accumulation_steps = 1
-        trainer.model.train()
+        trainer, r = stepping_trainer(args, out, max(2 * args.compare, 2) + 1, dtype=args.dtype)
         dtype = model_dtype(trainer.model)
         peak = matmul_peak(getattr(torch, dtype), 2048, trials=5)
         bandwidth = read_bandwidth()

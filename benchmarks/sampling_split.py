@@ -177,10 +177,7 @@ def main() -> None:
     print(f"# cpu: {name}, torch threads {torch.get_num_threads()}; flags: {' '.join(flags)}")
     print(f"# {mp.load()} at start; torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as out:
-        trainer, r = mp.build_trainer(args, out, dtype=args.dtype)
-        trainer.create_optimizer_and_scheduler(num_training_steps=args.steps + 2)
-        trainer.current_gradient_accumulation_steps = 1
-        trainer.model.train()
+        trainer, r = mp.stepping_trainer(args, out, args.steps + 2, dtype=args.dtype)
         model = trainer.accelerator.unwrap_model(trainer.model)
         dtype = model_dtype(model)
         bandwidth = mp.read_bandwidth()

@@ -71,7 +71,7 @@ def test_release_freed_cpu_memory_hands_kept_blocks_back():
         def rss():
             return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
         kept = keep_freed_cpu_memory()
-        xs = [torch.ones(25_000_000) for _ in range(8)]      # 8 x 100 MB, from the heap
+        xs = [torch.ones(5_000_000) for _ in range(40)]      # 40 x 20 MB: from the heap under a 32 MiB cap too
         pins = [torch.ones(1000) for _ in range(8)]
         del xs
         before = rss()

@@ -307,7 +307,6 @@ def test_sampling_split_times_the_decode_steps_parts_on_the_tiny_model():
     steps = int(re.search(r"(\d+) decode steps", text).group(1))
     assert 1 <= steps <= 4
     # a decode step runs every layer once: as many decoder-layer calls as the tiny model has layers
-    from polyalign.models import load_model
     layers = load_model(SPEC).config.num_hidden_layers
     assert round(float(rows["decoder layers"].split("|")[4])) == layers
     assert "cold cache: the first norm" in text and "linear products:" in text

@@ -206,18 +206,12 @@ def keep_freed_cpu_memory() -> bool:
     ok = False
     user_set = any(k.startswith("MALLOC_") for k in os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
     if os.environ.get("POLYALIGN_CPU_MALLOC", "keep") != "default" and not user_set:
-        import ctypes
-        import platform
-
-        if platform.libc_ver()[0] == "glibc":
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-            except OSError:
-                libc = None
+        libc = _glibc()
+        if libc is not None:
             M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                 # <malloc.h>
             # a glibc that caps the mmap threshold (32 MiB, HEAP_MAX_SIZE / 2, in older ones) refuses 1 GiB: take the cap
-            ok = bool(libc and (libc.mallopt(M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-                                or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
+            ok = bool((libc.mallopt(M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+                       or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
                       and libc.mallopt(M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
     log.debug("glibc malloc keeps freed blocks: %s", ok)
     return ok
@@ -232,15 +226,21 @@ def release_freed_cpu_memory() -> bool:
     import gc
 
     gc.collect()
+    libc = _glibc()
+    return bool(libc is not None and libc.malloc_trim(0))
+
+
+def _glibc() -> Any:
+    """glibc's C library through ctypes, or None on another libc (musl, macOS, Windows)."""
     import ctypes
     import platform
 
     if platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def load_model(spec: str, dtype: str | None = None, trust_remote_code: bool = False, device: str | None = None,

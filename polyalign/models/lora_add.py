@@ -66,7 +66,9 @@ class LoraAdd(torch.autograd.Function):
         return g, gx, ga, gb, None
 
 
-def _power_of_two(s: Any) -> bool:
+def power_of_two(s: Any) -> bool:
+    """Whether scaling by ``s`` is exact in floating point (``2^k``, k any integer): a LoRA scaling
+    ``alpha / r`` of 2, 1, 0.5, ..."""
     return isinstance(s, (int, float)) and s > 0 and math.frexp(s)[0] == 0.5
 
 
@@ -82,7 +84,7 @@ def one_pass_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> t
     name = names[0]
     a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
     if (name in self.lora_variant or not isinstance(self.lora_dropout[name], torch.nn.Identity)
-            or self.lora_B[name].bias is not None or not _power_of_two(s) or a.dtype != b.dtype
+            or self.lora_B[name].bias is not None or not power_of_two(s) or a.dtype != b.dtype
             or not getattr(self, "cast_input_dtype_enabled", True) or not x.is_floating_point()
             or torch.is_autocast_enabled(x.device.type)):
         return peft_forward(self, x, *args, **kwargs)

@@ -309,14 +309,13 @@ def lora_delta(module: Any, name: str) -> Any:
     sum's exponent and rounds nothing (short of overflow or subnormals, which LoRA factors do not
     reach). So the scaling multiplies the r-wide factor instead of the full [out, in] product, a pass
     over each folded weight saved per MSD step (the 0.5B demo folds 168 layers a step)."""
-    import math
-
     import torch
+
+    from polyalign.models.lora_add import power_of_two
 
     a, b, scaling = module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
     exact = (a.dtype == b.dtype == torch.float32 and not getattr(module, "fan_in_fan_out", False)
-             and isinstance(scaling, (int, float)) and scaling > 0
-             and math.frexp(scaling)[0] == 0.5)
+             and power_of_two(scaling))
     if not exact:
         return module.get_delta_weight(name).detach()
     return (b.detach() * scaling) @ a.detach()
