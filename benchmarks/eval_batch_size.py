@@ -4,6 +4,7 @@
     python benchmarks/eval_batch_size.py --sizes 32,96,128 --repeats 1
     python benchmarks/eval_batch_size.py --model builtin:tiny-random --sizes 4,16 --limit 2   # smoke
     python benchmarks/eval_batch_size.py --profile 128              # where a decode step's time goes at 128 rows
+    python benchmarks/eval_batch_size.py --sizes 128 --share-head   # the system turn in every row vs prefilled once
 
 Decoding on a CPU reads every weight once per generated token whatever the number of rows, so a
 call over more prompts costs little more per token than one over fewer. Each side runs the demo's
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -92,6 +94,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dtype", default=None, help="the base's dtype (default: the policy's)")
+    p.add_argument("--share-head", action="store_true",
+                   help="the first size with the prompts' common head (system turn) in every row vs prefilled once")
     p.add_argument("--profile", type=int, default=0, help="N: profile a decode step of one N-prompt call instead")
     args = p.parse_args()
 
@@ -106,24 +110,31 @@ def main() -> None:
         profile_decode(model, tok, args.model, args.profile, args.limit, args.max_new_tokens)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
-    times: dict[int, list[float]] = {s: [] for s in sizes}
-    rows: dict[int, dict] = {}
+    # a side: (batch size, whether the prompts' common head is prefilled once: batching.shared_head_length)
+    sides = [(sizes[0], False), (sizes[0], True)] if args.share_head else [(s, True) for s in sizes]
+    times: dict[tuple[int, bool], list[float]] = {s: [] for s in sides}
+    rows: dict[tuple[int, bool], dict] = {}
     for _ in range(args.repeats):
-        for size in sizes:
-            dt, rows[size] = evaluate(model, tok, args.model, size, args.limit, args.max_new_tokens)
-            times[size].append(dt)
-    ref = sizes[0]
+        for side in sides:
+            os.environ["POLYALIGN_SHARE_HEAD"] = "1" if side[1] else "0"
+            dt, rows[side] = evaluate(model, tok, args.model, side[0], args.limit, args.max_new_tokens)
+            times[side].append(dt)
+    os.environ.pop("POLYALIGN_SHARE_HEAD")
+    ref = sides[0]
     keys = sorted(rows[ref])
     print(f"# {args.model}, {model_dtype(model)}, {len(keys)} prompts, {args.max_new_tokens} new tokens, greedy; "
           f"medians of {args.repeats}")
-    print(f"| batch | seconds | ratio vs batch {ref} | same response | same refusal verdict |")
-    print("|---|---|---|---|---|")
-    for size in sizes:
-        med = statistics.median(times[size])
-        same_text = sum(rows[size][k]["response"] == rows[ref][k]["response"] for k in keys)
-        same_refusal = sum(rows[size][k]["refused"] == rows[ref][k]["refused"] for k in keys)
-        print(f"| {size} | {med:.1f} ({', '.join(f'{t:.1f}' for t in times[size])}) | "
-              f"{statistics.median(times[ref]) / med:.3f} | {same_text}/{len(keys)} | {same_refusal}/{len(keys)} |")
+    print("| batch | common head | seconds | ratio vs the first row | same response | same refusal verdict |")
+    print("|---|---|---|---|---|---|")
+    for side in sides:
+        med = statistics.median(times[side])
+        same_text = sum(rows[side][k]["response"] == rows[ref][k]["response"] for k in keys)
+        same_refusal = sum(rows[side][k]["refused"] == rows[ref][k]["refused"] for k in keys)
+        print(f"| {side[0]} | {'prefilled once' if side[1] else 'in every row'} | {med:.1f} "
+              f"({', '.join(f'{t:.1f}' for t in times[side])}) | {statistics.median(times[ref]) / med:.3f} | "
+              f"{same_text}/{len(keys)} | {same_refusal}/{len(keys)} |")
+    if args.share_head:
+        print(f"ratio eval_shared_head_vs_not {statistics.median(times[ref]) / statistics.median(times[sides[1]]):.3f}")
     print(f"# {load()}")
 
 

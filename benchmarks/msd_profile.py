@@ -117,6 +117,7 @@ def build_trainer(args: argparse.Namespace, out: str, dtype: str | None = None):
     cfg = MSDConfig(**r.msd)
     trainer = MSDTrainer(model, training_arguments(r), cfg, build_msd_examples(records, cfg), tok)
     trainer.share_prefill = not getattr(args, "no_share_prefill", False)
+    trainer.share_head = not getattr(args, "no_share_head", False)
     return trainer, r
 
 
@@ -366,18 +367,18 @@ def compare_dtypes(args: argparse.Namespace) -> None:
               f"(fp32 {total['float32']:.2f} s, bf16 {total['bfloat16']:.2f} s per step)")
 
 
-def compare_one_pass_lora(args: argparse.Namespace) -> None:
-    """``msd_step_one_pass_lora_vs_peft``: the fast step with the student's LoRA layers on PEFT's own
-    forward and on :mod:`polyalign.models.lora_add`'s one-pass sum (one trainer, the switch
-    ``lora_add.ENABLED`` flipped between steps), alternating on the same batch, seed and starting
-    adapter; the two must give the same responses, loss and gradients bit for bit."""
+def compare_switch(args: argparse.Namespace, rounds: int, flip: Any, names: tuple[str, str], ratio: str,
+                   exact: bool) -> None:
+    """The fast step with one switch off and on (``flip(on)`` sets it; one trainer), alternating on the
+    same batch, seed and starting adapter; prints both stage tables and ``ratio`` (off / on). ``exact``:
+    the two must give the same responses, loss and gradients bit for bit; otherwise the largest
+    relative difference of loss and gradients is printed, and whether the responses agree."""
     from precision import matmul_peak
 
-    from polyalign.models import lora_add
     from polyalign.models.loading import model_dtype
 
     with tempfile.TemporaryDirectory() as out:
-        trainer, r = stepping_trainer(args, out, 2 * args.one_pass_lora + 2, dtype=args.dtype)
+        trainer, r = stepping_trainer(args, out, 2 * rounds + 2, dtype=args.dtype)
         dtype = model_dtype(trainer.model)
         peak = matmul_peak(getattr(torch, dtype), 2048, trials=5)
         print(f"# model {args.model}, {dtype}, recipe {args.recipe}: batch "
@@ -386,34 +387,65 @@ def compare_one_pass_lora(args: argparse.Namespace) -> None:
         batch, start, sizes = next(iter(trainer.get_train_dataloader())), adapter_state(trainer.model), model_sizes(trainer.model)
         draw = args.draw or trainer.msd.draw
 
-        def run(one_pass: bool, seed: int) -> tuple[StageClock, float, float]:
-            lora_add.ENABLED = one_pass
+        def run(on: bool, seed: int) -> tuple[StageClock, float, float]:
+            flip(trainer, on)
             try:
                 return step_from(trainer, batch, start, False, seed, draw)
             finally:
-                lora_add.ENABLED = True
+                flip(trainer, True)
 
         sides = [False, True]
         if not args.no_warmup:
             run(True, args.seed)
-        reps = alternating(sides, args.one_pass_lora, args, run, lambda one_pass: "one-pass" if one_pass else "PEFT")
+        reps = alternating(sides, rounds, args, run, lambda on: names[on])
         total = {}
-        for one_pass in sides:
-            runs = reps[one_pass]
-            total[one_pass], seconds = medians(runs)
+        for on in sides:
+            runs = reps[on]
+            total[on], seconds = medians(runs)
             lens = [len(y) for y in runs[0][0].info["responses"]]
             print()
-            side = "the one-pass sum" if one_pass else "PEFT's forward"
-            print(table(f"fast step, LoRA layers on {side} (median of {len(runs)}): responses "
-                        f"{min(lens)}-{max(lens)} tokens",
-                        seconds, total[one_pass], work(runs[0][0].info, sizes, False), peak))
-        same = all(a[0].info["responses"] == b[0].info["responses"] and a[2] == b[2]
-                   and all(torch.equal(a[0].info["grads"][n], b[0].info["grads"][n]) for n in a[0].info["grads"])
-                   for a, b in zip(reps[False], reps[True], strict=True))
+            print(table(f"fast step, {names[on]} (median of {len(runs)}): responses {min(lens)}-{max(lens)} tokens",
+                        seconds, total[on], work(runs[0][0].info, sizes, False), peak))
+        pairs = list(zip(reps[False], reps[True], strict=True))
+        same_responses = all(a[0].info["responses"] == b[0].info["responses"] for a, b in pairs)
         print()
-        print(f"# each pair of steps (same seed): the same responses, loss and gradients bit for bit: {same}")
-        print(f"ratio msd_step_one_pass_lora_vs_peft {total[False] / total[True]:.3f} "
-              f"(PEFT {total[False]:.2f} s, one-pass {total[True]:.2f} s per step)")
+        if exact:
+            same = same_responses and all(a[2] == b[2] and all(torch.equal(a[0].info["grads"][n], b[0].info["grads"][n])
+                                                               for n in a[0].info["grads"]) for a, b in pairs)
+            print(f"# each pair of steps (same seed): the same responses, loss and gradients bit for bit: {same}")
+        else:
+            loss = max(abs(a[2] - b[2]) / max(abs(a[2]), 1e-12) for a, b in pairs)
+            grad = max(float((a[0].info["grads"][n] - b[0].info["grads"][n]).abs().max()
+                             / a[0].info["grads"][n].abs().max().clamp_min(1e-30))
+                       for a, b in pairs for n in a[0].info["grads"])
+            print(f"# each pair of steps (same seed): the same responses {same_responses}; largest relative "
+                  f"difference of the loss {loss:.2e}, of a gradient (max |diff| / max |grad|, per tensor) {grad:.2e}")
+        print(f"ratio {ratio} {total[False] / total[True]:.3f} "
+              f"({names[False]} {total[False]:.2f} s, {names[True]} {total[True]:.2f} s per step)")
+
+
+def compare_one_pass_lora(args: argparse.Namespace) -> None:
+    """``msd_step_one_pass_lora_vs_peft``: the student's LoRA layers on PEFT's own forward and on
+    :mod:`polyalign.models.lora_add`'s one-pass sum (the switch ``lora_add.ENABLED``); the two must
+    give the same responses, loss and gradients bit for bit."""
+    from polyalign.models import lora_add
+
+    def flip(_trainer: Any, on: bool) -> None:
+        lora_add.ENABLED = on
+
+    compare_switch(args, args.one_pass_lora, flip, ("PEFT's forward", "the one-pass sum"),
+                   "msd_step_one_pass_lora_vs_peft", exact=True)
+
+
+def compare_share_head(args: argparse.Namespace) -> None:
+    """``msd_step_shared_head_vs_not``: the fast step's forwards with the prompts' common first tokens
+    (the chat template's system turn) run once for the batch or in every row
+    (``MSDTrainer.share_head``); the same numbers up to float rounding."""
+    def flip(trainer: Any, on: bool) -> None:
+        trainer.share_head = on
+
+    compare_switch(args, args.share_head, flip, ("head in every row", "head shared"), "msd_step_shared_head_vs_not",
+                   exact=False)
 
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
@@ -514,6 +546,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-share-prefill", action="store_true",
                    help="the fast step with the student's prompt run twice (generate's prefill, then training)")
+    p.add_argument("--no-share-head", action="store_true",
+                   help="the fast step with the prompts' common head (the template's system turn) in every row")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--seeds", type=int, default=1,
                    help="N: repeat k samples with seed + k mod N, on both sides (the draws differ: average over samples)")
@@ -525,6 +559,9 @@ def main() -> None:
     p.add_argument("--one-pass-lora", type=int, default=0,
                    help="K: K fast steps with PEFT's LoRA forward and K with polyalign.models.lora_add's, alternating: "
                         "both tables + ratio msd_step_one_pass_lora_vs_peft, and whether they compute the same")
+    p.add_argument("--share-head", type=int, default=0,
+                   help="K: K fast steps with the prompts' common head in every row and K with it run once, "
+                        "alternating; both tables + ratio msd_step_shared_head_vs_not")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="the base's dtype (default: the policy's; --dtypes runs both)")
     args = p.parse_args()
@@ -547,6 +584,10 @@ def main() -> None:
         return
     if args.one_pass_lora:
         compare_one_pass_lora(args)
+        print(f"# {load()} at end")
+        return
+    if args.share_head:
+        compare_share_head(args)
         print(f"# {load()} at end")
         return
     if args.dtypes:

@@ -69,24 +69,39 @@ class HFGenerator:
     def generate(self, texts: list[str], settings: GenerationSettings) -> list[str]:
         import torch
 
+        from polyalign.models.batching import (
+            cache_kwarg,
+            can_share_head,
+            left_pad,
+            shared_head_kv,
+            shared_head_length,
+        )
         from polyalign.models.chat import render_prompt
         from polyalign.models.sampling import sampling_kwargs
 
         prompts = [render_prompt(self.tok, t, settings.system) for t in texts]
-        old_side = self.tok.padding_side
-        self.tok.padding_side = "left"     # new tokens must follow the prompt directly
-        try:
-            enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            self.tok.padding_side = old_side
+        ids = self.tok(prompts, add_special_tokens=False)["input_ids"]
         device = next(self.model.parameters()).device
         gen_kwargs = sampling_kwargs(settings.max_new_tokens, settings.temperature if settings.do_sample else 0.0,
                                      settings.top_p, pad_token_id=self.tok.pad_token_id, top_k=settings.top_k,
                                      repetition_penalty=settings.repetition_penalty)
+        # The tokens every prompt starts with (the template's system turn) are prefilled once and
+        # the rows continue from a copy (batching.shared_head_length); new tokens follow each prompt
+        # directly: the rest of each prompt is left-padded after the head.
+        n = shared_head_length(ids) if can_share_head(self.model) else 0
+        rest, mask, _ = left_pad([s[n:] for s in ids], self.tok.pad_token_id)
+        if n:
+            from transformers import DynamicCache
+
+            with torch.no_grad():
+                shared = shared_head_kv(self.model, ids[0][:n], device)
+            gen_kwargs[cache_kwarg()] = DynamicCache([(k.expand(len(ids), -1, -1, -1), v.expand(len(ids), -1, -1, -1))
+                                                      for k, v in shared])
+            rest = torch.cat([torch.tensor([ids[0][:n]] * len(ids), dtype=torch.long), rest], dim=1)
+            mask = torch.cat([mask.new_ones(len(ids), n), mask], dim=1)
         with torch.no_grad():
-            out = self.model.generate(input_ids=enc["input_ids"].to(device),
-                                      attention_mask=enc["attention_mask"].to(device), **gen_kwargs)
-        new = out[:, enc["input_ids"].shape[1]:]
+            out = self.model.generate(input_ids=rest.to(device), attention_mask=mask.to(device), **gen_kwargs)
+        new = out[:, rest.shape[1]:]
         return [self.tok.decode(row, skip_special_tokens=True).strip() for row in new]
 
 

@@ -78,17 +78,22 @@ def final_hidden_forward(model, cache: Any = None, **inputs: Any) -> tuple[Any, 
     return out, caught[-1]
 
 
-def response_hidden(model, batch: dict[str, Tensor], head) -> Tensor:
+def response_hidden(model, batch: dict[str, Tensor], head, shared: HeadKV | None = None) -> Tensor:
     """Final hidden states before each response token, [B, R, H]: ``head`` of them is :func:`response_logits`.
 
     The model runs its normal forward (:func:`final_hidden_forward`); the last hidden state is
     post-norm, what the LM head consumes. The head itself runs at one position only
     (``logits_to_keep=1``), whose logits check that ``head`` alone reproduces the model's: a model
     that post-processes logits (soft-capping, scaling) raises instead of training on the wrong ones.
+    ``shared``: the rows' common first tokens, already run (:func:`shared_head_kv`); ``batch`` holds
+    what follows them.
     """
     R = batch["response_mask"].shape[1]
-    out, h = final_hidden_forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  position_ids=batch["position_ids"], logits_to_keep=1)       # h: [B, T, H]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    cache = None
+    if shared is not None:
+        inputs, cache = after_shared_head(shared, **inputs)
+    out, h = final_hidden_forward(model, cache=cache, logits_to_keep=1, **inputs)         # h: [B, T, H]
     _check_head(out, h, head)
     return h[:, -(R + 1):-1]
 
@@ -149,7 +154,7 @@ def length_buckets(lengths: list[int], overhead: int = 32) -> list[list[int]]:
 
 
 def packed_response_hidden(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, head,
-                           device: torch.device | str, overhead: int = 16) -> Tensor:
+                           device: torch.device | str, overhead: int = 16, share_head: bool = True) -> Tensor:
     """:func:`response_hidden` of every row's real response positions only, packed: [sum_i |y_i|, H],
     row by row, each row's positions in order (the order of ``response_mask``'s True entries).
 
@@ -159,16 +164,19 @@ def packed_response_hidden(model, prompts: list[list[int]], responses: list[list
     padding. Rows run here in :func:`length_buckets` groups, each its own forward; positions count
     real tokens only (:func:`left_pad`), so every row computes what it would alone, and the packed
     output feeds the fused head only at the positions the loss reads. Works with or without grad
-    (each group's forward stays in the graph).
+    (each group's forward stays in the graph). ``share_head``: the tokens every prompt starts with run
+    once (:func:`shared_head_length`).
     """
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    n = shared_head_length(prompts) if share_head and any(responses) and can_share_head(model) else 0
+    shared = shared_head_kv(model, prompts[0][:n], device) if n else None
+    lengths = [len(p) - n + len(r) for p, r in zip(prompts, responses, strict=True)]
     rows: list[Tensor | None] = [None] * len(prompts)
     for group in length_buckets(lengths, overhead):
         if not any(responses[i] for i in group):
             continue
         batch = {k: v.to(device) for k, v in
-                 response_batch([prompts[i] for i in group], [responses[i] for i in group], pad_id).items()}
-        h = response_hidden(model, batch, head)                                # [g, R_g, H]
+                 response_batch([prompts[i][n:] for i in group], [responses[i] for i in group], pad_id).items()}
+        h = response_hidden(model, batch, head, shared)                        # [g, R_g, H]
         for j, i in enumerate(group):
             rows[i] = h[j, batch["response_mask"][j]]                          # [|y_i|, H]
     kept = [r for r in rows if r is not None]
@@ -176,6 +184,70 @@ def packed_response_hidden(model, prompts: list[list[int]], responses: list[list
         batch = {k: v.to(device) for k, v in response_batch(prompts[:1], [[]], pad_id).items()}
         return response_hidden(model, batch, head)[0, :0]
     return torch.cat(kept)
+
+
+# --- The prompts' shared head computed once (issue #26) ---------------------------------------------
+# A chat template starts every prompt with the same tokens: Qwen2.5's default system turn and the
+# user turn's opening are 24 of the demo's ~67 prompt tokens. Under causal attention those tokens'
+# keys and values are the same in every row (same tokens at positions 0..P-1), so one row computes
+# them and every row attends to that copy: each row's own tokens follow as [head][padding][own],
+# the mask hiding the padding and positions continuing at P. Same values up to float rounding; with
+# grad on, the head's forward is in the graph once and its gradient sums over the rows.
+
+HeadKV = list[tuple[Tensor, Tensor]]      # per layer (K, V), each [1, heads, P, d]
+
+
+def share_head_enabled() -> bool:
+    """Whether forwards and ``generate`` run the prompts' shared head once, unless
+    ``POLYALIGN_SHARE_HEAD=0`` (the switch that measures it)."""
+    import os
+
+    return os.environ.get("POLYALIGN_SHARE_HEAD", "1") != "0"
+
+
+# A head shorter than this is not worth a forward call of its own.
+SHARED_HEAD_MIN_TOKENS = 8
+
+
+def shared_head_length(seqs: list[list[int]], keep: int = 1, minimum: int | None = None) -> int:
+    """Tokens every sequence starts with, leaving each at least ``keep`` of its own; 0 (nothing to
+    share) for fewer than two sequences, a head under ``minimum`` tokens (default
+    :data:`SHARED_HEAD_MIN_TOKENS`) or ``POLYALIGN_SHARE_HEAD=0``."""
+    minimum = SHARED_HEAD_MIN_TOKENS if minimum is None else minimum
+    if len(seqs) < 2 or not share_head_enabled():
+        return 0
+    limit, first = min(len(s) for s in seqs) - keep, seqs[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return n if n >= minimum else 0
+
+
+def shared_head_kv(model, head_ids: list[int], device: torch.device | str) -> HeadKV:
+    """Keys and values of ``head_ids`` run alone, one row; in the graph when grad is on."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    n = len(head_ids)
+    model(input_ids=torch.tensor([head_ids], device=device), attention_mask=torch.ones((1, n), dtype=torch.long,
+          device=device), position_ids=torch.arange(n, device=device)[None], logits_to_keep=1, use_cache=True,
+          **{cache_kwarg(): cache})
+    if not cache.layers or cache.layers[0].keys is None or cache.layers[0].keys.shape[2] != n:
+        raise RuntimeError("the model's forward filled no KV cache (gradient checkpointing?): "
+                           "the prompts' shared head cannot be kept")
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def after_shared_head(shared: HeadKV, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                      ) -> tuple[dict[str, Tensor], Any]:
+    """(forward inputs, cache) for left-padded rows that follow ``shared``: the mask gains the head's
+    columns, positions start after it, and the cache holds the head once per row."""
+    from transformers import DynamicCache
+
+    rows, n = input_ids.shape[0], shared[0][0].shape[2]
+    cache = DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in shared])
+    mask = torch.cat([attention_mask.new_ones(rows, n), attention_mask], dim=1)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids + n}, cache
 
 
 # --- The student's prompt computed once per step (issue #26) -------------------------------------
@@ -207,37 +279,64 @@ def shares_prefill(model: Any) -> bool:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "attention_dropout", 0.0) not in (0, 0.0):
         return False
-    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+    if not full_attention_only(model):
         return False
     return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def full_attention_only(model: Any) -> bool:
+    """Whether every layer attends to all earlier positions (no sliding window, chunked or linear
+    attention), so that a plain ``DynamicCache`` of keys and values is what each layer reads."""
+    config = getattr(model, "config", None)
+    return config is not None and all(t == "full_attention" for t in (getattr(config, "layer_types", None) or []))
+
+
+def can_share_head(model: Any) -> bool:
+    """Whether ``model``'s forward can attend to a shared head computed apart: in training, as
+    :func:`shares_prefill` (a filled KV cache, no dropout mask for rows to share); in eval mode, full
+    attention only."""
+    return shares_prefill(model) if model.training else full_attention_only(model)
 
 
 Prefix = list[tuple[Tensor, Tensor]]      # one row: per layer (K, V), each [1, heads, P - 1, d]
 
 
 def prompt_prefix(model, prompts: list[list[int]], pad_id: int, device: torch.device | str,
-                  overhead: int = 16) -> list[Prefix]:
+                  overhead: int = 16, share_head: bool = True) -> list[Prefix]:
     """Per row, the keys and values of its prompt without the last token, from :func:`length_buckets`
     groups of one forward each; in the graph when grad is on. (The last prompt token is left out:
     its hidden state predicts the first response token, so :func:`prefixed_response_hidden` runs it,
-    and ``generate`` needs one uncached token to start from.)"""
+    and ``generate`` needs one uncached token to start from.) ``share_head``: the tokens every prompt
+    starts with run once (:func:`shared_head_length`)."""
     from transformers import DynamicCache
 
     if any(len(p) < 2 for p in prompts):
         raise ValueError("prompt_prefix needs prompts of at least 2 tokens")
+    seqs = [p[:-1] for p in prompts]
+    n = shared_head_length(seqs) if share_head and can_share_head(model) else 0
+    shared = shared_head_kv(model, seqs[0][:n], device) if n else None
     heads: list[Prefix | None] = [None] * len(prompts)
-    for group in length_buckets([len(p) - 1 for p in prompts], overhead):
-        ids, mask, pos = left_pad([prompts[i][:-1] for i in group], pad_id)
+    for group in length_buckets([len(s) - n for s in seqs], overhead):
+        ids, mask, pos = left_pad([seqs[i][n:] for i in group], pad_id)
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
         cache = DynamicCache()
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-              logits_to_keep=1, use_cache=True, **{cache_kwarg(): cache})
-        if not cache.layers or cache.layers[0].keys is None or cache.layers[0].keys.shape[2] != ids.shape[1]:
+        if shared is not None:
+            inputs, cache = after_shared_head(shared, **inputs)
+        model(**inputs, logits_to_keep=1, use_cache=True, **{cache_kwarg(): cache})
+        if not cache.layers or cache.layers[0].keys is None or cache.layers[0].keys.shape[2] != n + ids.shape[1]:
             raise RuntimeError("the model's forward filled no KV cache (gradient checkpointing?): "
                                "prompt_prefix cannot keep the prompt's keys and values")
         for j, i in enumerate(group):
-            n = len(prompts[i]) - 1
-            heads[i] = [(layer.keys[j:j + 1, :, -n:], layer.values[j:j + 1, :, -n:]) for layer in cache.layers]
+            heads[i] = [(_unpadded_row(layer.keys, j, n, len(seqs[i]) - n), _unpadded_row(layer.values, j, n,
+                         len(seqs[i]) - n)) for layer in cache.layers]
     return heads  # type: ignore[return-value]
+
+
+def _unpadded_row(t: Tensor, j: int, head: int, own: int) -> Tensor:
+    """Row ``j`` of cached keys or values laid out [head][padding][own]: the head's columns, then its own."""
+    if not head:
+        return t[j:j + 1, :, -own:]
+    return torch.cat([t[j:j + 1, :, :head], t[j:j + 1, :, -own:]], dim=2)
 
 
 def merged_prefix_cache(prefix: list[Prefix], rows: list[int], detach: bool = False) -> tuple[Any, int]:

@@ -415,7 +415,7 @@ class MSDTrainer(Trainer):
         if fast and on_policy and self._shares_prefill(model, student_prompts, fused=not return_outputs):
             with stage("student forward"):          # the prompt's half of the training forward, kept
                 prefix = prompt_prefix(model, student_prompts, self.processing_class.pad_token_id,
-                                       self.accelerator.device)
+                                       self.accelerator.device, share_head=self.share_head)
         with stage("sampling"), self._sampling_weights(model, on_policy, fast):
             responses = self.sample_responses(model, student_prompts if on_policy else teacher_prompts,
                                               from_teacher=not on_policy, prefix=prefix)
@@ -476,6 +476,9 @@ class MSDTrainer(Trainer):
     # Whether the fast step computes the student's prompt once (``prompt_prefix``) for sampling and
     # training; off, ``generate`` prefills it and the training forward runs it again (same values).
     share_prefill: bool = True
+    # Whether the fast step's forwards run the tokens every prompt of a batch starts with (the chat
+    # template's system turn) once and let every row attend to them (:func:`shared_head_length`).
+    share_head: bool = True
 
     def _shares_prefill(self, model: Any, student_prompts: list[list[int]], fused: bool) -> bool:
         """Whether this on-policy fast step can run the student's prompt once, in the training forward,
@@ -530,11 +533,13 @@ class MSDTrainer(Trainer):
         if packed and fusable and not isinstance(heads[0], TrainedShardedHead):
             mask = response_mask(responses).to(device)                          # [B, R]
             with stage("student forward"):
-                h_s = (packed_response_hidden(model, student_prompts, responses, pad, heads[0], device)  # [N, H]
+                h_s = (packed_response_hidden(model, student_prompts, responses, pad, heads[0], device,  # [N, H]
+                                              share_head=self.share_head)
                        if prefix is None else
                        prefixed_response_hidden(model, prefix, student_prompts, responses, heads[0], device))
             with stage("teacher forward"), torch.no_grad(), self.teacher_context(model) as teacher:
-                h_t = packed_response_hidden(teacher, teacher_prompts, responses, pad, heads[1], device)  # [N, H]
+                h_t = packed_response_hidden(teacher, teacher_prompts, responses, pad, heads[1], device,  # [N, H]
+                                             share_head=self.share_head)
             with stage("head + divergence"):
                 d_n, raw_n = fused_token_divergence(h_s, h_t, heads[0].weight, heads[0].bias, cfg.divergence,
                                                     cfg.jsd_beta, cfg.top_k, teacher_weight=heads[1].weight,
