@@ -212,20 +212,23 @@ def model_sizes(model: Any) -> dict[str, int]:
 
 
 def work(info: dict[str, Any], sizes: dict[str, int], legacy: bool) -> dict[str, tuple[float, float]]:
-    """Per stage: (model FLOPs, padding share of the tokens computed) for the recorded step."""
-    from polyalign.models.batching import length_buckets
+    """Per stage: (model FLOPs, padding share of the tokens computed) for the recorded step. A shared
+    head (``info["shared_head"]``: the prompts' common first tokens run once) counts once."""
+    from polyalign.models.batching import length_buckets, shared_head_length
 
     sp, tp, ys = info["student_prompts"], info["teacher_prompts"], info["responses"]
     B, n_resp = len(ys), sum(len(y) for y in ys)
     R = max(1, max(len(y) for y in ys))
     n_base, n_lora, hv = sizes["base"], sizes["lora"], sizes["H"] * sizes["V"]
+    shared = bool(info.get("shared_head")) and not legacy
 
     def computed(prompts: list[list[int]]) -> tuple[int, int]:
-        lengths = [len(p) + len(y) for p, y in zip(prompts, ys)]
+        n = shared_head_length(prompts) if shared and any(ys) else 0
+        lengths = [len(p) - n + len(y) for p, y in zip(prompts, ys)]
         if legacy:
             return len(lengths) * max(lengths), sum(lengths)
         groups = length_buckets(lengths, 16)
-        return sum(len(g) * max(lengths[i] for i in g) for g in groups), sum(lengths)
+        return sum(len(g) * max(lengths[i] for i in g) for g in groups) + n, sum(lengths) + n
 
     P = max(len(p) for p in sp)
     gen_computed = B * P + B * (R - 1)                    # prefill, then one token per row per decoding step
@@ -237,11 +240,12 @@ def work(info: dict[str, Any], sizes: dict[str, int], legacy: bool) -> dict[str,
         # sampling computes the last prompt token and the decoding steps; the student forward's second
         # part runs last prompt token + response but its last token (prefixed_response_hidden's groups)
         gen_computed, gen_real = B + B * (R - 1), B + sum(max(len(y) - 1, 0) for y in ys)
-        pre = [len(p) - 1 for p in sp]
+        n = shared_head_length([p[:-1] for p in sp]) if shared else 0
+        pre = [len(p) - 1 - n for p in sp]
         resp = [len(y) for y in ys if y]
-        s_comp = (sum(len(g) * max(pre[i] for i in g) for g in length_buckets(pre, 16))
+        s_comp = (sum(len(g) * max(pre[i] for i in g) for g in length_buckets(pre, 16)) + n
                   + sum(len(g) * max(resp[i] for i in g) for g in length_buckets(resp, 16)))
-        s_real = sum(pre) + sum(resp)
+        s_real = sum(pre) + n + sum(resp)
     head_rows = B * R if legacy else n_resp
     return {
         "sampling": (2 * (n_base + n_lora) * gen_computed + 2 * hv * B * R, 1 - gen_real / gen_computed),

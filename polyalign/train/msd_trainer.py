@@ -421,7 +421,7 @@ class MSDTrainer(Trainer):
                                               from_teacher=not on_policy, prefix=prefix)
         if hasattr(stage, "record"):
             stage.record(student_prompts=student_prompts, teacher_prompts=teacher_prompts, responses=responses,
-                         shared_prefill=prefix is not None)
+                         shared_prefill=prefix is not None, shared_head=fast and self.share_head)
         # msd_loss, spelled out so the per-token divergence and raw DPSW weights (two passes over the
         # vocabulary) are computed once and reused for the logs.
         student_out, d, raw, mask = self._token_divergence(model, student_prompts, teacher_prompts, responses,
