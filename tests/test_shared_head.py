@@ -163,3 +163,15 @@ def test_benchmarks_compare_the_shared_head_on_the_tiny_model():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| 4 |")]
     assert len(rows) == 2 and rows[1].endswith("| 36/36 | 36/36 |") and "ratio eval_shared_head_vs_not" in out.stdout
+
+
+def test_prompt_heads_script_counts_a_recipes_prompt_tokens():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "prompt_heads.py"
+    out = subprocess.run([sys.executable, str(script), "--model", SPEC], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "384 training examples" in out.stdout and "student mean by language: zh" in out.stdout
+    assert "shared head: 0 tokens" in out.stdout      # the tiny template's 6-token head is under the minimum
