@@ -73,6 +73,7 @@ class HFGenerator:
             cache_kwarg,
             can_share_head,
             left_pad,
+            shared_head_cache,
             shared_head_kv,
             shared_head_length,
         )
@@ -91,12 +92,9 @@ class HFGenerator:
         n = shared_head_length(ids) if can_share_head(self.model) else 0
         rest, mask, _ = left_pad([s[n:] for s in ids], self.tok.pad_token_id)
         if n:
-            from transformers import DynamicCache
-
             with torch.no_grad():
                 shared = shared_head_kv(self.model, ids[0][:n], device)
-            gen_kwargs[cache_kwarg()] = DynamicCache([(k.expand(len(ids), -1, -1, -1), v.expand(len(ids), -1, -1, -1))
-                                                      for k, v in shared])
+            gen_kwargs[cache_kwarg()] = shared_head_cache(shared, len(ids))
             rest = torch.cat([torch.tensor([ids[0][:n]] * len(ids), dtype=torch.long), rest], dim=1)
             mask = torch.cat([mask.new_ones(len(ids), n), mask], dim=1)
         with torch.no_grad():

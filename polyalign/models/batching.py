@@ -242,12 +242,16 @@ def after_shared_head(shared: HeadKV, input_ids: Tensor, attention_mask: Tensor,
                       ) -> tuple[dict[str, Tensor], Any]:
     """(forward inputs, cache) for left-padded rows that follow ``shared``: the mask gains the head's
     columns, positions start after it, and the cache holds the head once per row."""
+    rows, n = input_ids.shape[0], shared[0][0].shape[2]
+    mask = torch.cat([attention_mask.new_ones(rows, n), attention_mask], dim=1)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids + n}, shared_head_cache(shared, rows)
+
+
+def shared_head_cache(shared: HeadKV, rows: int) -> Any:
+    """A ``DynamicCache`` holding the shared head once per row (expanded views, not copies)."""
     from transformers import DynamicCache
 
-    rows, n = input_ids.shape[0], shared[0][0].shape[2]
-    cache = DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in shared])
-    mask = torch.cat([attention_mask.new_ones(rows, n), attention_mask], dim=1)
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids + n}, cache
+    return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in shared])
 
 
 # --- The student's prompt computed once per step (issue #26) -------------------------------------
