@@ -5,6 +5,10 @@
     python benchmarks/eval_batch_size.py --model builtin:tiny-random --sizes 4,16 --limit 2   # smoke
     python benchmarks/eval_batch_size.py --profile 128              # where a decode step's time goes at 128 rows
     python benchmarks/eval_batch_size.py --sizes 128 --share-head   # the system turn in every row vs prefilled once
+    python benchmarks/eval_batch_size.py --sizes 128 --compact --adapter runs/demo/msd/checkpoint-32
+        # every row to the last one's end (generate) vs ended rows leaving the batch, the trained adapter
+    python benchmarks/eval_batch_size.py --sizes 32 --compact --tasks mgsm --langs en,zh,th,sw,bn --limit 8 \
+        --max-new-tokens 384                                       # the same on MGSM's long answers
 
 Decoding on a CPU reads every weight once per generated token whatever the number of rows, so a
 call over more prompts costs little more per token than one over fewer. Each side runs the demo's
@@ -37,16 +41,22 @@ from msd_profile import cpu_info, load  # noqa: E402
 LANGS = ["en", "zh", "th", "ar", "sw", "bn", "ko", "vi", "jv"]
 
 
-def evaluate(model, tok, spec: str, batch: int, limit: int, max_new_tokens: int) -> tuple[float, dict]:
-    """(seconds, {(task, prompt_id, lang): judged row}) of the demo's two evaluation tasks."""
+MGSM = str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mgsm")
+
+
+def evaluate(model, tok, spec: str, batch: int, limit: int, max_new_tokens: int, adapter: str | None = None,
+             tasks: tuple[str, ...] = ("builtin-harmful", "builtin-benign"), langs: list[str] = LANGS,
+             ) -> tuple[float, dict]:
+    """(seconds, {(task, prompt_id, lang): judged row}) of the demo's two evaluation tasks (or ``tasks``)."""
     from polyalign.eval.runner import EvalConfig, run_eval
 
     rows = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        for task in ("builtin-harmful", "builtin-benign"):
-            cfg = EvalConfig(model=spec, adapter=None, task=task, out=f"{d}/{task}", languages=LANGS, limit=limit,
-                             max_new_tokens=max_new_tokens, batch_size=batch)
+        for task in tasks:
+            cfg = EvalConfig(model=spec, adapter=adapter, task=task, out=f"{d}/{task}", languages=langs, limit=limit,
+                             max_new_tokens=max_new_tokens, batch_size=batch,
+                             data=MGSM if task == "mgsm" else None)
             run_eval(cfg, model=model, tokenizer=tok)
             for line in Path(f"{d}/{task}/judged.jsonl").read_text().splitlines():
                 r = json.loads(line)
@@ -86,6 +96,11 @@ def profile_decode(model, tok, spec: str, rows: int, limit: int, new_tokens: int
         print(f"#   {v:7.2f} ms  {k}")
 
 
+def verdict(row: dict) -> object:
+    """A judged row's verdict: refusal (safety tasks) or correctness (MGSM, MMLU)."""
+    return row["correct"] if "correct" in row else row["refused"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
@@ -96,6 +111,12 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help="the base's dtype (default: the policy's)")
     p.add_argument("--share-head", action="store_true",
                    help="the first size with the prompts' common head (system turn) in every row vs prefilled once")
+    p.add_argument("--compact", action="store_true",
+                   help="the first size with every row decoded to the last one's end (generate) vs ended rows "
+                        "leaving the batch (polyalign.models.greedy)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to evaluate (default: the base model)")
+    p.add_argument("--tasks", default="builtin-harmful,builtin-benign", help="tasks (mgsm reads ../shared/data/mgsm)")
+    p.add_argument("--langs", default=",".join(LANGS))
     p.add_argument("--profile", type=int, default=0, help="N: profile a decode step of one N-prompt call instead")
     args = p.parse_args()
 
@@ -110,31 +131,45 @@ def main() -> None:
         profile_decode(model, tok, args.model, args.profile, args.limit, args.max_new_tokens)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
-    # a side: (batch size, whether the prompts' common head is prefilled once: batching.shared_head_length)
-    sides = [(sizes[0], False), (sizes[0], True)] if args.share_head else [(s, True) for s in sizes]
-    times: dict[tuple[int, bool], list[float]] = {s: [] for s in sides}
-    rows: dict[tuple[int, bool], dict] = {}
+    # a side: (batch size, the prompts' common head prefilled once (batching.shared_head_length),
+    # ended rows leaving the batch (greedy.greedy_decode))
+    if args.share_head:
+        sides = [(sizes[0], False, True), (sizes[0], True, True)]
+    elif args.compact:
+        sides = [(sizes[0], True, False), (sizes[0], True, True)]
+    else:
+        sides = [(s, True, True) for s in sizes]
+    tasks, langs = tuple(args.tasks.split(",")), args.langs.split(",")
+    times: dict[tuple[int, bool, bool], list[float]] = {s: [] for s in sides}
+    rows: dict[tuple[int, bool, bool], dict] = {}
     for _ in range(args.repeats):
         for side in sides:
             os.environ["POLYALIGN_SHARE_HEAD"] = "1" if side[1] else "0"
-            dt, rows[side] = evaluate(model, tok, args.model, side[0], args.limit, args.max_new_tokens)
+            os.environ["POLYALIGN_COMPACT_DECODE"] = "1" if side[2] else "0"
+            dt, rows[side] = evaluate(model, tok, args.model, side[0], args.limit, args.max_new_tokens, args.adapter,
+                                      tasks, langs)
             times[side].append(dt)
     os.environ.pop("POLYALIGN_SHARE_HEAD")
+    os.environ.pop("POLYALIGN_COMPACT_DECODE")
     ref = sides[0]
     keys = sorted(rows[ref])
-    print(f"# {args.model}, {model_dtype(model)}, {len(keys)} prompts, {args.max_new_tokens} new tokens, greedy; "
-          f"medians of {args.repeats}")
-    print("| batch | common head | seconds | ratio vs the first row | same response | same refusal verdict |")
-    print("|---|---|---|---|---|---|")
+    print(f"# {args.model}{' + ' + args.adapter if args.adapter else ''}, {model_dtype(model)}, {len(keys)} prompts "
+          f"({', '.join(tasks)}), {args.max_new_tokens} new tokens, greedy; medians of {args.repeats}")
+    print("| batch | common head | ended rows | seconds | ratio vs the first row | same response | same verdict |")
+    print("|---|---|---|---|---|---|---|")
     for side in sides:
         med = statistics.median(times[side])
         same_text = sum(rows[side][k]["response"] == rows[ref][k]["response"] for k in keys)
-        same_refusal = sum(rows[side][k]["refused"] == rows[ref][k]["refused"] for k in keys)
-        print(f"| {side[0]} | {'prefilled once' if side[1] else 'in every row'} | {med:.1f} "
+        same_verdict = sum(verdict(rows[side][k]) == verdict(rows[ref][k]) for k in keys)
+        print(f"| {side[0]} | {'prefilled once' if side[1] else 'in every row'} | "
+              f"{'leave the batch' if side[2] else 'decoded to the end'} | {med:.1f} "
               f"({', '.join(f'{t:.1f}' for t in times[side])}) | {statistics.median(times[ref]) / med:.3f} | "
-              f"{same_text}/{len(keys)} | {same_refusal}/{len(keys)} |")
+              f"{same_text}/{len(keys)} | {same_verdict}/{len(keys)} |")
+    ratio = statistics.median(times[ref]) / statistics.median(times[sides[1]])
     if args.share_head:
-        print(f"ratio eval_shared_head_vs_not {statistics.median(times[ref]) / statistics.median(times[sides[1]]):.3f}")
+        print(f"ratio eval_shared_head_vs_not {ratio:.3f}")
+    if args.compact:
+        print(f"ratio eval_compact_decode_vs_generate {ratio:.3f}")
     print(f"# {load()}")
 
 

@@ -96,14 +96,16 @@ def test_kept_prompt_with_the_head_run_once_gives_the_same_keys_values_and_gradi
     assert max(float(w.abs().max()) for _, w in grads) > 1e-3                      # a gradient to compare
 
 
-def test_evaluation_generates_the_same_tokens_with_the_head_prefilled_once(tiny, monkeypatch):
+@pytest.mark.parametrize("compact", [True, False])
+def test_evaluation_generates_the_same_tokens_with_the_head_prefilled_once(tiny, monkeypatch, compact):
     """HFGenerator: the system turn prefilled once (one 1-row forward of the head, then the rows from
-    its copy) gives the tokens of the plain left-padded batch."""
+    its copy) gives the tokens of the plain left-padded batch, with ``generate`` and with the greedy
+    loop that drops ended rows (``compact``)."""
     from polyalign.eval.generation import GenerationSettings, HFGenerator
 
     _, tok = tiny
     model = load_model(SPEC).double().eval()
-    gen = HFGenerator(model, tok, batch_size=8)
+    gen = HFGenerator(model, tok, batch_size=8, compact=compact)
     settings = GenerationSettings(max_new_tokens=10, system=SYSTEM)
     widths: list[tuple[int, int]] = []
     hook = model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(tuple(kw["input_ids"].shape)),

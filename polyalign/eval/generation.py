@@ -55,8 +55,9 @@ GenerationCache = JsonlCache
 class HFGenerator:
     """Hugging Face ``generate`` in batches: chat template, left padding, KV cache, greedy."""
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32):
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32, compact: bool = True):
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+        self.compact = compact     # greedy: ended rows leave the batch (polyalign.models.greedy)
 
     def prompt_length(self, text: str, settings: GenerationSettings) -> int:
         """Tokens of ``text``'s rendered prompt: what a batch is padded to, so what batches are sorted
@@ -70,6 +71,7 @@ class HFGenerator:
         import torch
 
         from polyalign.models.batching import (
+            after_shared_head,
             cache_kwarg,
             can_share_head,
             left_pad,
@@ -78,6 +80,7 @@ class HFGenerator:
             shared_head_length,
         )
         from polyalign.models.chat import render_prompt
+        from polyalign.models.greedy import can_compact, eos_token_ids, greedy_decode
         from polyalign.models.sampling import sampling_kwargs
 
         prompts = [render_prompt(self.tok, t, settings.system) for t in texts]
@@ -90,7 +93,18 @@ class HFGenerator:
         # the rows continue from a copy (batching.shared_head_length); new tokens follow each prompt
         # directly: the rest of each prompt is left-padded after the head.
         n = shared_head_length(ids) if can_share_head(self.model) else 0
-        rest, mask, _ = left_pad([s[n:] for s in ids], self.tok.pad_token_id)
+        rest, mask, pos = left_pad([s[n:] for s in ids], self.tok.pad_token_id)
+        if self.compact and not settings.do_sample and settings.repetition_penalty == 1.0 and can_compact(self.model):
+            # Greedy: a row leaves the batch at its EOS (polyalign/models/greedy.py)
+            cache = None
+            inputs = {"input_ids": rest, "attention_mask": mask, "position_ids": pos}
+            if n:
+                with torch.no_grad():
+                    inputs, cache = after_shared_head(shared_head_kv(self.model, ids[0][:n], device), **inputs)
+            new_ids = greedy_decode(self.model, **{k: v.to(device) for k, v in inputs.items()},
+                                    max_new_tokens=settings.max_new_tokens, eos_ids=eos_token_ids(self.model, self.tok),
+                                    cache=cache)
+            return [self.tok.decode(row, skip_special_tokens=True).strip() for row in new_ids]
         if n:
             with torch.no_grad():
                 shared = shared_head_kv(self.model, ids[0][:n], device)
