@@ -89,6 +89,23 @@ def test_compaction_needs_full_attention_and_can_be_switched_off(tiny, monkeypat
     sliding = load_model(SPEC)
     sliding.config.layer_types = ["sliding_attention", "full_attention"]
     assert not can_compact(sliding)
+    mistral_like = load_model(SPEC)                     # a window and no layer_types
+    mistral_like.config.layer_types, mistral_like.config.sliding_window = None, 4096
+    assert not can_compact(mistral_like)
+    mistral_like.config.sliding_window = None
+    assert can_compact(mistral_like)
+
+
+def test_a_model_with_its_own_generate_keeps_it(tiny):
+    """Not a Hugging Face model (a wrapper or a test stub with its own ``generate``): no compaction."""
+    model, _ = tiny
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+    assert not can_compact(Wrapper())
 
 
 def test_benchmark_compares_generate_with_compaction_on_the_tiny_model():

@@ -292,7 +292,12 @@ def full_attention_only(model: Any) -> bool:
     """Whether every layer attends to all earlier positions (no sliding window, chunked or linear
     attention), so that a plain ``DynamicCache`` of keys and values is what each layer reads."""
     config = getattr(model, "config", None)
-    return config is not None and all(t == "full_attention" for t in (getattr(config, "layer_types", None) or []))
+    if config is None:
+        return False
+    types = getattr(config, "layer_types", None)
+    if types:
+        return all(t == "full_attention" for t in types)
+    return getattr(config, "sliding_window", None) is None     # Mistral: a window and no layer_types
 
 
 def can_share_head(model: Any) -> bool:

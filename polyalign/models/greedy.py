@@ -32,7 +32,12 @@ def compact_decode_enabled() -> bool:
 
 
 def can_compact(model: Any) -> bool:
-    return compact_decode_enabled() and full_attention_only(model)
+    """A Hugging Face causal LM (under PEFT or not) whose every layer is full attention; anything else
+    (a wrapper with its own ``generate``) keeps ``generate``."""
+    from transformers import PreTrainedModel
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return compact_decode_enabled() and isinstance(base, PreTrainedModel) and full_attention_only(model)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
