@@ -32,11 +32,9 @@ def ending_tokens(gen, settings) -> list[int]:
     return sorted({row[min(2 + i, len(row) - 1)] for i, row in enumerate(ids) if row})
 
 
-@pytest.mark.parametrize("share_head", ["1", "0"])
-def test_rows_leave_the_batch_at_their_eos_and_the_tokens_are_generates(tiny, monkeypatch, share_head):
+def check_against_generate(tok, monkeypatch, share_head: str, device: str = "cpu") -> None:
     monkeypatch.setenv("POLYALIGN_SHARE_HEAD", share_head)
-    _, tok = tiny
-    model = load_model(SPEC).double().eval()
+    model = load_model(SPEC).double().to(device).eval()
     gen = HFGenerator(model, tok, batch_size=8)
     settings = GenerationSettings(max_new_tokens=12, system=SYSTEM)
     model.generation_config.eos_token_id = ending_tokens(gen, settings)
@@ -52,6 +50,17 @@ def test_rows_leave_the_batch_at_their_eos_and_the_tokens_are_generates(tiny, mo
     assert rows == sorted(rows, reverse=True)
     # no decode step after the last row ended or reached max_new_tokens
     assert len(rows) <= settings.max_new_tokens - 1
+
+
+@pytest.mark.parametrize("share_head", ["1", "0"])
+def test_rows_leave_the_batch_at_their_eos_and_the_tokens_are_generates(tiny, monkeypatch, share_head):
+    check_against_generate(tiny[1], monkeypatch, share_head)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rows_leave_the_batch_on_cuda_with_generates_tokens(tiny, monkeypatch):
+    """The same on a GPU (scripts/gpu_check.sh runs the suite's cuda tests)."""
+    check_against_generate(tiny[1], monkeypatch, "1", device="cuda")
 
 
 def test_greedy_decode_stops_at_max_new_tokens_and_keeps_the_eos(tiny):
