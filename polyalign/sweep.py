@@ -329,6 +329,27 @@ def _status(out: Path, p: Point, tasks: list[str]) -> str:
     return "todo"
 
 
+def check_dtype(spec: SweepSpec, out: Path) -> None:
+    """Every point is compared with one baseline, so a sweep folder's evaluations share one dtype. A
+    spec that leaves the dtype to the policy picks bf16 on a CPU with AMX and fp32 elsewhere: resumed
+    on another machine, its new points would be read against a baseline generated in the other dtype
+    (their verdicts differ by a few percent). Refuse that, naming the file, before any work."""
+    from polyalign.models.loading import resolve_dtype
+
+    want = resolve_dtype(spec.eval.dtype)
+    how = "the spec's eval.dtype" if spec.eval.dtype else "this machine's dtype policy (POLYALIGN_DTYPE overrides it)"
+    done = sorted(out.glob("baseline/*/results.json")) + sorted(out.glob("points/*/*/eval/*/results.json"))
+    for f in done:
+        if f.parent.name not in spec.eval.tasks:       # finalist tasks may name their own dtype
+            continue
+        got = json.loads(f.read_text()).get("dtype")
+        if got and got != want:
+            raise PolyalignError(f"{f}: evaluated in {got}, but this run would evaluate in {want} ({how}); a "
+                                 f"sweep compares every point with one baseline in one dtype: to go on with this "
+                                 f"folder set eval.dtype: {got} and overrides: [dtype={got}] in the spec, or give "
+                                 f"--out a new folder")
+
+
 # --- cost model ---------------------------------------------------------------------------------
 
 def _measured(out: Path) -> dict[str, Any]:
@@ -535,6 +556,9 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = Fa
     if dry_run:
         print_plan(est, console)
         return {"dry_run": True, **est}
+    if not _eval_done(out / "baseline", spec.eval.tasks) or any(
+            _status(out, p, spec.eval.tasks) != "done" for p in points):
+        check_dtype(spec, out)               # only where something is left to generate
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "sweep.yaml", yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False, allow_unicode=True))
 

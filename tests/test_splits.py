@@ -329,8 +329,9 @@ def test_the_bf16_comparisons_spec_is_the_fp32_one_in_bf16():
     bf16 = load_sweep(ROOT / "recipes" / "sweeps" / "comparisons_0.5b_bf16.yaml")
     assert [(p.config, p.overrides, p.seed) for p in expand_points(bf16)] == \
         [(p.config, p.overrides, p.seed) for p in expand_points(fp32)]
-    assert bf16.overrides == fp32.overrides + ["dtype=bfloat16"] and bf16.out != fp32.out
-    assert asdict(bf16.eval) == asdict(fp32.eval) | {"dtype": "bfloat16"}
+    assert (fp32.overrides, bf16.overrides) == (["dtype=float32"], ["dtype=bfloat16"]) and bf16.out != fp32.out
+    assert fp32.eval.dtype == "float32" and asdict(bf16.eval) == asdict(fp32.eval) | {"dtype": "bfloat16"}
+    assert [f.dtype for f in fp32.finalist_eval] == ["float32"]
     assert [asdict(f) for f in bf16.finalist_eval] == [asdict(f) | {"dtype": "bfloat16"} for f in fp32.finalist_eval]
     assert (bf16.recipe, bf16.model, bf16.seeds, bf16.point_seeds) == (fp32.recipe, fp32.model, fp32.seeds, fp32.point_seeds)
 

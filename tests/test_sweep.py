@@ -160,6 +160,42 @@ def test_summarize_covers_the_evaluated_points_only(swept, monkeypatch, tmp_path
         summarize_finished(load_sweep(TINY), out=out)
 
 
+def test_a_folder_is_not_continued_in_another_dtype(swept, monkeypatch, tmp_path):
+    """A sweep folder whose baseline was generated in one dtype (another machine's policy) is not
+    continued in another: the new points would be read against the wrong baseline."""
+    out = tmp_path / "copy"
+    shutil.copytree(swept[0], out)
+    spec = load_sweep(TINY)
+    p = expand_points(spec)[0]
+    shutil.rmtree(point_dir(out, p) / "eval")                    # one point left to evaluate
+    for res in out.glob("baseline/*/results.json"):              # as if generated on a CPU with AMX
+        info = json.loads(res.read_text())
+        assert info["dtype"] == "float32"
+        res.write_text(json.dumps(info | {"dtype": "bfloat16"}))
+    import polyalign.eval.runner as runner
+    import polyalign.train.recipes as recipes
+
+    def boom(*a, **k):
+        raise AssertionError("nothing may run before the dtype check")
+    monkeypatch.setattr(recipes, "run_recipe", boom)
+    monkeypatch.setattr(runner, "run_eval", boom)
+    with pytest.raises(PolyalignError, match=r"baseline/builtin-benign/results.json: evaluated in bfloat16, but "
+                                             r"this run would evaluate in float32 .*eval.dtype: bfloat16"):
+        run_sweep(spec, out=out, console=quiet())
+    spec.eval.dtype = "bfloat16"                                # the points' evaluations were fp32 too
+    with pytest.raises(PolyalignError, match=r"learning_rate-0.001/seed1/eval/builtin-benign/results.json: "
+                                             r"evaluated in float32, but this run would evaluate in bfloat16"):
+        run_sweep(spec, out=out, console=quiet())
+    for f in out.glob("points/*/*/eval/*/results.json"):        # the whole folder generated in bf16: the
+        f.write_text(json.dumps(json.loads(f.read_text()) | {"dtype": "bfloat16"}))      # check passes and
+    with pytest.raises(AssertionError, match="nothing may run"):  # the point's evaluation starts
+        run_sweep(spec, out=out, console=quiet())
+    # a finished folder is only summarised, whatever its dtypes: nothing is left to generate
+    shutil.copytree(point_dir(swept[0], p) / "eval", point_dir(out, p) / "eval", dirs_exist_ok=True)
+    spec.eval.dtype = None
+    run_sweep(spec, out=out, console=quiet())
+
+
 def test_killed_point_resumes_from_its_checkpoint(swept, monkeypatch):
     out, _ = swept
     spec = load_sweep(TINY)
