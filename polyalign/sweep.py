@@ -334,6 +334,7 @@ def check_dtype(spec: SweepSpec, out: Path) -> None:
     spec that leaves the dtype to the policy picks bf16 on a CPU with AMX and fp32 elsewhere: resumed
     on another machine, its new points would be read against a baseline generated in the other dtype
     (their verdicts differ by a few percent). Refuse that, naming the file, before any work."""
+    from polyalign.eval.report import load_results
     from polyalign.models.loading import resolve_dtype
 
     want = resolve_dtype(spec.eval.dtype)
@@ -342,7 +343,7 @@ def check_dtype(spec: SweepSpec, out: Path) -> None:
     for f in done:
         if f.parent.name not in spec.eval.tasks:       # finalist tasks may name their own dtype
             continue
-        got = json.loads(f.read_text()).get("dtype")
+        got = load_results(f.parent).get("dtype")      # a broken file: one line naming it
         if got and got != want:
             raise PolyalignError(f"{f}: evaluated in {got}, but this run would evaluate in {want} ({how}); a "
                                  f"sweep compares every point with one baseline in one dtype: to go on with this "
