@@ -129,3 +129,52 @@ def test_benchmark_compares_generate_with_compaction_on_the_tiny_model():
     rows = [line for line in out.stdout.splitlines() if line.startswith("| 4 |")]
     assert len(rows) == 2 and "decoded to the end" in rows[0] and "leave the batch" in rows[1]
     assert rows[1].endswith("| 36/36 | 36/36 |") and "ratio eval_compact_decode_vs_generate" in out.stdout
+
+
+def test_the_trainers_greedy_answers_are_generates_with_rows_leaving(tiny, tmp_path, monkeypatch):
+    """``msd.mode: sft`` targets and the gating probe (``sample_responses(greedy=True)``) decode as
+    evaluation does: the same tokens as ``generate`` in float64, rows ending at different steps leave."""
+    from polyalign.data.builtin import load_prompts
+    from polyalign.models import LoraSettings, attach_lora
+    from polyalign.train.msd_config import MSDConfig
+    from polyalign.train.msd_trainer import MSDTrainer, build_msd_examples
+    from polyalign.train.recipes import Recipe, training_arguments
+
+    _, tok = tiny
+    model = attach_lora(load_model(SPEC).double(), LoraSettings(r=4, alpha=8))
+    cfg = MSDConfig(mode="sft", student_languages=["th", "sw"], max_new_tokens=10, harmful_hint="refuse",
+                    language_hint=True)
+    examples = build_msd_examples(load_prompts("builtin:all", None, "train", 3), cfg)
+    r = Recipe(method="msd", model=SPEC, output_dir=str(tmp_path / "out"),
+               training={"max_steps": 1, "per_device_train_batch_size": 4})
+    trainer = MSDTrainer(model, training_arguments(r), cfg, examples, tok)
+    _, teacher = trainer._prompts(examples)
+
+    def answers(compact: str) -> list[list[int]]:
+        monkeypatch.setenv("POLYALIGN_COMPACT_DECODE", compact)
+        return trainer.sample_responses(model, teacher, from_teacher=True, greedy=True, max_new_tokens=10)
+
+    free = answers("0")
+    trainer.eos_ids = {row[min(2 + i % 5, len(row) - 1)] for i, row in enumerate(free) if row}
+    want = answers("0")
+    widths, hook = widths_of(model.get_base_model())
+    got = answers("1")
+    hook.remove()
+    assert got == want and len({len(a) for a in got}) > 1       # rows ended at different steps
+    rows = [w[0] for w in widths if w[1] == 1]
+    assert rows[0] == len(teacher) and rows[-1] < rows[0]        # and left the batch
+    assert model.training == trainer.model.training
+
+
+def test_benchmark_compares_the_teachers_answers_on_the_tiny_model():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "teacher_targets.py"
+    out = subprocess.run([sys.executable, str(bench), "--model", SPEC, "--prompts", "4", "--sizes", "2,4",
+                          "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("| generate", "| greedy_ids"))]
+    assert len(rows) == 3 and all("| 4/4 |" in row for row in rows)      # fp32, tiny: the same answers
+    assert "ratio teacher_targets_compact_vs_generate" in out.stdout

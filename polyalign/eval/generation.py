@@ -71,7 +71,6 @@ class HFGenerator:
         import torch
 
         from polyalign.models.batching import (
-            after_shared_head,
             cache_kwarg,
             can_share_head,
             left_pad,
@@ -80,40 +79,34 @@ class HFGenerator:
             shared_head_length,
         )
         from polyalign.models.chat import render_prompt
-        from polyalign.models.greedy import can_compact, eos_token_ids, greedy_decode
+        from polyalign.models.greedy import can_compact, eos_token_ids, greedy_ids
         from polyalign.models.sampling import sampling_kwargs
 
         prompts = [render_prompt(self.tok, t, settings.system) for t in texts]
         ids = self.tok(prompts, add_special_tokens=False)["input_ids"]
+        if self.compact and not settings.do_sample and settings.repetition_penalty == 1.0 and can_compact(self.model):
+            # Greedy: the template's head prefilled once, a row leaves the batch at its EOS (models/greedy.py)
+            new = greedy_ids(self.model, ids, settings.max_new_tokens, eos_token_ids(self.model, self.tok),
+                             self.tok.pad_token_id)
+            return [self.tok.decode(row, skip_special_tokens=True).strip() for row in new]
         device = next(self.model.parameters()).device
         # The tokens every prompt starts with (the template's system turn) are prefilled once and
         # the rows continue from a copy (batching.shared_head_length); new tokens follow each prompt
         # directly: the rest of each prompt is left-padded after the head.
         n = shared_head_length(ids) if can_share_head(self.model) else 0
         rest, mask, pos = left_pad([s[n:] for s in ids], self.tok.pad_token_id)
-        shared = None
+        gen_kwargs = sampling_kwargs(settings.max_new_tokens, settings.temperature if settings.do_sample else 0.0,
+                                     settings.top_p, pad_token_id=self.tok.pad_token_id, top_k=settings.top_k,
+                                     repetition_penalty=settings.repetition_penalty)
         if n:
             with torch.no_grad():
                 shared = shared_head_kv(self.model, ids[0][:n], device)
-        if self.compact and not settings.do_sample and settings.repetition_penalty == 1.0 and can_compact(self.model):
-            # Greedy: a row leaves the batch at its EOS (polyalign/models/greedy.py)
-            inputs, cache = {"input_ids": rest, "attention_mask": mask, "position_ids": pos}, None
-            if shared is not None:
-                inputs, cache = after_shared_head(shared, **inputs)
-            new = greedy_decode(self.model, **{k: v.to(device) for k, v in inputs.items()},
-                                max_new_tokens=settings.max_new_tokens, eos_ids=eos_token_ids(self.model, self.tok),
-                                cache=cache)
-        else:
-            gen_kwargs = sampling_kwargs(settings.max_new_tokens, settings.temperature if settings.do_sample else 0.0,
-                                         settings.top_p, pad_token_id=self.tok.pad_token_id, top_k=settings.top_k,
-                                         repetition_penalty=settings.repetition_penalty)
-            if shared is not None:
-                gen_kwargs[cache_kwarg()] = shared_head_cache(shared, len(ids))
-                rest = torch.cat([torch.tensor([ids[0][:n]] * len(ids), dtype=torch.long), rest], dim=1)
-                mask = torch.cat([mask.new_ones(len(ids), n), mask], dim=1)
-            with torch.no_grad():
-                out = self.model.generate(input_ids=rest.to(device), attention_mask=mask.to(device), **gen_kwargs)
-            new = out[:, rest.shape[1]:]
+            gen_kwargs[cache_kwarg()] = shared_head_cache(shared, len(ids))
+            rest = torch.cat([torch.tensor([ids[0][:n]] * len(ids), dtype=torch.long), rest], dim=1)
+            mask = torch.cat([mask.new_ones(len(ids), n), mask], dim=1)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=rest.to(device), attention_mask=mask.to(device), **gen_kwargs)
+        new = out[:, rest.shape[1]:]
         return [self.tok.decode(row, skip_special_tokens=True).strip() for row in new]
 
 

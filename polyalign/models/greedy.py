@@ -86,3 +86,28 @@ def greedy_decode(model: Any, input_ids: Tensor, attention_mask: Tensor, positio
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         pos = pos[:, -1:] + 1
     return out
+
+
+@torch.no_grad()
+def greedy_ids(model: Any, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int],
+               pad_id: int) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, each up to and including its EOS: the prompts' common
+    head (a chat template's system turn) prefilled once (:func:`polyalign.models.batching.shared_head_kv`),
+    the rest left-padded after it, and a row leaving the batch at its EOS (:func:`greedy_decode`).
+    The caller checks :func:`can_compact`; ``model`` is in eval mode."""
+    from polyalign.models.batching import (
+        after_shared_head,
+        can_share_head,
+        left_pad,
+        shared_head_kv,
+        shared_head_length,
+    )
+
+    device = next(model.parameters()).device
+    n = shared_head_length(prompts) if can_share_head(model) else 0
+    ids, mask, pos = left_pad([p[n:] for p in prompts], pad_id)
+    inputs, cache = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}, None
+    if n:
+        inputs, cache = after_shared_head(shared_head_kv(model, prompts[0][:n], device), **inputs)
+    return greedy_decode(model, **{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens,
+                         eos_ids=eos_ids, cache=cache)

@@ -49,6 +49,7 @@ from polyalign.models.batching import (
     trim_generation,
 )
 from polyalign.models.chat import prompt_ids
+from polyalign.models.greedy import can_compact, greedy_ids
 from polyalign.models.sampling import sampling_kwargs
 from polyalign.text import get_language, in_language, refusal_phrase
 from polyalign.train import vllm_sampling
@@ -289,9 +290,20 @@ class MSDTrainer(Trainer):
               vllm_sampling.full_root_params(wrapped, self.accelerator)):
             was_training = gen_model.training
             gen_model.eval()
+            if greedy and prefix is None and self._greedy_compacts(gen_model):
+                # the teacher's greedy answers (sft targets, gating): as evaluation decodes, the
+                # template's head once and ended rows leaving the batch (polyalign/models/greedy.py)
+                answers = greedy_ids(gen_model, prompts, kwargs["max_new_tokens"], self.eos_ids, tok.pad_token_id)
+                gen_model.train(was_training)
+                return answers
             out = gen_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             gen_model.train(was_training)
         return trim_generation(out[:, ids.shape[1]:], self.eos_ids, tok.pad_token_id)
+
+    def _greedy_compacts(self, model: Any) -> bool:
+        """Whether greedy answers may decode row by row (:func:`polyalign.models.greedy.greedy_ids`): not
+        under ZeRO-3 / FSDP, whose ranks must run as many forwards as each other (``synced_gpus``)."""
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and can_compact(model)
 
     def _vllm_sampler(self) -> vllm_sampling.StepSampler:
         """The vLLM engine (TRL's ``VLLMGeneration``) and its per-step schedule, built on first use, when
