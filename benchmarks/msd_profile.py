@@ -107,6 +107,7 @@ def build_trainer(args: argparse.Namespace, out: str, dtype: str | None = None):
         overrides.append(f"msd.max_new_tokens={args.max_new_tokens}")
     if dtype:
         overrides.append(f"dtype={dtype}")
+    overrides += list(getattr(args, "overrides", None) or [])
     r = load_recipe(args.recipe, overrides)
     r.training.update(save_strategy="no", disable_tqdm=True)
     set_seed(r.seed)

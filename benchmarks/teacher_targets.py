@@ -19,6 +19,13 @@ prompts sorted by length, so that short and long ones are in; batched in that or
 batches of each size. Prints seconds, the ratio against ``generate`` and how many answers equal
 ``generate``'s token for token (in fp32 a smaller batch rounds differently; float64 tests hold them
 equal: ``tests/test_greedy_decode.py``). CPU model and flags first.
+
+``--full CACHE``: instead, the recipe's trainer with ``msd.mode=sft`` builds every target as a
+``label_sft`` run does (``MSDTrainer.teacher_targets``, timed alone), and its targets are compared,
+key by key, with ``CACHE``, the ``sft_targets.json`` of an earlier run (same model, recipe, length
+and ``--seed``, which samples the training prompts), e.g.::
+
+    python benchmarks/teacher_targets.py --full runs/comparisons_0.5b/points/label_sft/seed2/train/sft_targets.json --seed 2
 """
 
 from __future__ import annotations
@@ -47,6 +54,39 @@ def answers(trainer, prompts: list[list[int]], size: int, new_tokens: int, compa
     return time.perf_counter() - t0, out
 
 
+def full(args: argparse.Namespace) -> None:
+    """Every target of the recipe in ``msd.mode=sft``, timed, against an earlier run's cache."""
+    import json
+
+    from polyalign.models.loading import model_dtype
+    from polyalign.train.msd_trainer import SFT_TARGETS_FILE, MSDTrainer
+
+    if args.greedy_batch:
+        MSDTrainer.greedy_batch_size = args.greedy_batch
+    took: dict[str, float] = {}
+    make = MSDTrainer.teacher_targets
+
+    def timed(self, examples):
+        t0 = time.perf_counter()
+        out = make(self, examples)
+        took["s"] = time.perf_counter() - t0
+        return out
+
+    MSDTrainer.teacher_targets = timed
+    ns = argparse.Namespace(model=args.model, recipe=args.recipe, check=0, batch=None,
+                            max_new_tokens=args.max_new_tokens, overrides=["msd.mode=sft", f"seed={args.seed}"])
+    with tempfile.TemporaryDirectory() as out:
+        trainer, _ = build_trainer(ns, out)
+        new = json.loads((Path(out) / SFT_TARGETS_FILE).read_text())
+    old = json.loads(Path(args.full).read_text())
+    common = sorted(set(new) & set(old))
+    same = sum(new[k] == old[k] for k in common)
+    print(f"# model {args.model}, {model_dtype(trainer.model)}, recipe {args.recipe}, msd.mode=sft, greedy batch "
+          f"{MSDTrainer.greedy_batch_size}")
+    print(f"teacher_targets: {len(new)} targets in {took['s']:.1f} s ({sum(map(len, new.values()))} tokens); "
+          f"{len(common)} keys also in {args.full}, {same} of them the same token for token")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")
@@ -54,11 +94,20 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=32, help="how many of the recipe's teacher prompts")
     p.add_argument("--sizes", default="8,32", help="batch sizes: generate runs the first, greedy_ids each")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the recipe's msd.max_new_tokens")
+    p.add_argument("--full", metavar="CACHE", default=None,
+                   help="instead: every target of the recipe in msd.mode=sft, timed, compared with CACHE "
+                        "(an earlier run's sft_targets.json)")
+    p.add_argument("--seed", type=int, default=0, help="--full: the recipe's seed (it samples the training prompts)")
+    p.add_argument("--greedy-batch", type=int, default=None, help="--full: MSDTrainer.greedy_batch_size")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     model_name, flags = cpu_info()
     print(f"# cpu: {model_name}, {os.cpu_count()} logical cores; flags: {' '.join(flags)}")
     print(f"# {load()} at start", flush=True)
+    if args.full:
+        full(args)
+        print(f"# {load()} at end")
+        return
     ns = argparse.Namespace(model=args.model, recipe=args.recipe, check=0, batch=None,
                             max_new_tokens=args.max_new_tokens)
     with tempfile.TemporaryDirectory() as out:

@@ -336,7 +336,7 @@ class MSDTrainer(Trainer):
         path = Path(self.args.output_dir) / GATE_FILE
         cache = json.loads(path.read_text()) if path.exists() else {}
         todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values(), key=lambda i: len(teacher[i]))
-        bs = max(8, self.args.per_device_train_batch_size)
+        bs = max(self.greedy_batch_size, self.args.per_device_train_batch_size)
         # Each rank probes its share and every rank gets all answers. Sharded engines gather weights per
         # generate call, a collective: there every rank gets as many prompts (the last one repeated).
         answers = []
@@ -368,7 +368,7 @@ class MSDTrainer(Trainer):
         path = Path(self.args.output_dir) / SFT_TARGETS_FILE
         cache = json.loads(path.read_text()) if path.exists() else {}
         todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values(), key=lambda i: len(teacher[i]))
-        bs = max(8, self.args.per_device_train_batch_size)
+        bs = max(self.greedy_batch_size, self.args.per_device_train_batch_size)
         for start in range(0, len(todo), bs):
             idx = todo[start:start + bs]
             out = self.sample_responses(self.model, [teacher[i] for i in idx], from_teacher=True, greedy=True,
@@ -484,6 +484,10 @@ class MSDTrainer(Trainer):
         module's weights itself.)"""
         return not (self.legacy_step or self.accelerator.num_processes > 1 or self.is_deepspeed_enabled
                     or self.is_fsdp_enabled or self.msd.use_vllm)
+
+    # Rows a batch of the teacher's greedy answers holds (``msd.mode: sft`` targets, gating): with ended
+    # rows leaving the batch (greedy_ids), more rows cost little more per token (benchmarks/teacher_targets.py).
+    greedy_batch_size: int = 32
 
     # Whether the fast step computes the student's prompt once (``prompt_prefix``) for sampling and
     # training; off, ``generate`` prefills it and the training forward runs it again (same values).
