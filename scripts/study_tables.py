@@ -5,6 +5,8 @@
     python scripts/study_tables.py export runs/demo/after/builtin-harmful docs/results/test --config default
     python scripts/study_tables.py forms docs/results/test    # benign refusal by prompt form (built-in benchmark)
     python scripts/study_tables.py agreement A.jsonl B.jsonl  # two runs of one config (dtype, machine), paired
+    python scripts/study_tables.py newly-refused BASE.jsonl RUN.jsonl --responses RUN/eval/builtin-benign/generations.jsonl
+        # benign prompts the run refuses and the base did not, per language, and a sample to read
 
 Results files (issue #25, point 5): ``<dir>/<config>_<model>_seed<k>.jsonl``, one compact JSON line per
 prompt, language and run: ``config``, ``model``, ``seed``, ``lang``, ``prompt_id``, ``kind`` (harmful |
@@ -410,19 +412,49 @@ def tables(folder: Path, out: Path | None = None, iters: int = 2000) -> dict[str
     return numbers
 
 
+def keyed_rows(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """One results file's rows by (kind, lang, prompt_id), checked (file and row in errors)."""
+    out = {}
+    for n, r in iter_jsonl(path):
+        missing = [k for k in ("kind", "lang", "prompt_id", "refused", "in_language", "label") if k not in r]
+        if missing:
+            raise DataError(f"missing {', '.join(missing)}", path, row=n)
+        out[r["kind"], r["lang"], r["prompt_id"]] = r
+    return out
+
+
+def newly_refused(base: Path, run: Path, kind: str = "benign", responses: Path | None = None, per_lang: int = 2,
+                  seed: int = 7) -> str:
+    """The prompts of ``kind`` that ``run`` refuses and ``base`` did not, counted per language; with
+    ``responses`` (the run's ``generations.jsonl``), ``per_lang`` of them per language drawn at random
+    (``seed``) with prompt and answer: what a reader checks the judge's new refusals on."""
+    import random
+
+    a, b = keyed_rows(base), keyed_rows(run)
+    new = sorted(k for k in b if k[0] == kind and k in a and b[k]["refused"] and not a[k]["refused"])
+    both = [k for k in b if k[0] == kind and k in a]
+    langs = sorted({k[1] for k in both})
+    lines = [f"{kind} prompts {run.name} refuses and {base.name} did not, per language:",
+             "| lang | newly refused | of |", "|---|---|---|"]
+    lines += [f"| {lang} | {sum(k[1] == lang for k in new)} | {sum(k[1] == lang for k in both)} |" for lang in langs]
+    lines.append(f"non-English: {sum(k[1] != 'en' for k in new)} of {sum(k[1] != 'en' for k in both)}")
+    if responses is not None:
+        said = {(r["prompt_id"], r["lang"]): r for _, r in iter_jsonl(responses)}
+        rng = random.Random(seed)
+        for lang in langs:
+            mine = [k for k in new if k[1] == lang]
+            for k in rng.sample(mine, min(per_lang, len(mine))):
+                g = said.get((k[2], lang), {})
+                lines.append(f"{lang} {k[2]} | {g.get('prompt', '?')!r} => {g.get('response', '?')!r}")
+    return "\n".join(lines)
+
+
 def agreement(a: Path, b: Path) -> str:
     """How two results files of the same prompts agree, paired by (kind, lang, prompt_id): the share
     of prompts with the same refusal flag, the same in-language flag and the same label, per kind and
     language group, and each file's refusal rate there. What it answers: whether a change of dtype or
     machine moves the verdicts of the same greedy evaluation, and by how much the rates move."""
-    def rows(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
-        out = {}
-        for n, r in iter_jsonl(path):
-            missing = [k for k in ("kind", "lang", "prompt_id", "refused", "in_language", "label") if k not in r]
-            if missing:
-                raise DataError(f"missing {', '.join(missing)}", path, row=n)
-            out[r["kind"], r["lang"], r["prompt_id"]] = r
-        return out
+    rows = keyed_rows
 
     ra, rb = rows(a), rows(b)
     both = sorted(set(ra) & set(rb))
@@ -487,6 +519,17 @@ def main(argv: list[str] | None = None) -> int:
             if len(argv) != 3:
                 raise PolyalignError("usage: study_tables.py agreement A.jsonl B.jsonl")
             print(agreement(Path(argv[1]), Path(argv[2])))
+        elif argv[:1] == ["newly-refused"]:
+            p = argparse.ArgumentParser(prog="study_tables.py newly-refused",
+                                        description=newly_refused.__doc__.split("\n\n")[0])
+            p.add_argument("base", type=Path)
+            p.add_argument("run", type=Path)
+            p.add_argument("--kind", choices=["benign", "harmful"], default="benign")
+            p.add_argument("--responses", type=Path, help="the run's generations.jsonl: print a sample")
+            p.add_argument("--per-lang", type=int, default=2)
+            p.add_argument("--seed", type=int, default=7)
+            a = p.parse_args(argv[1:])
+            print(newly_refused(a.base, a.run, a.kind, a.responses, a.per_lang, a.seed))
         elif argv[:1] == ["export"]:
             p = argparse.ArgumentParser(prog="study_tables.py export", description="run folders -> results files")
             p.add_argument("src", type=Path)

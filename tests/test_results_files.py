@@ -163,6 +163,28 @@ def test_agreement_of_two_runs_counts_by_loops(tmp_path, capsys):
         study.agreement(bad, b)
 
 
+def test_newly_refused_counts_by_loops_and_samples_the_run_answers(tmp_path, capsys):
+    """``newly-refused``: benign prompts the run refuses and the base did not, per language, counted
+    here by a loop; the sample reads prompt and answer from the run's generations."""
+    synthetic(tmp_path)
+    a = tmp_path / f"base_{study.model_slug(MODEL)}_seed0.jsonl"
+    b = tmp_path / f"default_{study.model_slug(MODEL)}_seed1.jsonl"
+    base = {(r["lang"], r["prompt_id"]): r["refused"] for r in rows_of(tmp_path, "base", 0) if r["kind"] == "benign"}
+    new = [r for r in rows_of(tmp_path, "default", 1)
+           if r["kind"] == "benign" and r["refused"] and not base[r["lang"], r["prompt_id"]]]
+    gens = tmp_path / "generations.jsonl"
+    gens.write_text("".join(json.dumps({"prompt_id": r["prompt_id"], "lang": r["lang"], "prompt": f"q-{r['prompt_id']}",
+                                        "response": f"no-{r['lang']}"}) + "\n" for r in new))
+    text = study.newly_refused(a, b, responses=gens, per_lang=1)
+    for lang in LANGS:
+        k = sum(r["lang"] == lang for r in new)
+        assert f"| {lang} | {k} | 10 |" in text
+        assert (f"=> 'no-{lang}'" in text) == (k > 0)
+    assert f"non-English: {sum(r['lang'] != 'en' for r in new)} of {10 * (len(LANGS) - 1)}" in text
+    assert len(new) > 0
+    assert study.main(["newly-refused", str(a), str(b)]) == 0 and "| lang |" in capsys.readouterr().out
+
+
 def test_dominance_needs_both_intervals_apart():
     """A comparison dominates ``default`` only with harmful refusal above and benign refusal below it,
     both intervals apart; otherwise the rule says none does, naming what it checked."""
