@@ -43,6 +43,7 @@ from polyalign.data.records import atomic_write_text, iter_jsonl
 from polyalign.errors import DataError, PolyalignError
 from polyalign.eval.stats import (
     cluster_bootstrap_diff,
+    paired_seeds_bootstrap_diff,
     seeds_bootstrap_diff,
     two_recipes_bootstrap_diff,
     wilson,
@@ -196,6 +197,23 @@ def head_to_head(mine: dict[int, dict[tuple, dict]], other: dict[int, dict[tuple
     return two_recipes_bootstrap_diff([k[1] for k in keys], flags[:len(mine)], flags[len(mine):], iters=iters)
 
 
+def head_to_head_paired(mine: dict[int, dict[tuple, dict]], other: dict[int, dict[tuple, dict]], kind: str,
+                        flag: str, iters: int = 2000) -> dict[str, Any] | None:
+    """:func:`head_to_head` over the seeds both configs have, paired by seed (a seed draws the training
+    records, ``data.limit``'s seeded sample: configs with the same ``data:`` section share them):
+    :func:`paired_seeds_bootstrap_diff`. None with fewer than two such seeds."""
+    common = sorted(set(_seeds_with(mine, kind)) & set(_seeds_with(other, kind)))
+    if len(common) < 2:
+        return None
+    runs = [mine[s] for s in common] + [other[s] for s in common]
+    keys = [k for k in runs[0] if k[0] == kind and k[2] != "en" and all(k in r for r in runs[1:])]
+    if not keys:
+        return None
+    flags = [[bool(r[k][flag]) for k in keys] for r in runs]
+    res = paired_seeds_bootstrap_diff([k[1] for k in keys], flags[:len(common)], flags[len(common):], iters=iters)
+    return {**res, "seed_ids": common}
+
+
 def seed_changes(runs: dict[int, dict[tuple, dict]], base: dict[tuple, dict], iters: int = 2000
                  ) -> dict[int, dict[str, dict[str, Any]]]:
     """{seed: {column: cluster_bootstrap_diff}}: each seed's own pooled non-English change against
@@ -250,8 +268,11 @@ def study_numbers(rows: list[dict[str, Any]], iters: int = 2000) -> dict[str, An
         versus = ({c: {col: res for col, kind, flag in POOLED if (res := head_to_head(runs["default"], runs[c], kind, flag,
                                                                                     iters))}
                    for c in configs if c not in ("base", "default")} if "default" in runs else {})
+        paired = ({c: {col: res for col, kind, flag in POOLED
+                       if (res := head_to_head_paired(runs["default"], runs[c], kind, flag, iters))}
+                   for c in configs if c not in ("base", "default")} if "default" in runs else {})
         out[model] = {"configs": configs, "pooled": pooled, "languages": languages, "english": english,
-                      "seeds": seeds, "versus": versus}
+                      "seeds": seeds, "versus": versus, "paired": {c: v for c, v in paired.items() if v}}
     return out
 
 
@@ -350,6 +371,20 @@ def markdown(numbers: dict[str, Any]) -> str:
                          if (r := v.get(col)) else "-" for col in vcols]
                 seeds = f"{first[0]}, {first[1]}" if first else "-"
                 lines.append(f"| {c} | {seeds} | " + " | ".join(cells) + " |")
+        if m.get("paired"):
+            pcols = [col for col, _, _ in POOLED if any(col in v for v in m["paired"].values())]
+            lines += ["", "The same, paired by seed: over the seeds both configs have, each seed's difference "
+                      "(a seed draws the training records: configs with the same `data:` section train on the same "
+                      "ones), 95 % interval from a bootstrap over prompts, then over seed pairs (what a seed moves "
+                      "in both cancels in its pair; with three pairs the seed stage has 10 distinct draws, so the "
+                      "interval is a guide).", "",
+                      "| comparison | paired seeds | " + " | ".join(pcols) + " |", "|---" * (len(pcols) + 2) + "|"]
+            for c, v in m["paired"].items():
+                seed_ids = next(iter(v.values()))["seed_ids"]
+                cells = [(f"{_pp(r['diff'])} [{_pp(r['lo'])}, {_pp(r['hi'])}] ("
+                          + " / ".join(_pp(d) for d in r["per_seed"]) + ")") if (r := v.get(col)) else "-"
+                         for col in pcols]
+                lines.append(f"| {c} | {', '.join(map(str, seed_ids))} | " + " | ".join(cells) + " |")
         lines += [""] + _per_language(m)
     return "\n".join(lines)
 

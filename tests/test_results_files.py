@@ -225,6 +225,13 @@ def test_head_to_head_is_the_difference_of_the_two_seed_means(tmp_path):
     assert got["diff"] == pytest.approx(mean_share("default", (0, 1, 2), "benign") - mean_share("label_sft", (0, 1), "benign"))
     assert got["seeds"] == (3, 2) and got["lo"] <= got["diff"] <= got["hi"]
     assert "| label_sft | 3, 2 | " in (tmp_path / "tables.md").read_text()
+    # paired by seed: only seeds 0-1 (both have them), the mean of each seed's difference
+    paired = numbers["paired"]["label_sft"]["benign refusal"]
+    assert paired["diff"] == pytest.approx(mean_share("default", (0, 1), "benign") - mean_share("label_sft", (0, 1), "benign"))
+    assert paired["seed_ids"] == [0, 1] and paired["lo"] <= paired["diff"] <= paired["hi"]
+    assert paired["per_seed"] == pytest.approx([mean_share("default", (s,), "benign") - mean_share("label_sft", (s,), "benign")
+                                               for s in (0, 1)])
+    assert "| label_sft | 0, 1 | " in (tmp_path / "tables.md").read_text()
 
 
 def test_mgsm_run_for_fewer_seeds_is_pooled_over_those_and_says_so(tmp_path):
