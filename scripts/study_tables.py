@@ -189,12 +189,20 @@ def head_to_head(mine: dict[int, dict[tuple, dict]], other: dict[int, dict[tuple
     other = {s: other[s] for s in _seeds_with(other, kind)}
     if not mine or not other:
         return None
-    runs = [*mine.values(), *other.values()]
+    shared = _shared_flags([*mine.values(), *other.values()], kind, flag)
+    if shared is None:
+        return None
+    clusters, flags = shared
+    return two_recipes_bootstrap_diff(clusters, flags[:len(mine)], flags[len(mine):], iters=iters)
+
+
+def _shared_flags(runs: list[dict[tuple, dict]], kind: str, flag: str) -> tuple[list[str], list[list[bool]]] | None:
+    """(prompt ids, one list of ``flag`` per run) over the non-English ``kind`` rows every run has;
+    None where there are none."""
     keys = [k for k in runs[0] if k[0] == kind and k[2] != "en" and all(k in r for r in runs[1:])]
     if not keys:
         return None
-    flags = [[bool(r[k][flag]) for k in keys] for r in runs]
-    return two_recipes_bootstrap_diff([k[1] for k in keys], flags[:len(mine)], flags[len(mine):], iters=iters)
+    return [k[1] for k in keys], [[bool(r[k][flag]) for k in keys] for r in runs]
 
 
 def head_to_head_paired(mine: dict[int, dict[tuple, dict]], other: dict[int, dict[tuple, dict]], kind: str,
@@ -205,13 +213,22 @@ def head_to_head_paired(mine: dict[int, dict[tuple, dict]], other: dict[int, dic
     common = sorted(set(_seeds_with(mine, kind)) & set(_seeds_with(other, kind)))
     if len(common) < 2:
         return None
-    runs = [mine[s] for s in common] + [other[s] for s in common]
-    keys = [k for k in runs[0] if k[0] == kind and k[2] != "en" and all(k in r for r in runs[1:])]
-    if not keys:
+    shared = _shared_flags([mine[s] for s in common] + [other[s] for s in common], kind, flag)
+    if shared is None:
         return None
-    flags = [[bool(r[k][flag]) for k in keys] for r in runs]
-    res = paired_seeds_bootstrap_diff([k[1] for k in keys], flags[:len(common)], flags[len(common):], iters=iters)
+    clusters, flags = shared
+    res = paired_seeds_bootstrap_diff(clusters, flags[:len(common)], flags[len(common):], iters=iters)
     return {**res, "seed_ids": common}
+
+
+def against_default(runs: dict[str, dict[int, dict[tuple, dict]]], configs: list[str], compare: Any,
+                    iters: int) -> dict[str, dict[str, Any]]:
+    """{comparison: {column: compare(default, comparison)}} for every trained comparison, where
+    ``default`` was run; ``compare`` is :func:`head_to_head` or :func:`head_to_head_paired`."""
+    if "default" not in runs:
+        return {}
+    return {c: {col: res for col, kind, flag in POOLED if (res := compare(runs["default"], runs[c], kind, flag, iters))}
+            for c in configs if c not in ("base", "default")}
 
 
 def seed_changes(runs: dict[int, dict[tuple, dict]], base: dict[tuple, dict], iters: int = 2000
@@ -265,14 +282,10 @@ def study_numbers(rows: list[dict[str, Any]], iters: int = 2000) -> dict[str, An
         english = {c: {s: language_shares({s: runs[c][s]}, "harmful", "refused").get("en") for s in sorted(runs[c])}
                    for c in configs}
         seeds = {c: seed_changes(runs[c], base, iters) for c in configs if c != "base"}
-        versus = ({c: {col: res for col, kind, flag in POOLED if (res := head_to_head(runs["default"], runs[c], kind, flag,
-                                                                                    iters))}
-                   for c in configs if c not in ("base", "default")} if "default" in runs else {})
-        paired = ({c: {col: res for col, kind, flag in POOLED
-                       if (res := head_to_head_paired(runs["default"], runs[c], kind, flag, iters))}
-                   for c in configs if c not in ("base", "default")} if "default" in runs else {})
+        paired = against_default(runs, configs, head_to_head_paired, iters)
         out[model] = {"configs": configs, "pooled": pooled, "languages": languages, "english": english,
-                      "seeds": seeds, "versus": versus, "paired": {c: v for c, v in paired.items() if v}}
+                      "seeds": seeds, "versus": against_default(runs, configs, head_to_head, iters),
+                      "paired": {c: v for c, v in paired.items() if v}}
     return out
 
 
@@ -489,9 +502,7 @@ def agreement(a: Path, b: Path) -> str:
     of prompts with the same refusal flag, the same in-language flag and the same label, per kind and
     language group, and each file's refusal rate there. What it answers: whether a change of dtype or
     machine moves the verdicts of the same greedy evaluation, and by how much the rates move."""
-    rows = keyed_rows
-
-    ra, rb = rows(a), rows(b)
+    ra, rb = keyed_rows(a), keyed_rows(b)
     both = sorted(set(ra) & set(rb))
     if not both:
         raise PolyalignError(f"{a} and {b}: no prompt in common")
