@@ -529,13 +529,14 @@ def agreement(a: Path, b: Path) -> str:
 
 
 def benign_forms(folder: Path) -> str:
-    """Benign refusal (non-English, %) per config by the prompt's form on the built-in benchmark: its
-    English text ends in "?" or not (v3 added benign instructions, issue #25) and borderline or plain:
-    whether a recipe learned "refuse harm" or "refuse instructions"."""
+    """Benign refusal (non-English, %) per model and config by the prompt's form on the built-in
+    benchmark: its English text ends in "?" or not (v3 added benign instructions, issue #25) and
+    borderline or plain: whether a recipe learned "refuse harm" or "refuse instructions". Models are
+    kept apart: a folder holding 0.5B and 1.5B runs must not pool them."""
     from polyalign.data.builtin import builtin_benchmark
 
     records = {r.id: r for r in builtin_benchmark(split="all")}
-    cells: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    cells: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
     for row in load_rows(folder):
         rec = records.get(row["prompt_id"])
         if row["kind"] != "benign" or row["lang"] == "en" or rec is None:
@@ -543,16 +544,19 @@ def benign_forms(folder: Path) -> str:
         form = "question" if rec.texts.get("en", "").rstrip().endswith("?") else "not a question"
         kind = "borderline" if (rec.meta or {}).get("borderline") else "plain"
         for group in (form, kind):
-            cells[(row["config"], group)][0] += bool(row["refused"])
-            cells[(row["config"], group)][1] += 1
+            cell = cells[(row["model"], row["config"], group)]
+            cell[0] += bool(row["refused"])
+            cell[1] += 1
     groups = ("question", "not a question", "plain", "borderline")
-    lines = ["| config | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
-    def cell(config: str, group: str) -> str:
-        k, n = cells.get((config, group), (0, 0))
+    lines = ["| model | config | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
+
+    def share(model: str, config: str, group: str) -> str:
+        k, n = cells.get((model, config, group), (0, 0))
         return f"{100 * k / n:.1f} % of {n}" if n else "-"
 
-    for config in _order({c for c, _ in cells}):
-        lines.append(f"| {config} | " + " | ".join(cell(config, g) for g in groups) + " |")
+    for model in sorted({m for m, _, _ in cells}):
+        for config in _order({c for m, c, _ in cells if m == model}):
+            lines.append(f"| {model} | {config} | " + " | ".join(share(model, config, g) for g in groups) + " |")
     return "\n".join(lines)
 
 

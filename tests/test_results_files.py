@@ -134,12 +134,18 @@ def test_benign_forms_counts_by_the_benchmark_prompt(tmp_path):
     rows.append({**rows[0], "kind": "harmful", "lang": "zh"})            # not counted
     (tmp_path / f"base_{study.model_slug(MODEL)}_seed0.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows))
+    other_model = "builtin:qwen2.5-coder-1.5b-instruct"                # kept apart, not pooled
+    (tmp_path / f"base_{study.model_slug(other_model)}_seed0.jsonl").write_text(
+        "".join(json.dumps({**r, "model": other_model, "refused": True}) + "\n" for r in rows))
     table = study.benign_forms(tmp_path).splitlines()
-    assert table[0] == "| config | question | not a question | plain | borderline |"
+    assert table[0] == "| model | config | question | not a question | plain | borderline |"
+    assert len(table) == 4
     cells = table[2].split(" | ")
-    assert cells[1] == "100.0 % of 2" and cells[2] == "0.0 % of 2"
+    assert cells[0] == f"| {MODEL}" and cells[1] == "base"
+    assert cells[2] == "100.0 % of 2" and cells[3] == "0.0 % of 2"
     n_border = 2 * sum(bool((r.meta or {}).get("borderline")) for r in (question, other))
-    assert (cells[4].rstrip(" |") == "-") == (n_border == 0) and (cells[3] == "-") == (n_border == 4)
+    assert (cells[5].rstrip(" |") == "-") == (n_border == 0) and (cells[4] == "-") == (n_border == 4)
+    assert table[3].split(" | ")[2:4] == ["100.0 % of 2", "100.0 % of 2"]
 
 
 def test_agreement_of_two_runs_counts_by_loops(tmp_path, capsys):
