@@ -4,6 +4,7 @@
     python scripts/study_tables.py export runs/comparisons_0.5b docs/results/test   # a sweep folder -> files
     python scripts/study_tables.py export runs/demo/after/builtin-harmful docs/results/test --config default
     python scripts/study_tables.py forms docs/results/test    # benign refusal by prompt form (built-in benchmark)
+    python scripts/study_tables.py rises docs/results/test    # per-language harmful vs benign rise, r and slope
     python scripts/study_tables.py agreement A.jsonl B.jsonl  # two runs of one config (dtype, machine), paired
     python scripts/study_tables.py newly-refused BASE.jsonl RUN.jsonl --responses RUN/eval/builtin-benign/generations.jsonl
         # benign prompts the run refuses and the base did not, per language, and a sample to read
@@ -560,11 +561,74 @@ def benign_forms(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def _share(rows: list[dict[str, Any]]) -> float:
+    return 100.0 * sum(bool(r["refused"]) for r in rows) / len(rows)
+
+
+def _mean_cell(got: list[tuple[float, float]]) -> str:
+    if not got:
+        return "-"
+    return f"{sum(h for h, _ in got) / len(got):+.1f} / {sum(b for _, b in got) / len(got):+.1f}"
+
+
+def language_rises(folder: Path) -> str:
+    """Per model, config and language: the change against ``base`` in harmful and in benign refusal
+    (pp, mean over seeds, on the prompts both have), and over each config's (seed, non-English
+    language) cells the Pearson correlation and least-squares slope of the benign change on the
+    harmful one. A slope near 1 with a high correlation says refusal was learned per language, not
+    per request; a language whose harmful refusal rises while its benign refusal does not is where
+    the training was selective."""
+    import statistics
+
+    out: list[str] = []
+    rows = load_rows(folder)
+    for model in sorted({r["model"] for r in rows}):
+        runs = by_run([r for r in rows if r["model"] == model])
+        if 0 not in runs.get("base", {}):
+            continue
+        base = runs["base"][0]
+        columns = list(dict.fromkeys(k[2] for k in base))
+        langs = [lang for lang in columns if lang != "en"]
+        lines = [f"### {model}", "",
+                 "| config | seeds | " + " | ".join(columns) + " | r | slope |",
+                 "|---|---|" + "---|" * len(columns) + "---|---|"]
+        for config in _order(set(runs) - {"base"}):
+            cells: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            for seed in sorted(runs[config]):
+                run = runs[config][seed]
+                for lang in columns:
+                    change = []
+                    for kind in ("harmful", "benign"):
+                        keys = [k for k in run if k[0] == kind and k[2] == lang and k in base]
+                        if not keys:
+                            break
+                        change.append(_share([run[k] for k in keys]) - _share([base[k] for k in keys]))
+                    if len(change) == 2:
+                        cells[lang].append((change[0], change[1]))
+            pairs = [c for lang in langs for c in cells[lang]]
+            if not pairs:
+                continue
+            xs, ys = [h for h, _ in pairs], [b for _, b in pairs]
+            spread = len(set(xs)) > 1 and len(set(ys)) > 1
+            r = f"{statistics.correlation(xs, ys):.2f}" if spread else "-"
+            slope = f"{statistics.linear_regression(xs, ys).slope:.2f}" if len(set(xs)) > 1 else "-"
+
+            means = [_mean_cell(cells[lang]) for lang in columns]
+            lines.append(f"| {config} | {len(runs[config])} | " + " | ".join(means) + f" | {r} | {slope} |")
+        out += lines + [""]
+    head = ("Harmful / benign refusal change against `base` per language (pp, mean over seeds), and over "
+            "each config's (seed, non-English language) cells the correlation r and slope of the benign change on the "
+            "harmful one.")
+    return head + "\n\n" + "\n".join(out).rstrip() + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["forms"]:
             print(benign_forms(Path(argv[1])))
+        elif argv[:1] == ["rises"]:
+            print(language_rises(Path(argv[1])), end="")
         elif argv[:1] == ["agreement"]:
             if len(argv) != 3:
                 raise PolyalignError("usage: study_tables.py agreement A.jsonl B.jsonl")

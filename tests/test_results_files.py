@@ -278,3 +278,34 @@ def test_a_model_with_only_its_base_evaluated_gets_its_shares_and_no_empty_chang
     assert "| base | harmful refusal | " in md
     zh = md.split("| base | harmful refusal | ")[1].split(" | ")[1]
     assert zh == f"{100 * k / len(rows):.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def test_language_rises_by_loops(tmp_path, capsys):
+    """``rises``: per language the mean over seeds of each seed's refusal share minus base's, and r and
+    slope over the (seed, non-English language) cells, each counted here by loops and float64 sums."""
+    synthetic(tmp_path)
+    base = rows_of(tmp_path, "base", 0)
+
+    def share(rows, kind, lang):
+        got = [r["refused"] for r in rows if r["kind"] == kind and r["lang"] == lang]
+        return 100.0 * sum(got) / len(got)
+
+    cells = {}
+    for s in (0, 1, 2):
+        mine = rows_of(tmp_path, "default", s)
+        for lang in LANGS:
+            cells[s, lang] = tuple(share(mine, kind, lang) - share(base, kind, lang) for kind in ("harmful", "benign"))
+    xs = [cells[s, lang][0] for s in (0, 1, 2) for lang in LANGS[1:]]
+    ys = [cells[s, lang][1] for s in (0, 1, 2) for lang in LANGS[1:]]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    assert study.main(["rises", str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| default |"))
+    parts = [p.strip() for p in row.strip("|").split("|")]
+    assert parts[:2] == ["default", "3"]
+    for i, lang in enumerate(LANGS):
+        h = sum(cells[s, lang][0] for s in (0, 1, 2)) / 3
+        b = sum(cells[s, lang][1] for s in (0, 1, 2)) / 3
+        assert parts[2 + i] == f"{h:+.1f} / {b:+.1f}"
+    assert parts[-2] == f"{sxy / (sxx * syy) ** 0.5:.2f}" and parts[-1] == f"{sxy / sxx:.2f}"
