@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -578,8 +579,6 @@ def language_rises(folder: Path) -> str:
     harmful one. A slope near 1 with a high correlation says refusal was learned per language, not
     per request; a language whose harmful refusal rises while its benign refusal does not is where
     the training was selective."""
-    import statistics
-
     out: list[str] = []
     rows = load_rows(folder)
     for model in sorted({r["model"] for r in rows}):
@@ -612,7 +611,6 @@ def language_rises(folder: Path) -> str:
             spread = len(set(xs)) > 1 and len(set(ys)) > 1
             r = f"{statistics.correlation(xs, ys):.2f}" if spread else "-"
             slope = f"{statistics.linear_regression(xs, ys).slope:.2f}" if len(set(xs)) > 1 else "-"
-
             means = [_mean_cell(cells[lang]) for lang in columns]
             lines.append(f"| {config} | {len(runs[config])} | " + " | ".join(means) + f" | {r} | {slope} |")
         out += lines + [""]
