@@ -311,3 +311,17 @@ def test_language_rises_by_loops(tmp_path, capsys):
         assert got_h == pytest.approx(h, abs=0.05 + 1e-9) and got_b == pytest.approx(b, abs=0.05 + 1e-9)
     assert float(parts[-2]) == pytest.approx(sxy / (sxx * syy) ** 0.5, abs=0.005 + 1e-9)
     assert float(parts[-1]) == pytest.approx(sxy / sxx, abs=0.005 + 1e-9)
+
+
+def test_the_readme_headline_is_what_the_committed_verdicts_give(tmp_path):
+    """The README's study table quotes `default`'s pooled harmful and benign refusal change (bf16, test
+    split, three seeds); recomputed here from the committed per-prompt files, the means must agree to
+    the printed rounding (the intervals are a bootstrap, so only the means are compared)."""
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `default` |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    harmful, benign = (float(c.split()[0]) for c in cells[3:5])
+    numbers = study.tables(ROOT / "docs" / "results" / "test_bf16", out=tmp_path, iters=20)
+    pooled = numbers["builtin:qwen2.5-coder-0.5b-instruct"]["pooled"]["default"]
+    assert int(cells[2]) == pooled["harmful refusal"]["seeds"] == 3
+    assert 100 * pooled["harmful refusal"]["diff"] == pytest.approx(harmful, abs=0.051)
+    assert 100 * pooled["benign refusal"]["diff"] == pytest.approx(benign, abs=0.051)

@@ -373,3 +373,26 @@ def test_the_1_5b_spec_is_the_0_5b_one_on_the_larger_model():
     assert asdict(large.eval) == asdict(small.eval)
     assert [asdict(f) for f in large.finalist_eval] == \
         [asdict(f) | {"configs": sorted(kept, key=["default", "msd_mlc"].index)} for f in small.finalist_eval]
+
+
+def test_the_levers_spec_chooses_on_dev_with_the_default_beside_its_lever():
+    """levers_0.5b_bf16.yaml (issue #25: a lever tried on dev) must run without --final, evaluate
+    the dev split only, and differ from the comparisons' default in the lever's override alone."""
+    from dataclasses import asdict
+
+    from polyalign.sweep import expand_points, load_sweep, run_sweep
+
+    levers = load_sweep(ROOT / "recipes" / "sweeps" / "levers_0.5b_bf16.yaml")
+    comparisons = load_sweep(ROOT / "recipes" / "sweeps" / "comparisons_0.5b_bf16.yaml")
+    assert levers.eval.split == "dev" and levers.eval.limit is None and not levers.finalist_eval
+    assert asdict(levers.eval) == asdict(comparisons.eval) | {"split": "dev"}
+    assert (levers.recipe, levers.model, levers.overrides) == (comparisons.recipe, comparisons.model,
+                                                               comparisons.overrides)
+    points = {(p.config, p.seed): p.overrides for p in expand_points(levers)}
+    assert set(points) == {(c, s) for c in ("default", "benign48") for s in (0, 1, 2)} | \
+        {("benign48_lr2", 0), ("benign48_lr2", 1)}
+    assert points[("default", 0)] == () and points[("benign48", 0)] == ("data.benign_limit=48",)
+    assert points[("benign48_lr2", 0)] == ("data.benign_limit=48", "learning_rate=2e-4")
+    est = run_sweep(levers, dry_run=True, console=quiet())          # dev: no --final needed
+    assert len(est["points"]) == 8
+    assert {p["steps"] * p["batch"] for p in est["points"]} == {32 * 8}                  # same budget
