@@ -26,13 +26,14 @@ from polyalign.train.recipes import Recipe, load_prompts, training_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "builtin:tiny-random"
+LR = 5e-2                                    # the demo-like trainer's learning rate (Adam)
 
 
-def demo_like_trainer(tmp_path, legacy: bool, steps: int = 2):
+def demo_like_trainer(tmp_path, legacy: bool, steps: int = 2, dtype: torch.dtype = torch.float32):
     """The demo recipe's shape on the tiny model: harmful + benign prompts in several languages,
     English-template teacher with hints, retain languages, DPSW, benign weight; batch 8."""
     torch.manual_seed(0)
-    model = attach_lora(load_model(SPEC), LoraSettings(r=4, alpha=8))
+    model = attach_lora(load_model(SPEC).to(dtype), LoraSettings(r=4, alpha=8))
     model.train()
     tok = load_tokenizer(SPEC)
     cfg = MSDConfig(mode="on_policy", student_languages=["zh", "th", "sw", "bn"], teacher_template="english_only",
@@ -41,7 +42,7 @@ def demo_like_trainer(tmp_path, legacy: bool, steps: int = 2):
     recs = load_prompts("builtin:harmful", None, "train", 4, seed=0) + load_prompts("builtin:benign", None, "train", 4,
                                                                                   seed=0)
     r = Recipe(method="msd", model=SPEC, output_dir=str(tmp_path / ("legacy" if legacy else "fast")), seed=0,
-               training={"max_steps": steps, "learning_rate": 5e-2, "per_device_train_batch_size": 8,
+               training={"max_steps": steps, "learning_rate": LR, "per_device_train_batch_size": 8,
                          "save_strategy": "no", "disable_tqdm": True})
     trainer = MSDTrainer(model, training_arguments(r), cfg, build_msd_examples(recs, cfg), tok)
     trainer.legacy_step = legacy
@@ -85,19 +86,17 @@ def test_fast_step_trains_as_the_legacy_step(tmp_path, monkeypatch, share_prefil
         # Adam divides each gradient by its running size, so an element whose two steps' gradients
         # nearly cancel moves by an amount fp32 rounding decides: 2.7e-5 for 1 of 512 elements on an
         # AMD EPYC Zen 5 (AVX-512), 2026-12-07; in float64 the two steps agree to 1e-14 (below).
-        torch.testing.assert_close(new_w[n], old_w[n], rtol=1e-3, atol=1e-3 * 5e-2)      # 1e-3 of Adam's lr
+        torch.testing.assert_close(new_w[n], old_w[n], rtol=1e-3, atol=1e-3 * LR)      # 1e-3 of Adam's lr
         moved += int(not torch.equal(old_w[n], torch.zeros_like(old_w[n])))
     assert moved                                                 # the adapter did train
 
 
-def test_fast_step_trains_as_the_legacy_step_in_float64(tmp_path, monkeypatch):
+def test_fast_step_trains_as_the_legacy_step_in_float64(tmp_path):
     """In float64 the fast step (shared prefill) and the legacy one train the same adapter to rounding
     (what the fp32 test's tolerance leaves to Adam's sensitivity to tiny gradients)."""
-    real = attach_lora
-    monkeypatch.setattr(sys.modules[__name__], "attach_lora", lambda m, s: real(m.double(), s))
     weights = {}
     for legacy in (True, False):
-        trainer, model = demo_like_trainer(tmp_path, legacy)
+        trainer, model = demo_like_trainer(tmp_path, legacy, dtype=torch.float64)
         trainer.share_prefill = True
         trainer.train()
         weights[legacy] = adapter(model)
