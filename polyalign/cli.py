@@ -284,6 +284,9 @@ def sweep(spec: Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. recip
           seed: Annotated[list[int] | None, typer.Option(help="Run only this seed of each point; repeatable.")] = None,
           finalist: Annotated[bool, typer.Option(help="Also run the spec's finalist_eval (--no-finalist: leave "
                                                       "it for a later run into the same folder).")] = True,
+          baseline: Annotated[bool, typer.Option(help="Evaluate the untrained model first (--no-baseline: leave "
+                                                      "it, and the summary, for a later run into the same "
+                                                      "folder).")] = True,
           final: Annotated[bool, typer.Option("--final", help="Allow the test split: the one final evaluation "
                                               "of chosen recipes (sweeps choose on dev).")] = False):
     """Train and evaluate a grid of recipe overrides x seeds (resumable); sweep.csv + Pareto plot."""
@@ -293,7 +296,7 @@ def sweep(spec: Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. recip
         summarize_finished(load_sweep(spec), out=out, console=console)
     else:
         run_sweep(load_sweep(spec), out=out, dry_run=dry_run, console=console, only=only, final=final,
-                  seeds=seed, finalist=finalist)
+                  seeds=seed, finalist=finalist, baseline=baseline)
 
 
 @app.command("probe")

@@ -469,8 +469,9 @@ def _trained_model(d: Path, base_model: str, trains: bool = True) -> tuple[str |
     return None, str(final)
 
 
-def estimate(spec: SweepSpec, out: Path, points: list[Point]) -> dict[str, Any]:
-    """Per point (examples, generations, seconds) and the total, skipping finished work."""
+def estimate(spec: SweepSpec, out: Path, points: list[Point], baseline: bool = True) -> dict[str, Any]:
+    """Per point (examples, generations, seconds) and the total, skipping finished work (and the
+    baseline's where ``baseline`` is False)."""
     figs = cost_figures(spec, out)
     ts, gs = figs["train_example_seconds"][0], figs["generation_seconds"][0]
     gens = _generations(spec.eval)
@@ -491,8 +492,10 @@ def estimate(spec: SweepSpec, out: Path, points: list[Point]) -> dict[str, Any]:
         eval_s = (0.0 if status == "done" else gens * gs) + finalist_seconds(point_dir(out, p) / "eval", p.config)
         rows.append({"point": p.name, "overrides": " ".join(p.overrides), "status": status, "steps": steps,
                      "batch": batch, "generations": gens, "seconds": train_s + eval_s})
-    base_s = (0.0 if _eval_done(out / "baseline", spec.eval.tasks) else gens * gs) + \
-        (finalist_seconds(out / "baseline", None) if finalists else 0.0)
+    base_s = 0.0
+    if baseline:
+        base_s = (0.0 if _eval_done(out / "baseline", spec.eval.tasks) else gens * gs) + \
+            (finalist_seconds(out / "baseline", None) if finalists else 0.0)
     return {"points": rows, "baseline_seconds": base_s, "total_seconds": base_s + sum(r["seconds"] for r in rows),
             "figures": figs}
 
@@ -537,10 +540,13 @@ def _eval_config(e: EvalSpec, model: str, task: str, out: Path, adapter: str | N
 
 def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = False, console: Any = None,
               only: list[str] | None = None, final: bool = False, seeds: list[int] | None = None,
-              finalist: bool = True) -> dict[str, Any]:
+              finalist: bool = True, baseline: bool = True) -> dict[str, Any]:
     """Run (or with ``dry_run`` only list and estimate) every point of ``spec`` (or of the configs
     in ``only`` and the ``seeds`` given); see the module doc. A ``test`` split needs ``final``
-    (:func:`check_splits`). ``finalist=False`` leaves the spec's ``finalist_eval`` for a later run."""
+    (:func:`check_splits`). ``finalist=False`` leaves the spec's ``finalist_eval`` for a later run;
+    ``baseline=False`` leaves the untrained model's evaluation (and so the summary, which compares
+    every point with it) for a later run into the same folder: a point's own evaluation does not
+    need it, and at 1.5B on every test record it is half an hour."""
     from rich.console import Console
 
     check_splits(spec, final)
@@ -553,11 +559,11 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = Fa
     if not spec.model and not trained:
         raise PolyalignError("sweep: no point trains a recipe, so the spec must name its model")
     base_model = spec.model or point_recipe(spec, out, trained[0]).model
-    est = estimate(spec, out, points)        # also binds every point's recipe before any work starts
+    est = estimate(spec, out, points, baseline)   # also binds every point's recipe before any work starts
     if dry_run:
         print_plan(est, console)
         return {"dry_run": True, **est}
-    if not _eval_done(out / "baseline", spec.eval.tasks) or any(
+    if (baseline and not _eval_done(out / "baseline", spec.eval.tasks)) or any(
             _status(out, p, spec.eval.tasks) != "done" for p in points):
         check_dtype(spec, out)               # only where something is left to generate
     out.mkdir(parents=True, exist_ok=True)
@@ -605,6 +611,8 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = Fa
         bar = prog.add_task("baseline", total=len(points) + 1)
         if _eval_done(out / "baseline", spec.eval.tasks):
             prog.console.print("baseline: evaluated already, skipped")
+        elif not baseline:
+            prog.console.print("baseline: left for a later run into this folder (--no-baseline)")
         else:
             timing = evaluate(out / "baseline", None, base_model)
             atomic_write_text(out / "baseline" / "timings.json", json.dumps(timing, indent=1))
@@ -640,12 +648,16 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, dry_run: bool = Fa
             prog.advance(bar)
         for fe, configs in finalist_configs(spec, points):      # after every point: the grid comes first
             prog.update(bar, description=f"finalist evaluation: {', '.join(fe.tasks)}")
-            evaluate(out / "baseline", None, base_model, fe)
+            if baseline:
+                evaluate(out / "baseline", None, base_model, fe)
             for p in points:
                 if p.config in configs:
                     evaluate(point_dir(out, p) / "eval", *_trained_model(point_dir(out, p), base_model, p.trains), fe,
                              system=system_prompts(p))
         prog.update(bar, description="done")
+    if not _eval_done(out / "baseline", spec.eval.tasks):
+        console.print(f"{out}: points evaluated; no summary until the baseline is (rerun without --no-baseline)")
+        return {"points": [p.name for p in points], "baseline": False}
     return summarize_sweep(spec, out, points, console)
 
 

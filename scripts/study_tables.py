@@ -95,16 +95,18 @@ def _task_dirs(folder: Path) -> list[Path]:
 
 
 def export(src: Path, out: Path, model: str | None = None, config: str | None = None, seed: int = 0) -> list[Path]:
-    """Write results files for ``src``: a sweep folder (its baseline as ``base``, every point under
-    its config name and seed) or one evaluation run folder / a folder of task runs (``config``)."""
+    """Write results files for ``src``: a sweep folder (its baseline as ``base`` where it has one,
+    every point under its config name and seed) or one evaluation run folder / a folder of task
+    runs (``config``)."""
     runs: dict[tuple[str, int], list[Path]] = defaultdict(list)
-    if (src / "baseline").is_dir() and (src / "points").is_dir():
+    if (src / "points").is_dir():
         spec = src / "sweep.yaml"
         if model is None and spec.exists():
             import yaml
 
             model = (yaml.safe_load(spec.read_text(encoding="utf-8")) or {}).get("model")
-        runs["base", 0] = _task_dirs(src / "baseline")
+        if (src / "baseline").is_dir():             # a sweep run with --no-baseline has none
+            runs["base", 0] = _task_dirs(src / "baseline")
         for d in sorted((src / "points").glob("*/seed*")):
             runs[d.parent.name, int(d.name[4:])] = _task_dirs(d / "eval")
     else:

@@ -1,6 +1,7 @@
 """``polyalign sweep`` on builtin:tiny-random: spec checks, dry run, end to end, rerun, resume."""
 
 import csv
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -158,6 +159,37 @@ def test_summarize_covers_the_evaluated_points_only(swept, monkeypatch, tmp_path
     shutil.rmtree(out / "baseline")
     with pytest.raises(PolyalignError, match="baseline is not evaluated"):
         summarize_finished(load_sweep(TINY), out=out)
+
+
+def test_no_baseline_evaluates_the_points_and_leaves_the_baseline_and_summary_for_later(swept, tmp_path):
+    """--no-baseline: a point's evaluation does not need the untrained model's, so a run may leave it
+    (half an hour at 1.5B on the test split) and the summary for a later run into the same folder."""
+    out = tmp_path / "copy"
+    shutil.copytree(swept[0], out)
+    spec = load_sweep(TINY)
+    p = expand_points(spec)[0]
+    shutil.rmtree(out / "baseline")
+    shutil.rmtree(point_dir(out, p) / "eval")
+    for f in ("sweep.csv", "sweep.md", "sweep.json"):
+        (out / f).unlink()
+    est = run_sweep(spec, out=out, dry_run=True, console=quiet(), baseline=False)
+    assert est["baseline_seconds"] == 0 and run_sweep(spec, out=out, dry_run=True, console=quiet())["baseline_seconds"] > 0
+    res = run_sweep(spec, out=out, console=quiet(), baseline=False)
+    assert res == {"points": [q.name for q in expand_points(spec)], "baseline": False}
+    judged = point_dir(out, p) / "eval" / "builtin-harmful" / "judged.jsonl"
+    assert judged.read_text() == (point_dir(swept[0], p) / "eval" / "builtin-harmful" / "judged.jsonl").read_text()
+    assert not (out / "baseline").exists() and not (out / "sweep.csv").exists()
+    # the export of such a folder has the points and no base
+    spec_ = importlib.util.spec_from_file_location("study_tables", ROOT / "scripts" / "study_tables.py")
+    study_tables = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(study_tables)
+    written = study_tables.export(out, tmp_path / "files")
+    assert sorted(f.name for f in written) == sorted(f"{q.config}_tiny-random_seed{q.seed}.jsonl"
+                                                     for q in expand_points(spec))
+    # a later run with the baseline evaluates it, and only it, and summarises as a whole sweep does
+    summary = run_sweep(spec, out=out, console=quiet())
+    assert (out / "baseline" / "builtin-benign" / "results.json").exists() and (out / "sweep.csv").exists()
+    assert summary["configs"] == json.loads(json.dumps(swept[1]["configs"]))
 
 
 def test_a_folder_is_not_continued_in_another_dtype(swept, monkeypatch, tmp_path):
