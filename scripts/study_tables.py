@@ -4,7 +4,7 @@
     python scripts/study_tables.py export runs/comparisons_0.5b docs/results/test   # a sweep folder -> files
     python scripts/study_tables.py export runs/demo/after/builtin-harmful docs/results/test --config default
     python scripts/study_tables.py forms docs/results/test    # benign refusal by prompt form (built-in benchmark)
-    python scripts/study_tables.py rises docs/results/test    # per-language harmful vs benign rise, r and slope
+    python scripts/study_tables.py rises docs/results/test    # per-language harmful vs benign rise, r, slope (95 %)
     python scripts/study_tables.py agreement A.jsonl B.jsonl  # two runs of one config (dtype, machine), paired
     python scripts/study_tables.py newly-refused BASE.jsonl RUN.jsonl --responses RUN/eval/builtin-benign/generations.jsonl
         # benign prompts the run refuses and the base did not, per language, and a sample to read
@@ -574,15 +574,63 @@ def _mean_cell(got: list[tuple[float, float]]) -> str:
     return f"{sum(h for h, _ in got) / len(got):+.1f} / {sum(b for _, b in got) / len(got):+.1f}"
 
 
-def language_rises(folder: Path) -> str:
+def prompt_draws(rows: list[dict[str, Any]], iters: int, seed: int = 0) -> dict[str, tuple[list[str], Any]]:
+    """Per kind, the folder's prompt ids and ``iters`` bootstrap draws of them as multiplicities
+    (``iters`` x prompts). The benchmark is parallel, so a prompt id is one request in every
+    language, seed and model: drawing ids resamples the requests, and every config and model of the
+    folder is read on the same draws (their slopes are paired)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for kind in ("harmful", "benign"):
+        ids = sorted({r["prompt_id"] for r in rows if r["kind"] == kind})
+        picks = rng.integers(0, len(ids), size=(iters, len(ids)))
+        out[kind] = (ids, np.stack([np.bincount(p, minlength=len(ids)) for p in picks]).astype(float))
+    return out
+
+
+def slope_replicates(cells: list[dict[str, dict[str, float]]], draws: dict[str, tuple[list[str], Any]]) -> Any:
+    """The least-squares slope of the benign change on the harmful one over ``cells`` (one per seed
+    and language: kind -> {prompt_id: run's refusal minus base's}), once per draw: each cell's
+    change is the mean of its prompts' differences weighted by how often the draw took them."""
+    import numpy as np
+
+    change = {}
+    for kind, (ids, weights) in draws.items():
+        col = {pid: i for i, pid in enumerate(ids)}
+        diff, have = np.zeros((len(cells), len(ids))), np.zeros((len(cells), len(ids)))
+        for c, cell in enumerate(cells):
+            for pid, d in cell[kind].items():
+                diff[c, col[pid]], have[c, col[pid]] = d, 1.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            change[kind] = 100.0 * (weights @ diff.T) / (weights @ have.T)       # draws x cells
+    x, y = change["harmful"], change["benign"]
+    dx = x - x.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (dx * (y - y.mean(axis=1, keepdims=True))).sum(axis=1) / (dx * dx).sum(axis=1)
+
+
+def _interval(values: Any) -> tuple[float, float] | None:
+    import numpy as np
+
+    ok = values[np.isfinite(values)]
+    return (float(np.percentile(ok, 2.5)), float(np.percentile(ok, 97.5))) if len(ok) else None
+
+
+def language_rises(folder: Path, iters: int = 2000) -> str:
     """Per model, config and language: the change against ``base`` in harmful and in benign refusal
     (pp, mean over seeds, on the prompts both have), and over each config's (seed, non-English
     language) cells the Pearson correlation and least-squares slope of the benign change on the
     harmful one. A slope near 1 with a high correlation says refusal was learned per language, not
     per request; a language whose harmful refusal rises while its benign refusal does not is where
-    the training was selective."""
+    the training was selective. The slope's 95 % interval resamples the prompts (:func:`prompt_draws`,
+    ``iters`` draws); where a config is in more than one model's files, the difference of its slopes
+    between two models is given on the same draws (paired by prompt)."""
     out: list[str] = []
     rows = load_rows(folder)
+    draws = prompt_draws(rows, iters)
+    slopes: dict[tuple[str, str], Any] = {}
     for model in sorted({r["model"] for r in rows}):
         runs = by_run([r for r in rows if r["model"] == model])
         if 0 not in runs.get("base", {}):
@@ -591,21 +639,25 @@ def language_rises(folder: Path) -> str:
         columns = list(dict.fromkeys(k[2] for k in base))
         langs = [lang for lang in columns if lang != "en"]
         lines = [f"### {model}", "",
-                 "| config | seeds | " + " | ".join(columns) + " | r | slope |",
-                 "|---|---|" + "---|" * len(columns) + "---|---|"]
+                 "| config | seeds | " + " | ".join(columns) + " | r | slope | slope 95 % |",
+                 "|---|---|" + "---|" * len(columns) + "---|---|---|"]
         for config in _order(set(runs) - {"base"}):
             cells: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            diffs: list[dict[str, dict[str, float]]] = []        # per non-English (seed, language) cell
             for seed in sorted(runs[config]):
                 run = runs[config][seed]
                 for lang in columns:
-                    change = []
+                    change, cell = [], {}
                     for kind in ("harmful", "benign"):
                         keys = [k for k in run if k[0] == kind and k[2] == lang and k in base]
                         if not keys:
                             break
                         change.append(_share([run[k] for k in keys]) - _share([base[k] for k in keys]))
+                        cell[kind] = {k[1]: float(run[k]["refused"]) - float(base[k]["refused"]) for k in keys}
                     if len(change) == 2:
                         cells[lang].append((change[0], change[1]))
+                        if lang != "en":
+                            diffs.append(cell)
             pairs = [c for lang in langs for c in cells[lang]]
             if not pairs:
                 continue
@@ -614,12 +666,47 @@ def language_rises(folder: Path) -> str:
             r = f"{statistics.correlation(xs, ys):.2f}" if spread else "-"
             slope = f"{statistics.linear_regression(xs, ys).slope:.2f}" if len(set(xs)) > 1 else "-"
             means = [_mean_cell(cells[lang]) for lang in columns]
-            lines.append(f"| {config} | {len(runs[config])} | " + " | ".join(means) + f" | {r} | {slope} |")
+            ci = "-"
+            if len(set(xs)) > 1:
+                slopes[model, config] = slope_replicates(diffs, draws)
+                got = _interval(slopes[model, config])
+                ci = f"[{got[0]:.2f}, {got[1]:.2f}]" if got else "-"
+            lines.append(f"| {config} | {len(runs[config])} | " + " | ".join(means) + f" | {r} | {slope} | {ci} |")
         out += lines + [""]
+    pairs = [(a, b, c) for (a, c) in slopes for (b, c2) in slopes if c2 == c and a < b]
+    if pairs:
+        out += ["### The slope, model against model (same config, the same prompt draws)", "",
+                "| config | models | slope difference | 95 % |", "|---|---|---|---|"]
+        for a, b, c in sorted(pairs, key=lambda t: (t[2], t[0], t[1])):
+            got = _interval(slopes[a, c] - slopes[b, c])
+            point = _slope_of(rows, a, c) - _slope_of(rows, b, c)
+            out.append(f"| {c} | {a} minus {b} | {point:+.2f} | "
+                       + (f"[{got[0]:+.2f}, {got[1]:+.2f}]" if got else "-") + " |")
+        out.append("")
     head = ("Harmful / benign refusal change against `base` per language (pp, mean over seeds), and over "
             "each config's (seed, non-English language) cells the correlation r and slope of the benign change on the "
-            "harmful one.")
+            f"harmful one, with its 95 % interval from {iters} draws of the prompts (the same draws for every config "
+            "and model).")
     return head + "\n\n" + "\n".join(out).rstrip() + "\n"
+
+
+def _slope_of(rows: list[dict[str, Any]], model: str, config: str) -> float:
+    """The point slope of ``config`` on ``model`` over its non-English (seed, language) cells."""
+    runs = by_run([r for r in rows if r["model"] == model])
+    base = runs["base"][0]
+    xs, ys = [], []
+    for seed in sorted(runs[config]):
+        run = runs[config][seed]
+        for lang in sorted({k[2] for k in base} - {"en"}):
+            change = []
+            for kind in ("harmful", "benign"):
+                keys = [k for k in run if k[0] == kind and k[2] == lang and k in base]
+                if keys:
+                    change.append(_share([run[k] for k in keys]) - _share([base[k] for k in keys]))
+            if len(change) == 2:
+                xs.append(change[0])
+                ys.append(change[1])
+    return statistics.linear_regression(xs, ys).slope
 
 
 def main(argv: list[str] | None = None) -> int:

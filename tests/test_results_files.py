@@ -309,8 +309,62 @@ def test_language_rises_by_loops(tmp_path, capsys):
         b = sum(cells[s, lang][1] for s in (0, 1, 2)) / 3
         got_h, got_b = (float(v) for v in parts[2 + i].split(" / "))
         assert got_h == pytest.approx(h, abs=0.05 + 1e-9) and got_b == pytest.approx(b, abs=0.05 + 1e-9)
-    assert float(parts[-2]) == pytest.approx(sxy / (sxx * syy) ** 0.5, abs=0.005 + 1e-9)
-    assert float(parts[-1]) == pytest.approx(sxy / sxx, abs=0.005 + 1e-9)
+    assert float(parts[-3]) == pytest.approx(sxy / (sxx * syy) ** 0.5, abs=0.005 + 1e-9)
+    assert float(parts[-2]) == pytest.approx(sxy / sxx, abs=0.005 + 1e-9)
+    lo, hi = (float(v) for v in parts[-1].strip("[]").split(", "))
+    assert lo < sxy / sxx < hi
+
+
+def test_slope_replicates_equal_a_weighted_recomputation_by_loops(tmp_path):
+    """One bootstrap draw of the prompts (multiplicities) gives each cell a weighted mean of its
+    prompts' differences; the slope over the cells is recomputed here with loops in float64."""
+    import numpy as np
+
+    synthetic(tmp_path)
+    rows = study.load_rows(tmp_path)
+    draws = study.prompt_draws(rows, iters=3, seed=7)
+    base = {(r["kind"], r["prompt_id"], r["lang"]): r["refused"] for r in rows_of(tmp_path, "base", 0)}
+    cells = []
+    for s in (0, 1, 2):
+        mine = {(r["kind"], r["prompt_id"], r["lang"]): r["refused"] for r in rows_of(tmp_path, "default", s)}
+        for lang in LANGS[1:]:
+            cells.append({kind: {pid: float(mine[kind, pid, lang]) - float(base[kind, pid, lang])
+                                 for (k, pid, lg) in mine if k == kind and lg == lang} for kind in ("harmful", "benign")})
+    got = study.slope_replicates(cells, draws)
+    assert got.shape == (3,)
+    for i in range(3):
+        xy = []
+        for cell in cells:
+            means = []
+            for kind in ("harmful", "benign"):
+                ids, weights = draws[kind]
+                total = count = 0.0
+                for j, pid in enumerate(ids):
+                    total += weights[i, j] * cell[kind][pid]
+                    count += weights[i, j]
+                means.append(100.0 * total / count)
+            xy.append(means)
+        mx, my = sum(x for x, _ in xy) / len(xy), sum(y for _, y in xy) / len(xy)
+        want = sum((x - mx) * (y - my) for x, y in xy) / sum((x - mx) ** 2 for x, _ in xy)
+        assert got[i] == pytest.approx(want, rel=1e-12)
+    # every draw takes as many prompts as there are, and the draws differ
+    for ids, weights in draws.values():
+        assert np.all(weights.sum(axis=1) == len(ids)) and not np.all(weights[0] == weights[1])
+
+
+def test_slopes_of_two_models_are_paired_by_prompt(tmp_path, capsys):
+    """The same verdicts under two model names: every draw gives both the same slope, so the
+    difference is exactly 0 with a zero-width interval (an unpaired bootstrap would spread it)."""
+    synthetic(tmp_path)
+    for f in list(tmp_path.glob("*.jsonl")):
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        other = "builtin:qwen2.5-coder-1.5b-instruct"
+        (tmp_path / f.name.replace(study.model_slug(MODEL), study.model_slug(other))).write_text(
+            "".join(json.dumps(r | {"model": other}) + "\n" for r in rows))
+    assert study.main(["rises", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| default | builtin:qwen2.5-coder-0.5b"))
+    assert row.endswith("| +0.00 | [+0.00, +0.00] |")
 
 
 def test_the_readme_headline_is_what_the_committed_verdicts_give(tmp_path):
