@@ -105,8 +105,7 @@ def export(src: Path, out: Path, model: str | None = None, config: str | None = 
             import yaml
 
             model = (yaml.safe_load(spec.read_text(encoding="utf-8")) or {}).get("model")
-        if (src / "baseline").is_dir():             # a sweep run with --no-baseline has none
-            runs["base", 0] = _task_dirs(src / "baseline")
+        runs["base", 0] = _task_dirs(src / "baseline")     # [] after --no-baseline: no base file
         for d in sorted((src / "points").glob("*/seed*")):
             runs[d.parent.name, int(d.name[4:])] = _task_dirs(d / "eval")
     else:
@@ -630,7 +629,8 @@ def language_rises(folder: Path, iters: int = 2000) -> str:
     out: list[str] = []
     rows = load_rows(folder)
     draws = prompt_draws(rows, iters)
-    slopes: dict[tuple[str, str], Any] = {}
+    slopes: dict[tuple[str, str], Any] = {}              # (model, config) -> slope per prompt draw
+    points: dict[tuple[str, str], float] = {}             # (model, config) -> the slope itself
     for model in sorted({r["model"] for r in rows}):
         runs = by_run([r for r in rows if r["model"] == model])
         if 0 not in runs.get("base", {}):
@@ -664,7 +664,9 @@ def language_rises(folder: Path, iters: int = 2000) -> str:
             xs, ys = [h for h, _ in pairs], [b for _, b in pairs]
             spread = len(set(xs)) > 1 and len(set(ys)) > 1
             r = f"{statistics.correlation(xs, ys):.2f}" if spread else "-"
-            slope = f"{statistics.linear_regression(xs, ys).slope:.2f}" if len(set(xs)) > 1 else "-"
+            if len(set(xs)) > 1:
+                points[model, config] = statistics.linear_regression(xs, ys).slope
+            slope = f"{points[model, config]:.2f}" if (model, config) in points else "-"
             means = [_mean_cell(cells[lang]) for lang in columns]
             ci = "-"
             if len(set(xs)) > 1:
@@ -679,7 +681,7 @@ def language_rises(folder: Path, iters: int = 2000) -> str:
                 "| config | models | slope difference | 95 % |", "|---|---|---|---|"]
         for a, b, c in sorted(pairs, key=lambda t: (t[2], t[0], t[1])):
             got = _interval(slopes[a, c] - slopes[b, c])
-            point = _slope_of(rows, a, c) - _slope_of(rows, b, c)
+            point = points[a, c] - points[b, c]
             out.append(f"| {c} | {a} minus {b} | {point:+.2f} | "
                        + (f"[{got[0]:+.2f}, {got[1]:+.2f}]" if got else "-") + " |")
         out.append("")
@@ -688,25 +690,6 @@ def language_rises(folder: Path, iters: int = 2000) -> str:
             f"harmful one, with its 95 % interval from {iters} draws of the prompts (the same draws for every config "
             "and model).")
     return head + "\n\n" + "\n".join(out).rstrip() + "\n"
-
-
-def _slope_of(rows: list[dict[str, Any]], model: str, config: str) -> float:
-    """The point slope of ``config`` on ``model`` over its non-English (seed, language) cells."""
-    runs = by_run([r for r in rows if r["model"] == model])
-    base = runs["base"][0]
-    xs, ys = [], []
-    for seed in sorted(runs[config]):
-        run = runs[config][seed]
-        for lang in sorted({k[2] for k in base} - {"en"}):
-            change = []
-            for kind in ("harmful", "benign"):
-                keys = [k for k in run if k[0] == kind and k[2] == lang and k in base]
-                if keys:
-                    change.append(_share([run[k] for k in keys]) - _share([base[k] for k in keys]))
-            if len(change) == 2:
-                xs.append(change[0])
-                ys.append(change[1])
-    return statistics.linear_regression(xs, ys).slope
 
 
 def main(argv: list[str] | None = None) -> int:
